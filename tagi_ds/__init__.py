@@ -1,0 +1,2 @@
+"""tagi-ds: TAGI hypernetwork training."""
+__version__ = "0.1.0"

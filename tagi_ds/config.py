@@ -1,0 +1,382 @@
+"""Typed run configuration: dataclasses, loaded from YAML, then dotted `key=value` overrides.
+
+Every field carries its help text in `metadata["help"]`. An unknown key, a wrong type or a missing required value
+raises `ConfigError` naming the file, the dotted key and what was expected. The resolved config is written next to
+every output (`to_dict`), so a run can always be reproduced.
+
+Modules below the recipes take plain arguments, never a config object: only `train/*`, `eval/*`, `pipeline.py`
+and the CLI read these classes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+def f(default: Any = MISSING, help: str = "", **kw: Any) -> Any:
+    """A dataclass field with help text; mutable defaults become factories."""
+    md = {"help": help}
+    if default is MISSING:
+        return field(metadata=md, **kw)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=md, **kw)
+    return field(default=default, metadata=md, **kw)
+
+
+# --------------------------------------------------------------------------------------------------- sections
+@dataclass
+class SyntheticConfig:
+    seed: int = f(0, "seed of the suite: operations, splits and instances are deterministic in it")
+    instances_per_task: int = f(200, "instances generated per task (train + held-back)")
+    held_back_per_task: int = f(40, "instances per seen task kept out of training, for seen-task evaluation")
+    num_unseen_compositions: int = f(6, "compositions held out entirely (unseen_composition split)")
+    min_words: int = f(3, "shortest input, in words")
+    max_words: int = f(6, "longest input, in words")
+    sorted_fraction: float = f(0.25, "fraction of inputs drawn already sorted (so is-sorted answers vary)")
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "sni", "p3"] = f("synthetic", "where tasks come from")
+    sni_dir: Optional[str] = f(None, "SNI root with tasks/*.json and splits/ (source=sni)")
+    sni_split_dir: Optional[str] = f(None, "folder with train_tasks.txt/test_tasks.txt; default <sni_dir>/splits/default")
+    p3_dir: Optional[str] = f(None, "P3 root: one folder per dataset-prompt with local data files (source=p3)")
+    p3_num_demonstrations: int = f(16, "P3: templated demonstrations held out from each prompt's train rows")
+    max_tasks: Optional[int] = f(None, "cap on training tasks (None = all)")
+    max_instances_per_task: int = f(100, "instances per task, capped with `seed`")
+    max_eval_instances_per_task: int = f(100, "first N instances of each test task are evaluated")
+    num_pos_examples: int = f(2, "positive examples in the instruction (Def + 2 Pos)")
+    add_task_definition: bool = f(True, "put the task definition in the instruction")
+    max_source_length: int = f(1024, "tokens of the full Tk-Instruct prompt (teacher / baselines), and of the instruction")
+    max_input_length: int = f(128, "tokens of the instance input the student's backbone sees")
+    max_target_length: int = f(128, "tokens of the output")
+    instruction_overflow: Literal["truncate", "error"] = f("truncate", "what to do with an over-long instruction")
+    synthetic: SyntheticConfig = f(default_factory=SyntheticConfig, help="offline task suite settings")
+    pretrain_text: Optional[str] = f(None, "plain text / jsonl / datasets path for stage-1 pretraining; None = generated")
+    pretrain_segment_lengths: list = f([64, 32, 32], "HINT split: tokens for (hypernet input, backbone input, target)")
+    seed: int = f(42, "seed for instance capping and label draws")
+
+
+@dataclass
+class BackboneConfig:
+    name_or_path: str = f("auto", "HF id or local path for from_pretrained; 'auto' = the run's own tiny backbone")
+    arch: Literal["auto", "t5", "llama"] = f("auto", "model family; auto reads config.model_type")
+    tokenizer: Optional[str] = f(None, "tokenizer path/id; None = same as name_or_path")
+    dtype: Literal["float32", "bfloat16", "float16"] = f("float32", "backbone compute dtype")
+    target_modules: list = f(["q", "v"], "module kinds that receive LoRA: any of q, k, v, o, ffn_in, ffn_out")
+    gradient_checkpointing: bool = f(False, "non-reentrant activation checkpointing of the frozen backbone")
+    attn_implementation: Optional[str] = f(None, "sdpa / flash_attention_2 / eager; None = library default")
+    # Tiny backbone built by the `backbone` stage when name_or_path == auto.
+    tiny_hidden: int = f(128, "tiny backbone: hidden size")
+    tiny_layers: int = f(4, "tiny backbone: layers")
+    tiny_heads: int = f(4, "tiny backbone: attention heads")
+    tiny_ffn: int = f(512, "tiny backbone: FFN size")
+    tiny_vocab: int = f(1000, "tiny backbone: sentencepiece vocabulary size")
+    copy_pretrain_seconds: float = f(90.0, "tiny backbone: time budget for copy pretraining (s)")
+    copy_pretrain_lr: float = f(2e-3, "tiny backbone: copy pretraining peak lr")
+    copy_pretrain_batch: int = f(32, "tiny backbone: copy pretraining batch size")
+
+
+@dataclass
+class LoraConfig:
+    r: int = f(32, "LoRA rank (teachers and generated adapters)")
+    alpha: float = f(64.0, "LoRA alpha; scale = alpha / r")
+    dropout: float = f(0.0, "LoRA dropout of the teachers")
+
+
+@dataclass
+class HypernetConfig:
+    r: Optional[int] = f(None, "generated rank; None = lora.r")
+    alpha: Optional[float] = f(None, "generated alpha; None = lora.alpha")
+    hidden: int = f(256, "MLP trunk width")
+    trunk_layers: int = f(2, "MLP trunk depth")
+    embed_dim: int = f(64, "layer and module-type embedding size")
+    fusion: bool = f(True, "decoder sees the instruction states (T5: cross-attn concat; LLaMA: KV prefix)")
+    train_encoder: bool = f(False, "train a copy of the instruction encoder (HINT / official code) instead of freezing it")
+    kernel: Literal["auto", "reference", "triton"] = f("auto", "LoRA / head kernels: triton on CUDA when auto")
+
+
+@dataclass
+class TeacherConfig:
+    group_by: Literal["task", "category"] = f("task", "one teacher per task or per category")
+    steps: int = f(300, "optimizer steps per teacher")
+    lr: float = f(1e-3, "learning rate")
+    batch_size: int = f(16, "instances per teacher per step")
+    tasks_per_batch: int = f(8, "teachers trained together in one batch (separable losses)")
+    warmup_steps: int = f(20, "linear warmup steps")
+    time_budget_s: Optional[float] = f(None, "stop all teachers after this many seconds (demo budget)")
+    checkpoint_every: int = f(100, "steps between resumable checkpoints")
+    array_concurrency: int = f(16, "Slurm array: at most this many teachers at once")
+
+
+@dataclass
+class CacheConfig:
+    top_k: int = f(64, "teacher log-probs kept per label position")
+    temperature: float = f(2.0, "temperature the cache is written at (must equal finetune.temperature)")
+    missing_mass: Literal["renormalize", "bucket"] = f("bucket", "how the KL treats teacher mass outside the top-k")
+    batch_size: int = f(32, "instances per teacher forward")
+
+
+@dataclass
+class TrainConfig:
+    """One hypernetwork training stage (pretrain or finetune)."""
+
+    enabled: bool = f(True, "run this stage")
+    steps: int = f(500, "optimizer steps")
+    lr: float = f(1e-3, "peak learning rate")
+    weight_decay: float = f(0.01, "AdamW weight decay")
+    warmup_steps: int = f(50, "linear warmup steps")
+    schedule: Literal["linear", "cosine", "constant"] = f("linear", "decay after warmup")
+    tasks_per_batch: int = f(4, "tasks per micro batch (k)")
+    instances_per_task: int = f(8, "instances per task per micro batch (m)")
+    micro_batch_size: int = f(16, "sequences per micro batch (pretrain)")
+    grad_accum: int = f(1, "gradient accumulation steps")
+    grad_clip: float = f(1.0, "gradient clipping norm (0 = off)")
+    time_budget_s: Optional[float] = f(None, "stop after this many seconds")
+    checkpoint_every: int = f(200, "steps between checkpoints")
+    keep_checkpoints: int = f(2, "checkpoints kept")
+    resume: Literal["auto", "never"] = f("auto", "resume from the latest checkpoint when one exists")
+    log_every: int = f(10, "steps between logged scalars")
+    lambda_kl: float = f(1.0, "weight of KL_T(teacher || student) (finetune; 0 = off)")
+    lambda_ins: float = f(1.0, "weight of L_ins between generated and teacher ΔW (finetune; 0 = off)")
+    temperature: float = f(2.0, "distillation temperature T (finetune)")
+    online_teacher: bool = f(False, "compute teacher logits live instead of reading the cache")
+    init_from_pretrain: bool = f(True, "finetune starts from the pretrain export when it exists")
+
+
+@dataclass
+class DistributedConfig:
+    ds_config: str = f("ds_configs/zero3.json", "DeepSpeed config; its 'auto' values come from the recipe")
+    zero_stage: Optional[int] = f(None, "override the ds config's ZeRO stage")
+    use_deepspeed: bool = f(True, "drive deepspeed.initialize (False = plain torch loop, one process)")
+    timeout_s: float = f(600.0, "collective timeout: a rank whose peer died exits with an error after this")
+    param_persistence_threshold: Optional[int] = f(None, "stage3_param_persistence_threshold override (tests: 0)")
+
+
+@dataclass
+class EvalConfig:
+    methods: list = f(["no_ft", "no_instruction", "tk_instruct", "teacher", "hint", "tagi"], "methods in the report")
+    max_new_tokens: int = f(32, "greedy decoding length")
+    batch_size: int = f(64, "instances per generation batch")
+    rank_classification: Literal["sum", "mean"] = f("sum", "P3 answer-choice scoring")
+    baseline_steps: int = f(600, "steps for the multitask baselines (tk_instruct, no_instruction)")
+    baseline_lr: float = f(1e-3, "lr of the multitask baselines")
+    baseline_time_budget_s: Optional[float] = f(None, "time budget per baseline")
+
+
+@dataclass
+class RunConfig:
+    name: str = f("tiny", "run name: outputs go to <runs_dir>/<name>")
+    runs_dir: str = f("runs", "root of all runs")
+    seed: int = f(0, "global seed")
+    device: Literal["auto", "cpu", "cuda"] = f("auto", "compute device")
+    threads: Optional[int] = f(None, "torch.set_num_threads (None = leave)")
+    data: DataConfig = f(default_factory=DataConfig, help="tasks and prompts")
+    backbone: BackboneConfig = f(default_factory=BackboneConfig, help="frozen backbone")
+    lora: LoraConfig = f(default_factory=LoraConfig, help="LoRA shape of teachers (and default of the generator)")
+    hypernet: HypernetConfig = f(default_factory=HypernetConfig, help="hypernetwork")
+    teacher: TeacherConfig = f(default_factory=TeacherConfig, help="per-task LoRA teachers")
+    cache: CacheConfig = f(default_factory=CacheConfig, help="teacher logit cache")
+    pretrain: TrainConfig = f(default_factory=lambda: TrainConfig(lambda_kl=0.0, lambda_ins=0.0), help="stage 1")
+    finetune: TrainConfig = f(default_factory=TrainConfig, help="stage 2")
+    distributed: DistributedConfig = f(default_factory=DistributedConfig, help="DeepSpeed / launcher")
+    eval: EvalConfig = f(default_factory=EvalConfig, help="evaluation")
+    stage_budgets_s: dict = f({}, "optional wall-clock budget per pipeline stage (s), by stage name")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+# --------------------------------------------------------------------------------------------- typed loading
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float). Raise ConfigError otherwise."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, where, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return list(value)
+        raise bad
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad
+    raise bad
+
+
+def _build(cls: type, data: dict, where: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {fl.name: fl for fl in fields(cls)}
+    for k in data:
+        if k not in known:
+            choices = ", ".join(sorted(known))
+            raise ConfigError(f"{where}: unknown key '{prefix}{k}'; expected one of: {choices}")
+    kwargs = {}
+    for name, fl in known.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], prefix + name, where)
+        elif fl.default is MISSING and fl.default_factory is MISSING:  # type: ignore[misc]
+            raise ConfigError(f"{where}: required key '{prefix}{name}' is missing ({fl.metadata.get('help', '')})")
+    obj = cls(**kwargs)
+    # A default_factory section that was only partly given still needs its defaults merged: done by cls(**kwargs).
+    return obj
+
+
+def _parse_override_value(text: str) -> Any:
+    """`key=value` values are YAML scalars: 3, 0.5, true, null, [q, v], 'text'."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{loc} malformed YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
+    """Load `cls` from a YAML file (optional) and dotted `key=value` overrides, validating every key and type.
+
+    A YAML file may name a parent with `base: other.yaml` (relative to itself); the child's keys win.
+    """
+    tree: dict = {}
+    where = "<defaults>"
+    if path is not None:
+        tree = _load_with_base(Path(path))
+        where = str(path)
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}': expected key=value (for example finetune.steps=100)")
+        key, val = ov.split("=", 1)
+        _set_dotted(tree, key.strip(), _parse_override_value(val))
+    if overrides:
+        where = f"{where} (with overrides {' '.join(overrides)})"
+    return _build(cls, tree, where)
+
+
+def _merge(base: dict, child: dict) -> dict:
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _load_with_base(path: Path, seen: tuple = ()) -> dict:
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: key 'base' must be a path to another YAML file, got {base!r}")
+    parent = _load_with_base((path.parent / base), seen + (path.resolve(),))
+    return _merge(parent, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field: used by `tagi-ds config --help-keys` and the README."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for fl in fields(cls):
+        tp = hints[fl.name]
+        if is_dataclass(tp):
+            rows += describe(tp, prefix + fl.name + ".")
+            continue
+        default = fl.default if fl.default is not MISSING else (
+            fl.default_factory() if fl.default_factory is not MISSING else "<required>")  # type: ignore[misc]
+        rows.append((prefix + fl.name, repr(default), fl.metadata.get("help", "")))
+    return rows
