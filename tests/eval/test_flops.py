@@ -1,0 +1,140 @@
+"""Analytic FLOPs against torch's FlopCounterMode on tiny T5 / LLaMA with random weights (eager attention)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from eval_helpers import tiny_llama, tiny_t5
+from torch.utils.flop_counter import FlopCounterMode
+from transformers.modeling_outputs import BaseModelOutput
+
+from tagi_ds.errors import ConfigError
+from tagi_ds.eval import flops as F
+
+TOL = 0.02  # "within a few percent"; in practice the counts agree exactly
+
+
+def _count(fn) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 60, (1, n), generator=g)
+
+
+def _gen(model, out_len, **kw):
+    return model.generate(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("ff", ["gated-gelu", "relu"])
+def test_t5_forward_and_generation(ff):
+    m = tiny_t5(feed_forward_proj=ff)
+    cfg = m.config.to_dict()
+    S, T = 17, 6
+    x, y = _ids(S), _ids(T, 1)
+    measured = _count(lambda: m(input_ids=x, labels=y))
+    assert measured == pytest.approx(F.t5_forward_flops(cfg, S, T), rel=TOL)
+    measured = _count(lambda: _gen(m, T, input_ids=x))
+    assert measured == pytest.approx(F.t5_flops(cfg, S, T), rel=TOL)
+
+
+def test_t5_fusion_extra_cross_attention():
+    """Encoder on the input, decoder cross-attending to [instruction states ; input states]."""
+    m = tiny_t5()
+    cfg = m.config.to_dict()
+    S, E, T = 11, 7, 5
+    x = _ids(S)
+    with torch.no_grad():
+        hi = m.get_encoder()(input_ids=_ids(E, 2)).last_hidden_state  # (1, E, d): once per task, not counted
+
+    def run():
+        h = m.get_encoder()(input_ids=x).last_hidden_state
+        states = torch.cat([hi, h], 1)
+        _gen(m, T, encoder_outputs=BaseModelOutput(last_hidden_state=states),
+             attention_mask=torch.ones(1, S + E, dtype=torch.long))
+
+    assert _count(run) == pytest.approx(F.t5_flops(cfg, S, T, extra_cross_len=E), rel=TOL)
+    assert F.t5_flops(cfg, S, T, extra_cross_len=E) > F.t5_flops(cfg, S, T)
+
+
+def test_llama_gqa_forward_generation_and_prefix():
+    m = tiny_llama()  # 4 query heads, 2 KV heads
+    cfg = m.config.to_dict()
+    P, L, T = 13, 9, 5
+    ins, inp = _ids(P), _ids(L, 1)
+    assert _count(lambda: m(input_ids=inp)) == pytest.approx(F.llama_forward_flops(cfg, L), rel=TOL)
+    assert _count(lambda: _gen(m, T, input_ids=inp)) == pytest.approx(F.llama_flops(cfg, L, T), rel=TOL)
+    with torch.no_grad():  # instruction prefill once: its KV cache becomes the prefix
+        cache = transformers.DynamicCache(config=m.config)
+        m(input_ids=ins, past_key_values=cache, use_cache=True)
+    measured = _count(lambda: _gen(m, T, input_ids=torch.cat([ins, inp], 1), past_key_values=cache))
+    assert measured == pytest.approx(F.llama_flops(cfg, L, T, prefix_len=P), rel=TOL)
+
+
+def test_unmerged_lora_overhead_matches_peft():
+    from peft import LoraConfig, get_peft_model
+
+    m = tiny_llama()
+    cfg = m.config.to_dict()
+    targets = ["q_proj", "v_proj", "down_proj"]
+    pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)).eval()
+    L = 10
+    measured = _count(lambda: pm(input_ids=_ids(L)))
+    assert measured == pytest.approx(F.llama_forward_flops(cfg, L, lora_rank=4, lora_targets=targets), rel=TOL)
+    assert measured > F.llama_forward_flops(cfg, L)
+
+
+def test_lora_merge_flops_by_hand():
+    m = tiny_llama()
+    cfg = m.config.to_dict()  # hidden 32, 4 heads x 8, 2 kv heads, 2 layers
+    r = 4
+    want = 2 * (2 * 32 * r * 32 + 2 * 16 * r * 32)  # layers * (q: 32x32, v: 16x32) * 2 MAC→FLOP
+    assert F.lora_merge_flops("llama", cfg, r, ["q_proj", "v_proj"]) == want
+    with pytest.raises(ConfigError, match="do not exist"):
+        F.lora_merge_flops("llama", cfg, r, ["q"])
+
+
+def test_per_instance_method_costs():
+    cfg = tiny_t5().config.to_dict()
+    kw = dict(arch="t5", cfg_dict=cfg, instr_len=120, input_len=30, out_len=8, n_instances=50,
+              hypernet_flops=1e6, lora_rank=4, lora_targets=["q", "v"])
+    tk = F.per_instance_flops("tk_instruct", **kw)
+    assert tk == F.t5_flops(cfg, 150, 8)
+    assert F.per_instance_flops("no_instruction", **kw) == F.t5_flops(cfg, 30, 8)
+    once = F.t5_encoder_flops(cfg, 120) + F.t5_cross_kv_flops(cfg, 120) + 1e6 + F.lora_merge_flops(
+        "t5", cfg, 4, ["q", "v"])
+    tagi = F.per_instance_flops("tagi", **kw)
+    assert tagi == pytest.approx(once / 50 + F.t5_flops(cfg, 30, 8, extra_cross_len=120, extra_kv_projected=False))
+    no_fusion = F.per_instance_flops("tagi_no_fusion", **kw)
+    assert no_fusion < tagi < tk
+    # ablations and HINT cost what TAGI costs; no_ft/teacher what Tk-Instruct costs
+    assert F.per_instance_flops("tagi_no_kl", **kw) == tagi and F.per_instance_flops("teacher", **kw) == tk
+    assert F.relative_flops("tagi", **kw) == pytest.approx(tagi / tk)
+    # the once-per-task part is what amortisation divides: n=1 pays all of it
+    assert F.per_instance_flops("tagi", **{**kw, "n_instances": 1}) - tagi == pytest.approx(once * (1 - 1 / 50))
+
+
+def test_llama_kv_reuse_and_tagi():
+    cfg = tiny_llama().config.to_dict()
+    kw = dict(arch="llama", cfg_dict=cfg, instr_len=100, input_len=20, out_len=6, n_instances=10)
+    reuse = F.per_instance_flops("tk_instruct_kv_reuse", **kw)
+    assert reuse == pytest.approx(F.llama_forward_flops(cfg, 100, logits_len=0) / 10
+                                  + F.llama_flops(cfg, 20, 6, prefix_len=100))
+    assert reuse < F.per_instance_flops("tk_instruct", **kw)
+    assert F.per_instance_flops("tagi", **kw) == pytest.approx(reuse)  # no hypernet / LoRA given: same schedule
+
+
+def test_bad_input():
+    cfg = tiny_t5().config.to_dict()
+    kw = dict(arch="t5", cfg_dict=cfg, instr_len=10, input_len=5, out_len=2, n_instances=3)
+    with pytest.raises(ConfigError, match="unknown method"):
+        F.per_instance_flops("magic", **kw)
+    with pytest.raises(ConfigError, match="bidirectional"):
+        F.per_instance_flops("tk_instruct_kv_reuse", **kw)
+    with pytest.raises(ConfigError, match="'d_model'"):
+        F.t5_flops({k: v for k, v in cfg.items() if k != "d_model"}, 5, 2)
+    with pytest.raises(ConfigError, match="n_instances"):
+        F.per_instance_flops("tagi", **{**kw, "n_instances": 0})
