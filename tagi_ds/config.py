@@ -47,7 +47,7 @@ class SyntheticConfig:
 class DataConfig:
     source: Literal["synthetic", "sni", "p3"] = f("synthetic", "where tasks come from")
     sni_dir: Optional[str] = f(None, "SNI root with tasks/*.json and splits/ (source=sni)")
-    sni_split_dir: Optional[str] = f(None, "folder with train_tasks.txt/test_tasks.txt; default <sni_dir>/splits/default")
+    sni_split_dir: Optional[str] = f(None, "folder with train_tasks.txt/test_tasks.txt; default <sni_dir>/splits, else <sni_dir>/splits/default")
     p3_dir: Optional[str] = f(None, "P3 root: one folder per dataset-prompt with local data files (source=p3)")
     p3_num_demonstrations: int = f(16, "P3: templated demonstrations held out from each prompt's train rows")
     max_tasks: Optional[int] = f(None, "cap on training tasks (None = all)")

@@ -20,7 +20,8 @@ def _p(s: str) -> str:
 
 
 def definition_text(task: Task, add_definition: bool = True) -> str:
-    if not add_definition:
+    # An empty definition (P3: the instruction is the demonstrations alone) must not print "Definition: ."
+    if not add_definition or not task.definition.strip():
         return ""
     return _p("Definition: " + task.definition.strip()) + "\n\n"
 
