@@ -1,0 +1,321 @@
+"""Process-group setup, DeepSpeed config filling, ZeRO-3 model construction and token-weighted losses.
+
+Works under torchrun, the deepspeed launcher, Slurm `srun`, and as one plain process with no launcher.
+DeepSpeed is imported lazily so a plain torch run (use_deepspeed=False) and export loading never need it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+
+
+class DistributedFailure(RuntimeError):
+    """A collective failed or timed out: another rank died, hung, or the network broke. Not a user error."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    launcher: str  # "torchrun" (also the deepspeed launcher), "slurm" or "single"
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        with collective_guard("barrier"):
+            dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------- DS config
+_INT_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def _is_auto(v: Any) -> bool:
+    return isinstance(v, str) and v == "auto"
+
+
+def _fill(cfg: dict, dotted: str, value: Any, where: str, kind: type | tuple) -> None:
+    """Set `dotted` to `value` when it is "auto" or absent; an explicit value must have type `kind` and equal it.
+
+    Why strict: a ds config that silently disagrees with the recipe (another batch size, lr or dtype) makes the run
+    something other than what its resolved config says.
+    """
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: key '{p}' must be a JSON object, got {child!r}")
+        node = child
+    if leaf not in node or _is_auto(node[leaf]):
+        node[leaf] = value
+        return
+    got = node[leaf]
+    ok_type = isinstance(got, bool) if kind is bool else isinstance(got, kind) and not isinstance(got, bool)
+    if not ok_type:
+        raise ConfigError(f"{where}: key '{dotted}' must be \"auto\" or a {getattr(kind, '__name__', 'number')}, "
+                          f"got {got!r}")
+    if got != value:
+        raise ConfigError(f"{where}: key '{dotted}' is {got!r} but the recipe gives {value!r}; "
+                          f"set it to \"auto\" (filled from the recipe) or to {value!r}")
+
+
+def _find_auto(node: Any, prefix: str = "") -> Optional[str]:
+    if _is_auto(node):
+        return prefix or "<root>"
+    if isinstance(node, dict):
+        for k, v in node.items():
+            hit = _find_auto(v, f"{prefix}.{k}" if prefix else k)
+            if hit:
+                return hit
+    if isinstance(node, list):
+        for i, v in enumerate(node):
+            hit = _find_auto(v, f"{prefix}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def ds_config_from_file(path: str | os.PathLike, *, micro_batch: int, grad_accum: int, lr: float,
+                        weight_decay: float, grad_clip: float, dtype: str, zero_stage: Optional[int] = None,
+                        param_persistence_threshold: Optional[int] = None, world_size: int) -> dict:
+    """Load a DeepSpeed JSON config and fill every "auto" from the recipe's values.
+
+    Filled: train_micro_batch_size_per_gpu, gradient_accumulation_steps, train_batch_size (= micro · accum · world),
+    optimizer.params.lr / weight_decay (only when the file has an optimizer section), gradient_clipping,
+    bf16.enabled, fp16.enabled, zero_optimization.stage; `zero_stage` and `param_persistence_threshold` override.
+    Raises ConfigError naming the file and key for malformed JSON, wrong types, values that contradict the recipe,
+    a "scheduler" section (the engine owns the schedule) or an "auto" nothing fills.
+    """
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: DeepSpeed config file not found")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: line {e.lineno}, column {e.colno}: malformed JSON: {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: expected a JSON object at the top level, got {type(cfg).__name__}")
+    for name, v in (("micro_batch", micro_batch), ("grad_accum", grad_accum), ("world_size", world_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{where}: recipe value {name} must be a positive integer, got {v!r}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"{where}: dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if "scheduler" in cfg:
+        raise ConfigError(f"{where}: key 'scheduler' is not allowed: the engine owns the lr schedule "
+                          f"(train.schedule / warmup_steps); remove the section")
+    cfg = copy.deepcopy(cfg)
+    _fill(cfg, "train_micro_batch_size_per_gpu", micro_batch, where, int)
+    _fill(cfg, "gradient_accumulation_steps", grad_accum, where, int)
+    _fill(cfg, "train_batch_size", micro_batch * grad_accum * world_size, where, int)
+    _fill(cfg, "gradient_clipping", float(grad_clip), where, (int, float))
+    _fill(cfg, "bf16.enabled", dtype == "bfloat16", where, bool)
+    _fill(cfg, "fp16.enabled", dtype == "float16", where, bool)
+    if "optimizer" in cfg:
+        _fill(cfg, "optimizer.params.lr", float(lr), where, (int, float))
+        _fill(cfg, "optimizer.params.weight_decay", float(weight_decay), where, (int, float))
+    zero = cfg.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: key 'zero_optimization' must be a JSON object, got {zero!r}")
+    if zero_stage is not None:
+        zero["stage"] = zero_stage
+    stage = zero.get("stage", 0)
+    if _is_auto(stage):
+        raise ConfigError(f"{where}: key 'zero_optimization.stage' is \"auto\"; give 0-3 in the file or set "
+                          f"distributed.zero_stage")
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: key 'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
+    if param_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = int(param_persistence_threshold)
+    left = _find_auto(cfg)
+    if left:
+        raise ConfigError(f"{where}: key '{left}' is \"auto\" but the engine does not fill it; give a value")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ process group
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist ("gpu[03-05,07],cpu1" → "gpu03"); `scontrol` when present, else parsed."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def _environment_from_slurm() -> bool:
+    """Translate an `srun` step's variables into the RANK/WORLD_SIZE/... that torch.distributed reads."""
+    if "SLURM_PROCID" not in os.environ:
+        return False
+    # SLURM_STEP_NUM_TASKS is set by srun only; a process started directly in a batch script sees SLURM_NTASKS of the
+    # whole allocation and must not wait for peers that will never come.
+    ntasks = os.environ.get("SLURM_STEP_NUM_TASKS")
+    if ntasks is None:
+        return False
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = ntasks
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        os.environ["MASTER_ADDR"] = _first_slurm_host(nodes)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+    return True
+
+
+def init_distributed(timeout_s: float = 600.0, *, use_deepspeed: bool = True) -> DistInfo:
+    """Create the process group once (idempotent) and return this process's place in it.
+
+    torchrun / deepspeed launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* are already set. Slurm srun: derived from
+    SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID. No launcher: one process, RANK=0 WORLD_SIZE=1 and a free
+    port (else DeepSpeed falls back to MPI discovery and fails on a missing mpi4py). Backend: nccl on CUDA, gloo on
+    CPU. `timeout_s` bounds every collective, so a rank whose peer died fails instead of hanging.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        launcher = "torchrun"
+    elif _environment_from_slurm():
+        launcher = "slurm"
+    else:
+        launcher = "single"
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    on_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    backend = "nccl" if on_cuda else "gloo"
+    if on_cuda:
+        torch.cuda.set_device(local_rank)
+    timeout = datetime.timedelta(seconds=float(timeout_s))
+    if not dist.is_initialized():
+        if use_deepspeed:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                    backend=dist.get_backend(), launcher=launcher)
+
+
+_PEER_SIGNS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "gloo", "nccl",
+               "socket", "peer", "connection refused", "distbackenderror")
+
+
+@contextlib.contextmanager
+def collective_guard(what: str) -> Iterator[None]:
+    """Turn a failed collective into DistributedFailure with a message that says what most likely happened."""
+    try:
+        yield
+    except DistributedFailure:
+        raise
+    except (RuntimeError, OSError) as e:  # torch.distributed.DistBackendError is a RuntimeError
+        text = f"{type(e).__name__}: {e}"
+        if world_size() <= 1 or not any(s in text.lower() for s in _PEER_SIGNS):
+            raise
+        msg = (f"rank {rank()}/{world_size()}: a collective failed during {what}; another rank most likely died "
+               f"or hung (see its log), or the collective timeout passed. Cause: {text.splitlines()[0][:500]}")
+        print(f"[tagi-ds] {msg}", file=sys.stderr, flush=True)
+        raise DistributedFailure(msg) from e
+
+
+# ------------------------------------------------------------------------------------------------ ZeRO-3
+_LIVE_HF_DS_CONFIG: list = []  # transformers keeps only a weakref; this keeps the object alive
+
+
+@contextlib.contextmanager
+def zero3_model_context(ds_config: dict, *, keep_alive: bool = True) -> Iterator[Any]:
+    """Build models inside this context so transformers partitions them at construction under ZeRO-3.
+
+    Uses transformers' own route (`HfDeepSpeedConfig` + `from_pretrained` / `from_config`), which wraps
+    construction in `deepspeed.zero.Init` correctly; wrapping `LlamaForCausalLM(config)` in zero.Init by hand
+    crashes in `_init_weights`. With `keep_alive` the config stays registered after the block, because
+    generation and embedding resizing also ask transformers whether ZeRO-3 is on. A non-ZeRO-3 config makes
+    this a no-op for construction. Needs the process group (init_distributed) first.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    hf_cfg = HfDeepSpeedConfig(ds_config)  # registers itself (weakly) with transformers
+    _LIVE_HF_DS_CONFIG[:] = [hf_cfg]
+    try:
+        yield hf_cfg
+    finally:
+        if not keep_alive:
+            _LIVE_HF_DS_CONFIG.clear()
+            unset_hf_deepspeed_config()
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def global_token_mean(loss_sum: torch.Tensor, n_tokens: int | torch.Tensor, *,
+                      grads_averaged_over_ranks: bool = True) -> torch.Tensor:
+    """The loss to backward so that the update equals that of (sum of token losses) / (tokens in the global batch).
+
+    loss_sum: scalar, this rank's summed token loss for its micro batch; n_tokens: this rank's token count.
+    The count is all-reduced; DeepSpeed then averages gradients over the W ranks, so each rank returns
+    W · loss_sum / N_global and the average of the ranks' values is exactly the global token mean. ZeRO-2,
+    ZeRO-3 and one process (W=1) thus give the same loss and update for the same global batch, whatever the
+    split of tokens between ranks. Use `all_reduce_mean` on the detached value to log it. (With gradient
+    accumulation each micro batch is normalised on its own, then DeepSpeed averages the micro batches.)
+    """
+    n = torch.as_tensor(n_tokens, dtype=torch.float32, device=loss_sum.device).reshape(())
+    w = world_size()
+    if w > 1:
+        n = n.clone()
+        with collective_guard("token count all-reduce"):
+            dist.all_reduce(n)
+    scale = float(w) if grads_averaged_over_ranks else 1.0
+    return loss_sum * (scale / n.clamp_min(1.0))
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> float:
+    """Mean of a scalar over ranks (for logging); the value itself on one process."""
+    t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(()).clone()
+    w = world_size()
+    if w > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        with collective_guard("logging all-reduce"):
+            dist.all_reduce(t)
+    return float(t.item()) / w
