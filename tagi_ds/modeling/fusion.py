@@ -1,0 +1,72 @@
+"""Instruction fusion: let the input's computation see the instruction, encoded once per task.
+
+T5: the decoder cross-attends to [instruction states ; input states] (HINT).
+LLaMA: the instruction's key/value cache, computed once per task by the frozen model (no LoRA), is a prefix of
+every row of that task; the input's positions continue after the real instruction length.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+# Per decoder layer: (keys, values), each (n_tasks, kv_heads, Li, head_dim).
+PrefixKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+def fuse_encoder_states(instr_states: torch.Tensor, instr_mask: torch.Tensor, input_states: torch.Tensor,
+                        input_mask: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[instr_states[task_ids] ; input_states] → states (N, Li+Lx, d), mask (N, Li+Lx). Padding may sit in the middle:
+    cross-attention only reads the mask, never positions."""
+    states = torch.cat([instr_states.index_select(0, task_ids).to(input_states.dtype), input_states], dim=1)
+    mask = torch.cat([instr_mask.index_select(0, task_ids).to(input_mask.dtype), input_mask], dim=1)
+    return states, mask
+
+
+def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
+    """Position ids (N, L) counting only real tokens, so left or right padding never shifts them; pads get the
+    position of the previous real token (they are masked anyway). offset: int or (N,) start position per row."""
+    pos = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
+    if isinstance(offset, torch.Tensor):
+        offset = offset.long().view(-1, 1)
+    return pos + offset
+
+
+@torch.no_grad()
+def llama_instruction_pass(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                           ) -> tuple[torch.Tensor, PrefixKV]:
+    """One frozen forward over the instructions → (last hidden state (n_tasks, Li, d), prefix K/V per layer).
+
+    `model` is a *ForCausalLM; the LoRA hooks must be inactive (they are outside `apply`)."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=positions_from_mask(attention_mask), use_cache=True)
+    kv = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+    return out.last_hidden_state, kv
+
+
+def expand_prefix(prefix: PrefixKV, task_ids: torch.Tensor, config) -> "DynamicCache":  # noqa: F821
+    """A fresh DynamicCache whose row i holds task task_ids[i]'s instruction K/V (the per-task tensors are not
+    modified by later cache updates: index_select copies)."""
+    from transformers import DynamicCache
+
+    rows = [(k.index_select(0, task_ids), v.index_select(0, task_ids)) for k, v in prefix]
+    return DynamicCache(rows, config=config)
+
+
+def prefix_mask_and_positions(instr_mask: torch.Tensor, input_mask: torch.Tensor, task_ids: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention mask (N, Li+Lx) = [instr_mask[task_ids] ; input_mask]; input position ids (N, Lx) start at the
+    row's real (unpadded) instruction length."""
+    im = instr_mask.index_select(0, task_ids).to(input_mask.dtype)  # (N, Li)
+    mask = torch.cat([im, input_mask], dim=1)
+    positions = positions_from_mask(input_mask, offset=im.long().sum(dim=1))
+    return mask, positions
+
+
+def select_prefix(prefix: PrefixKV | None, index: Sequence[int] | torch.Tensor) -> PrefixKV | None:
+    """The prefix of a subset of tasks (e.g. one task alone)."""
+    if prefix is None:
+        return None
+    idx = torch.as_tensor(index, dtype=torch.long, device=prefix[0][0].device)
+    return tuple((k.index_select(0, idx), v.index_select(0, idx)) for k, v in prefix)

@@ -1,0 +1,236 @@
+"""The TAGI student: frozen backbone + hypernetwork-generated per-task LoRA + instruction fusion.
+
+    instruction ─► frozen backbone (once per task; callers cache the TaskEncoding) ─► pooled ─► hypernetwork ─► LoRA
+    input ─► backbone with each row's task LoRA (batched hooks) + instruction states / KV prefix ─► logits / tokens
+
+Rows of one batch may belong to different tasks: `task_ids[i]` indexes the encoding's tasks.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput
+
+from ..errors import ConfigError, TagiError
+from .backbone import TargetSpec, target_specs
+from .fusion import (PrefixKV, expand_prefix, fuse_encoder_states, llama_instruction_pass,
+                     positions_from_mask, prefix_mask_and_positions, select_prefix)
+from .hypernet import HyperNetwork, masked_mean_pool
+from .lora import Adapters, BatchedLoraHooks
+
+
+@dataclass
+class TaskEncoding:
+    """The instructions of n_tasks tasks, as the frozen backbone sees them."""
+
+    pooled: torch.Tensor  # (n_tasks, d): the hypernetwork's input
+    hidden: torch.Tensor  # (n_tasks, Li, d): last hidden states (T5 fusion)
+    mask: torch.Tensor  # (n_tasks, Li): 1 on real instruction tokens
+    prefix: PrefixKV | None = None  # LLaMA fusion: per layer (K, V), each (n_tasks, kv_heads, Li, head_dim)
+
+    @property
+    def n_tasks(self) -> int:
+        return self.pooled.shape[0]
+
+    def select(self, index: Sequence[int] | torch.Tensor) -> "TaskEncoding":
+        """The encoding of a subset of tasks, in the given order."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.pooled.device)
+        return TaskEncoding(self.pooled.index_select(0, idx), self.hidden.index_select(0, idx),
+                            self.mask.index_select(0, idx), select_prefix(self.prefix, idx))
+
+    def to(self, device: torch.device | str) -> "TaskEncoding":
+        prefix = None if self.prefix is None else tuple((k.to(device), v.to(device)) for k, v in self.prefix)
+        return TaskEncoding(self.pooled.to(device), self.hidden.to(device), self.mask.to(device), prefix)
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over label tokens != -100, in float32. logits (N, T, V), labels (N, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def _eos_ids(config) -> list[int]:
+    eos = config.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+def _all_done(done: torch.Tensor, synced_gpus: bool) -> bool:
+    """True when every row has finished; with synced_gpus, only when every rank's rows have (ZeRO-3: all ranks
+    must run the same number of forwards, or the parameter gathers hang)."""
+    flag = (~done).any().to(torch.float32).reshape(1)
+    if synced_gpus and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag)
+    return flag.item() == 0.0
+
+
+class TagiStudent(nn.Module):
+    def __init__(self, backbone: nn.Module, arch: str, specs: Sequence[TargetSpec], hypernet: HyperNetwork,
+                 lora_scale: float, fusion: bool = True, train_encoder: bool = False, backend: str = "auto"):
+        super().__init__()
+        if arch not in ("t5", "llama"):
+            raise ConfigError(f"backbone.arch: expected t5 or llama, got {arch!r}")
+        self.arch, self.fusion, self.train_encoder = arch, fusion, train_encoder
+        self.specs = list(specs)
+        self.lora_scale = float(lora_scale)
+        # HINT-style trainable instruction encoder: a copy made BEFORE the hooks exist, so it carries none.
+        self.instruction_encoder: nn.Module | None = None
+        if train_encoder:
+            src = backbone.encoder if arch == "t5" else backbone.base_model
+            self.instruction_encoder = copy.deepcopy(src)
+            for p in self.instruction_encoder.parameters():
+                p.requires_grad_(True)
+        self.backbone = backbone
+        self.hypernet = hypernet
+        self.hooks = BatchedLoraHooks(backbone, self.specs, self.lora_scale, backend=backend)
+
+    def train(self, mode: bool = True) -> "TagiStudent":
+        super().train(mode)
+        self.backbone.eval()  # the frozen backbone never uses dropout
+        return self
+
+    def _check_no_checkpointing(self) -> None:
+        # HF's layer checkpointing drops past_key_values (the LLaMA instruction prefix) and would recompute the layers
+        # in backward, outside `hooks.apply` (LoRA off): refuse rather than train on silently wrong activations.
+        if getattr(self.backbone, "is_gradient_checkpointing", False):
+            raise ConfigError("backbone.gradient_checkpointing: HF gradient checkpointing is not supported by the "
+                              "TAGI student (it drops the instruction prefix and recomputes without the LoRA hooks)")
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights that training changes (hypernetwork, and the instruction encoder if trained)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    # ------------------------------------------------------------------------------------------- instructions
+    def encode_instructions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TaskEncoding:
+        """Encode n_tasks instructions (n_tasks, Li) once; the LoRA hooks are inactive here (plain backbone)."""
+        if self.hooks._state is not None:
+            raise TagiError("encode_instructions called inside hooks.apply: instructions must see the plain backbone")
+        grad = contextlib.nullcontext() if self.train_encoder else torch.no_grad()
+        prefix = None
+        if self.arch == "t5":
+            enc = self.instruction_encoder if self.train_encoder else self.backbone.encoder
+            with grad:
+                hidden = enc(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            if self.fusion or not self.train_encoder:
+                hidden, prefix = llama_instruction_pass(self.backbone, input_ids, attention_mask)
+            if self.train_encoder:
+                hidden = self.instruction_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                                  position_ids=positions_from_mask(attention_mask)).last_hidden_state
+            if not self.fusion:
+                prefix = None
+        with grad:
+            pooled = masked_mean_pool(hidden, attention_mask)  # (n_tasks, d)
+        return TaskEncoding(pooled, hidden, attention_mask, prefix)
+
+    def generate_adapters(self, encoding: TaskEncoding) -> Adapters:
+        return self.hypernet(encoding.pooled)
+
+    # ------------------------------------------------------------------------------------------- forward
+    def forward(self, encoding: TaskEncoding, task_ids: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, adapters: Adapters | None = None):
+        """Logits of the batch (and mean CE over labels != -100). T5: labels = target ids. LLaMA: input_ids =
+        prompt+target (right- or left-padded), labels aligned with input_ids, -100 on prompt/pad."""
+        self._check_no_checkpointing()
+        task_ids = task_ids.to(input_ids.device).long()
+        if adapters is None:
+            adapters = self.generate_adapters(encoding)
+        with self.hooks.apply(adapters, task_ids):
+            if self.arch == "t5":
+                if decoder_input_ids is None:
+                    if labels is None:
+                        raise TagiError("T5 forward needs labels or decoder_input_ids")
+                    decoder_input_ids = self.backbone._shift_right(labels)
+                states, mask = self._t5_encode_inputs(encoding, task_ids, input_ids, attention_mask)
+                out = self.backbone(encoder_outputs=(states,), attention_mask=mask,
+                                    decoder_input_ids=decoder_input_ids, use_cache=False)
+                loss = None if labels is None else masked_lm_loss(out.logits, labels)
+                return Seq2SeqLMOutput(loss=loss, logits=out.logits)
+            mask, positions, cache = self._llama_prefix(encoding, task_ids, attention_mask)
+            out = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=False)
+            loss = None if labels is None else masked_lm_loss(out.logits[:, :-1], labels[:, 1:])
+            return CausalLMOutput(loss=loss, logits=out.logits)
+
+    def _t5_encode_inputs(self, encoding: TaskEncoding, task_ids: torch.Tensor, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder over the inputs (with LoRA, hooks active), fused with the instruction states when enabled."""
+        states = self.backbone.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if not self.fusion:
+            return states, attention_mask
+        return fuse_encoder_states(encoding.hidden, encoding.mask, states, attention_mask, task_ids)
+
+    def _llama_prefix(self, encoding: TaskEncoding, task_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(attention mask, position ids, cache) for the input rows, with the instruction prefix when fusing."""
+        if self.fusion and encoding.prefix is not None:
+            mask, positions = prefix_mask_and_positions(encoding.mask, attention_mask, task_ids)
+            return mask, positions, expand_prefix(encoding.prefix, task_ids, self.backbone.config)
+        if self.fusion:
+            raise TagiError("fusion is on but the TaskEncoding has no prefix (encode_instructions with fusion=True)")
+        return attention_mask, positions_from_mask(attention_mask), None
+
+    # ------------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, encoding: TaskEncoding, task_ids: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, max_new_tokens: int, synced_gpus: bool = False,
+                 adapters: Adapters | None = None) -> torch.Tensor:
+        """Greedy decoding, batched across tasks → new tokens (N, max_new_tokens): EOS kept, pad after it.
+        LLaMA inputs must be left-padded (the last column is each row's last prompt token)."""
+        cfg = self.backbone.config
+        eos = torch.tensor(_eos_ids(cfg), device=input_ids.device, dtype=torch.long)
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+        task_ids = task_ids.to(input_ids.device).long()
+        n = input_ids.shape[0]
+        if adapters is None:
+            adapters = self.generate_adapters(encoding)
+        out_tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
+        done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
+        with self.hooks.apply(adapters, task_ids):
+            if self.arch == "t5":
+                states, enc_mask = self._t5_encode_inputs(encoding, task_ids, input_ids, attention_mask)
+                step_in = torch.full((n, 1), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+                kwargs = dict(encoder_outputs=(states,), attention_mask=enc_mask)
+                cache = None  # created by the decoder on the first step
+            else:
+                mask, positions, cache = self._llama_prefix(encoding, task_ids, attention_mask)
+                step_in = input_ids
+                kwargs = dict(attention_mask=mask, position_ids=positions)
+            for step in range(max_new_tokens):
+                if self.arch == "t5":
+                    out = self.backbone(decoder_input_ids=step_in, past_key_values=cache, use_cache=True, **kwargs)
+                else:  # logits of the last position only: the prompt's other logits are never read
+                    out = self.backbone(input_ids=step_in, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                                        **kwargs)
+                cache = out.past_key_values
+                nxt = out.logits[:, -1].argmax(dim=-1)  # (N,)
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                out_tokens[:, step] = nxt
+                done = done | torch.isin(nxt, eos)
+                if _all_done(done, synced_gpus):
+                    break
+                step_in = nxt[:, None]
+                if self.arch == "llama":  # the new token: mask 1, position one after the row's last
+                    kwargs["attention_mask"] = torch.cat([kwargs["attention_mask"], torch.ones_like(step_in)], dim=1)
+                    kwargs["position_ids"] = kwargs["position_ids"][:, -1:] + 1
+        return out_tokens
+
+
+def build_student(backbone: nn.Module, arch: str, target_kinds: Sequence[str], r: int, alpha: float,
+                  hidden: int = 256, trunk_layers: int = 2, embed_dim: int = 64, fusion: bool = True,
+                  train_encoder: bool = False, backend: str = "auto") -> TagiStudent:
+    """Specs from the backbone's config, a fresh hypernetwork (ΔW = 0 at init), LoRA scale alpha / r."""
+    if r <= 0:
+        raise ConfigError(f"hypernet.r: expected a positive rank, got {r}")
+    specs = target_specs(backbone.config, list(target_kinds))
+    d_model = backbone.config.d_model if arch == "t5" else backbone.config.hidden_size
+    hypernet = HyperNetwork(specs, d_model, r, hidden=hidden, trunk_layers=trunk_layers, embed_dim=embed_dim,
+                            backend=backend)
+    return TagiStudent(backbone, arch, specs, hypernet, alpha / r, fusion=fusion, train_encoder=train_encoder,
+                       backend=backend)
