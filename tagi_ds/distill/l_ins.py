@@ -1,0 +1,65 @@
+"""L_ins: distance between a generated LoRA update and a teacher's, without materialising ΔW.
+
+PEFT layout: A (r, d_in), B (d_out, r), ΔW = s·B·A (d_out, d_in). With G_B = BᵀB and G_A = AAᵀ (r×r):
+  ‖s_g B_g A_g − s_t B_t A_t‖²_F = s_g² tr(G_Bg G_Ag) − 2 s_g s_t tr((B_tᵀ B_g)(A_g A_tᵀ)) + s_t² tr(G_Bt G_At)
+which costs O(r² (d_in + d_out)) instead of O(d_out d_in r), and works for different ranks r_g ≠ r_t.
+
+Precision: near convergence the three terms are nearly equal and cancel (relative difference 1e-3 between the two
+updates leaves 1e-6 of the terms), so fp32 accumulation loses most digits. The factors are cast to float64 once
+(they are small: r × d) and every product and the sum run in float64; the result returns in the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _tr_prod(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """tr(X Y) for batched (…, m, n) X and (…, n, m) Y, as sum(X ⊙ Yᵀ) (no m×m product)."""
+    return (X * Y.transpose(-1, -2)).sum(dim=(-2, -1))
+
+
+def _scale(s: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(s, dtype=torch.float64, device=like.device)
+
+
+def delta_w_distance(A_g: torch.Tensor, B_g: torch.Tensor, s_g: float | torch.Tensor,
+                     A_t: torch.Tensor, B_t: torch.Tensor, s_t: float | torch.Tensor,
+                     normalize: bool = True) -> torch.Tensor:
+    """‖s_g B_g A_g − s_t B_t A_t‖²_F (÷ ‖s_t B_t A_t‖²_F when `normalize`), batched over leading dims.
+
+    A_g (…, r_g, d_in), B_g (…, d_out, r_g), A_t (…, r_t, d_in), B_t (…, d_out, r_t); s_g, s_t scalars or tensors
+    broadcastable to the leading dims (…). Returns (…) in A_g's dtype. A zero teacher update (‖ΔW_t‖ = 0) is not
+    divided by: that entry returns the unnormalised distance.
+    """
+    if A_g.shape[-1] != A_t.shape[-1] or B_g.shape[-2] != B_t.shape[-2]:
+        raise ValueError(f"delta_w_distance: generated ΔW is {B_g.shape[-2]}×{A_g.shape[-1]} but the teacher's is "
+                         f"{B_t.shape[-2]}×{A_t.shape[-1]}")
+    if A_g.shape[-2] != B_g.shape[-1] or A_t.shape[-2] != B_t.shape[-1]:
+        raise ValueError(f"delta_w_distance: rank mismatch inside a pair: A_g {tuple(A_g.shape)} B_g "
+                         f"{tuple(B_g.shape)}, A_t {tuple(A_t.shape)} B_t {tuple(B_t.shape)}")
+    out_dtype = A_g.dtype
+    Ag, Bg, At, Bt = (x.to(torch.float64) for x in (A_g, B_g, A_t, B_t))
+    sg, st = _scale(s_g, Ag), _scale(s_t, Ag)
+    BgT, BtT = Bg.transpose(-1, -2), Bt.transpose(-1, -2)
+    gg = _tr_prod(BgT @ Bg, Ag @ Ag.transpose(-1, -2))  # (…)  tr(G_Bg G_Ag), r_g×r_g factors
+    gt = _tr_prod(BtT @ Bg, Ag @ At.transpose(-1, -2))  # (…)  tr((B_tᵀB_g)(A_g A_tᵀ)), r_t×r_g and r_g×r_t
+    tt = _tr_prod(BtT @ Bt, At @ At.transpose(-1, -2))  # (…)  tr(G_Bt G_At)
+    teacher = st * st * tt
+    dist = sg * sg * gg - 2.0 * sg * st * gt + teacher
+    if normalize:
+        dist = torch.where(teacher > 0, dist / torch.where(teacher > 0, teacher, torch.ones_like(teacher)), dist)
+    return dist.to(out_dtype)
+
+
+def delta_w_distance_dense(A_g: torch.Tensor, B_g: torch.Tensor, s_g: float | torch.Tensor,
+                           A_t: torch.Tensor, B_t: torch.Tensor, s_t: float | torch.Tensor,
+                           normalize: bool = True) -> torch.Tensor:
+    """Reference: materialise both ΔW (…, d_out, d_in) in float64. Returns float64 (…)."""
+    Ag, Bg, At, Bt = (x.to(torch.float64) for x in (A_g, B_g, A_t, B_t))
+    sg, st = _scale(s_g, Ag), _scale(s_t, Ag)
+    dw_g = sg[..., None, None] * (Bg @ Ag)  # (…, d_out, d_in)
+    dw_t = st[..., None, None] * (Bt @ At)
+    dist = (dw_g - dw_t).pow(2).sum(dim=(-2, -1))
+    if normalize:
+        dist = dist / dw_t.pow(2).sum(dim=(-2, -1))
+    return dist
