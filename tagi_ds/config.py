@@ -62,6 +62,7 @@ class DataConfig:
     synthetic: SyntheticConfig = f(default_factory=SyntheticConfig, help="offline task suite settings")
     pretrain_text: Optional[str] = f(None, "plain text / jsonl / datasets path for stage-1 pretraining; None = generated")
     pretrain_segment_lengths: list = f([64, 32, 32], "HINT split: tokens for (hypernet input, backbone input, target)")
+    pretrain_offline_docs: int = f(2000, "stage 1 without pretrain_text: documents generated offline (each one task)")
     seed: int = f(42, "seed for instance capping and label draws")
 
 
@@ -114,6 +115,8 @@ class TeacherConfig:
     warmup_steps: int = f(20, "linear warmup steps")
     time_budget_s: Optional[float] = f(None, "stop all teachers after this many seconds (demo budget)")
     checkpoint_every: int = f(100, "steps between resumable checkpoints")
+    resume: Literal["auto", "never"] = f("auto", "resume a teacher batch from its checkpoint when one exists")
+    grad_clip: float = f(1.0, "per-teacher gradient clipping norm (0 = off)")
     array_concurrency: int = f(16, "Slurm array: at most this many teachers at once")
 
 

@@ -1,0 +1,165 @@
+"""Recipe test helpers and the launched worker.
+
+Helpers (imported by the tests): a tiny tokenizer + T5/LLaMA backbone, random PEFT teachers and a logit cache built
+for a run config, written once per session.
+
+Worker (run under torchrun, or as one plain process): each `--phase` JSON runs one stage in the same processes:
+  {"stage": "pretrain"|"finetune", "config": yaml, "set": [key=value...], "variant": "tagi",
+   "stall_after_save": step (record pids, then sleep until killed), "dump_adapters": path (rank 0 saves the trained
+   hypernetwork's adapters for the first two tasks), "reload_export": [export_dir, dump_path, out_path]}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+VOCAB = 400
+
+
+# ------------------------------------------------------------------------------------------------ assets
+def build_backbone(arch: str, out_dir: Path, seed: int = 0) -> Path:
+    """Sentencepiece tokenizer on the synthetic suite's wording + a random tiny backbone, saved together."""
+    from tagi_ds.data.synthetic import all_wording, build_suite
+    from tagi_ds.data.tokenizer import train_sentencepiece_tokenizer
+    from tagi_ds.modeling.tiny import build_from_config, tiny_llama_config, tiny_t5_config
+
+    suite = build_suite(instances_per_task=12, held_back_per_task=2)
+    tok_dir = out_dir.parent / f"{out_dir.name}_tok"
+    tok = train_sentencepiece_tokenizer(all_wording(suite), tok_dir, vocab_size=VOCAB, kind=arch)
+    if arch == "t5":
+        config = tiny_t5_config(vocab_size=len(tok), d_model=32, num_layers=2, num_heads=2, d_ff=64)
+    else:
+        config = tiny_llama_config(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2,
+                                   intermediate_size=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    model = build_from_config(config, seed=seed)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_teachers_and_cache(cfg, seed: int = 0) -> list[str]:
+    """A random PEFT teacher per training task under <run>/teachers/, and its logit-cache shard (random teacher
+    logits at the student's label positions) under <run>/logit_cache/, with the manifests the finetune expects."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tagi_ds.adapters.peft_io import write_peft_adapter
+    from tagi_ds.data.collate import encode_target
+    from tagi_ds.data.registry import load_run_tasks_from_config
+    from tagi_ds.distill.logit_cache import CacheShardWriter, tokenizer_hash
+    from tagi_ds.modeling.backbone import detect_arch, target_specs
+    from tagi_ds.train.cache_logits import shard_fields
+    from tagi_ds.train.run_paths import RunPaths
+    from tagi_ds.train.teacher import backbone_identity, prompt_settings
+
+    paths = RunPaths.of(cfg)
+    path = cfg.backbone.name_or_path
+    tok = AutoTokenizer.from_pretrained(path)
+    mconf = AutoConfig.from_pretrained(path)
+    arch = detect_arch(mconf)
+    specs = target_specs(mconf, cfg.backbone.target_modules)
+    settings = prompt_settings(cfg, arch)
+    tasks = load_run_tasks_from_config(cfg)["train"]
+    g = torch.Generator().manual_seed(seed)
+    r = cfg.lora.r
+    for task in tasks:
+        adapters = {}
+        for s in specs:
+            n_layers = max(x.layer for x in specs if x.module_type == s.module_type) + 1
+            if s.module_type not in adapters:
+                adapters[s.module_type] = (torch.randn(n_layers, r, s.d_in, generator=g) * 0.2,
+                                           torch.randn(n_layers, s.d_out, r, generator=g) * 0.2)
+        write_peft_adapter(paths.teacher(task.name), specs, adapters, r=r, alpha=cfg.lora.alpha, base_model=str(path),
+                           task_type="SEQ_2_SEQ_LM" if arch == "t5" else "CAUSAL_LM",
+                           extra_files={"manifest.json": {"unit": task.name, "test": True}})
+        fields = shard_fields(tokenizer_hash=tokenizer_hash(tok), backbone_id=backbone_identity(path),
+                              teacher_dir=paths.teacher(task.name), task=task, top_k=cfg.cache.top_k,
+                              temperature=cfg.cache.temperature, settings=settings, vocab_size=mconf.vocab_size)
+        with CacheShardWriter(paths.logit_cache, task.name, fields) as w:
+            for inst in task.instances:
+                L = len(encode_target(tok, inst.label, settings.max_target_length))
+                w.add(inst.id, torch.randn(L, mconf.vocab_size, generator=g) * 3.0)
+    return [t.name for t in tasks]
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def _stall(step_wanted: int, pid_dir: Path):
+    def cb(step: int) -> None:
+        if step == step_wanted:
+            from tagi_ds.train.distributed import rank
+
+            pid_dir.mkdir(parents=True, exist_ok=True)
+            (pid_dir / f"pid_rank{rank()}").write_text(str(os.getpid()))
+            while True:  # the test SIGKILLs us here, right after a complete checkpoint
+                time.sleep(1)
+    return cb
+
+
+def run_phase(ph: dict) -> None:
+    from tagi_ds.config import load_config
+    from tagi_ds.train.distributed import rank
+    from tagi_ds.train.finetune import FinetuneTrainer
+    from tagi_ds.train.pretrain import PretrainTrainer
+
+    if ph.get("reload_export"):
+        reload_export(*ph["reload_export"])
+        return
+    cfg = load_config(ph["config"], ph.get("set", []))
+    cb = _stall(ph["stall_after_save"], Path(ph["pid_dir"])) if ph.get("stall_after_save") else None
+    if ph["stage"] == "pretrain":
+        tr = PretrainTrainer(cfg, on_checkpoint=cb, show_progress=False)
+    else:
+        tr = FinetuneTrainer(cfg, variant=ph.get("variant", "tagi"), on_checkpoint=cb, show_progress=False)
+    tr.setup()
+    try:
+        tr.train()
+        tr.save()
+        if ph.get("dump_adapters"):
+            with torch.no_grad():  # collective under ZeRO-3: every rank runs the hypernetwork
+                enc = tr.encodings.select([0, 1])
+                ad = tr.student.generate_adapters(enc.to(tr.device))
+            if rank() == 0:
+                torch.save({"pooled": enc.pooled, "adapters": {k: (a.cpu(), b.cpu()) for k, (a, b) in ad.items()}},
+                           ph["dump_adapters"])
+    finally:
+        tr.cleanup()
+
+
+def reload_export(export_dir: str, dump_path: str, out_path: str) -> None:
+    """Load the export with no DeepSpeed and regenerate the adapters of the dumped task vectors."""
+    from tagi_ds.train.export import load_hypernet_from_export, load_student_from_export
+
+    student = load_student_from_export(export_dir, backend="reference")
+    hyper, cfg = load_hypernet_from_export(export_dir, backend="reference")
+    dump = torch.load(dump_path, weights_only=False)
+    with torch.no_grad():
+        got = student.hypernet(dump["pooled"])
+        got2 = hyper(dump["pooled"])
+    diff = max(max(float((got[k][i] - dump["adapters"][k][i]).abs().max()) for i in (0, 1)) for k in got)
+    diff2 = max(max(float((got2[k][i] - dump["adapters"][k][i]).abs().max()) for i in (0, 1)) for k in got2)
+    Path(out_path).write_text(json.dumps({"max_abs_diff": diff, "max_abs_diff_hypernet_only": diff2,
+                                          "deepspeed_imported": "deepspeed" in sys.modules,
+                                          "backbone_id": cfg["backbone_id"], "fusion": cfg["fusion"],
+                                          "n_specs": len(cfg["hypernet"]["specs"])}))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--phase", action="append", default=[])
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    for ph in args.phase:
+        run_phase(json.loads(ph))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
