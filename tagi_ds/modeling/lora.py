@@ -100,6 +100,20 @@ class BatchedLoraHooks:
         finally:
             self._state = None
 
+    def current_state(self) -> tuple[Adapters, torch.Tensor] | None:
+        """The (adapters, task_ids) active now, or None outside `apply`."""
+        return self._state
+
+    @contextlib.contextmanager
+    def use_state(self, state: tuple[Adapters, torch.Tensor] | None) -> Iterator[None]:
+        """Re-install a state taken by `current_state()` (activation checkpointing: the recompute in backward runs
+        after `apply` has ended and must add the same LoRA terms); the previous state comes back on exit."""
+        prev, self._state = self._state, state
+        try:
+            yield
+        finally:
+            self._state = prev
+
     def remove(self) -> None:
         """Detach the hooks from the model for good."""
         for h in self._handles:

@@ -19,6 +19,7 @@ from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput
 
 from ..errors import ConfigError, TagiError
 from .backbone import TargetSpec, target_specs
+from .checkpointing import enable_block_checkpointing, hf_checkpointing_on
 from .fusion import (PrefixKV, expand_prefix, fuse_encoder_states, llama_instruction_pass,
                      positions_from_mask, prefix_mask_and_positions, select_prefix)
 from .hypernet import HyperNetwork, masked_mean_pool
@@ -95,12 +96,18 @@ class TagiStudent(nn.Module):
         self.backbone.eval()  # the frozen backbone never uses dropout
         return self
 
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Checkpoint the frozen backbone's blocks (non-reentrant) keeping the LoRA terms and the LLaMA prefix in
+        the recompute (modeling/checkpointing.py); what backbone.gradient_checkpointing=true switches on."""
+        enable_block_checkpointing(self.backbone, self.arch, self.hooks, enabled)
+
     def _check_no_checkpointing(self) -> None:
-        # HF's layer checkpointing drops past_key_values (the LLaMA instruction prefix) and would recompute the layers
-        # in backward, outside `hooks.apply` (LoRA off): refuse rather than train on silently wrong activations.
-        if getattr(self.backbone, "is_gradient_checkpointing", False):
+        # HF's own layer checkpointing drops past_key_values (the LLaMA instruction prefix) and would recompute the
+        # layers in backward, outside `hooks.apply` (LoRA off): refuse it; ours is enable_activation_checkpointing.
+        if hf_checkpointing_on(self.backbone):
             raise ConfigError("backbone.gradient_checkpointing: HF gradient checkpointing is not supported by the "
-                              "TAGI student (it drops the instruction prefix and recomputes without the LoRA hooks)")
+                              "TAGI student (it drops the instruction prefix and recomputes without the LoRA hooks); "
+                              "use TagiStudent.enable_activation_checkpointing() instead")
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights that training changes (hypernetwork, and the instruction encoder if trained)."""

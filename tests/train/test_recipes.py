@@ -110,8 +110,6 @@ def test_online_teacher_gives_the_dense_kl_of_the_live_teacher(llama_run):
 
 def test_refusals_name_the_key(llama_run):
     yaml, sets = llama_run
-    with pytest.raises(ConfigError, match="backbone.gradient_checkpointing"):
-        FinetuneTrainer(load_config(yaml, sets + ["backbone.gradient_checkpointing=true"]), variant="x").setup()
     with pytest.raises(ConfigError, match="cache.temperature"):
         FinetuneTrainer(load_config(yaml, sets + ["finetune.temperature=1.0"]), variant="x")
     with pytest.raises(ConfigError, match="variant"):
