@@ -1,0 +1,51 @@
+"""Tiny tokenizer + backbone builders and run configs shared by the teacher / cache-logits tests (a module, imported
+by tests/train/conftest.py's session fixture and by the tests)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tagi_ds.config import load_config
+
+# Small enough for 2 shared CPU cores, big enough that a LoRA teacher visibly learns its task.
+DATA = ["data.source=synthetic", "data.synthetic.instances_per_task=40", "data.synthetic.held_back_per_task=8",
+        "data.max_tasks=3", "data.max_source_length=256", "data.max_input_length=32", "data.max_target_length=16"]
+TEACHER = ["lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "teacher.steps=30", "teacher.lr=0.01",
+           "teacher.batch_size=8", "teacher.tasks_per_batch=3", "teacher.warmup_steps=3",
+           "teacher.checkpoint_every=10", "cache.top_k=8", "cache.batch_size=16", "eval.max_new_tokens=8",
+           "eval.batch_size=32"]
+
+
+def build_tiny_backbone_dir(out: Path, arch: str) -> Path:
+    """A sentencepiece tokenizer trained on the synthetic suite's wording + a seeded random tiny model, saved
+    together (what `from_pretrained` and the stages read)."""
+    from tagi_ds.data.synthetic import all_wording, build_suite
+    from tagi_ds.data.tokenizer import train_sentencepiece_tokenizer
+    from tagi_ds.modeling.tiny import build_from_config, tiny_llama_config, tiny_t5_config
+
+    texts = all_wording(build_suite(instances_per_task=20, held_back_per_task=5))
+    tok = train_sentencepiece_tokenizer(texts, out, vocab_size=600, kind="llama" if arch == "llama" else "t5")
+    if arch == "llama":
+        cfg = tiny_llama_config(vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id)
+    else:
+        cfg = tiny_t5_config(vocab_size=len(tok), d_model=64, num_layers=2, num_heads=4, d_ff=128,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             decoder_start_token_id=tok.pad_token_id)
+    model = build_from_config(cfg, seed=0)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    return out
+
+
+def run_cfg(runs_dir: Path, backbone_dir: Path, arch: str, *extra: str, name: str = "t"):
+    return load_config(None, [f"runs_dir={runs_dir}", f"name={name}", "device=cpu", "seed=0",
+                              f"backbone.name_or_path={backbone_dir}", f"backbone.arch={arch}",
+                              "backbone.target_modules=[q, v]", *DATA, *TEACHER, *extra])
+
+
+def cli_overrides(backbone_dir: Path, arch: str, runs_dir: Path, *extra: str, name: str = "t") -> list[str]:
+    """The same config as `run_cfg`, as `key=value` words for a `tagi-ds` subprocess."""
+    return [f"runs_dir={runs_dir}", f"name={name}", "device=cpu", "seed=0", "threads=1",
+            f"backbone.name_or_path={backbone_dir}", f"backbone.arch={arch}", "backbone.target_modules=[q, v]",
+            *DATA, *TEACHER, *extra]
