@@ -14,6 +14,7 @@ lacks them, so a PEFT model with it is the student WITHOUT fusion. `tagi-ds pred
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -128,9 +129,22 @@ def task_instruction(task: Task, tokenizer, max_length: int = 1024, num_pos: int
     return build_instruction(task, num_pos=num_pos, add_definition=True, tokenizer=tokenizer, max_length=max_length)
 
 
-def tokenize_instructions(tokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), each (n_tasks, Li), right-padded; the tokenizer's own special tokens, as collate_student does."""
-    rows = [list(tokenizer(t, truncation=True, max_length=max_length)["input_ids"]) for t in texts]
+def tokenize_instructions(tokenizer, texts: Sequence[str], max_length: int,
+                          overflow: str = "truncate") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), each (n_tasks, Li), right-padded; the tokenizer's own special tokens, as collate_student does.
+    An instruction over `max_length` tokens is cut with a warning (`overflow="truncate"`) or refused ("error")."""
+    rows = []
+    for i, t in enumerate(texts):
+        ids = list(tokenizer(t)["input_ids"])
+        if len(ids) > max_length:
+            what = (f"instruction {i + 1} of {len(texts)} is {len(ids)} tokens, over --max-instruction-length "
+                    f"{max_length}")
+            if overflow == "error":
+                raise DataError(f"{what} (--instruction-overflow error); shorten it or raise the limit")
+            warnings.warn(f"{what}: cut to {max_length} tokens (--instruction-overflow error refuses instead)",
+                          stacklevel=2)
+            ids = list(tokenizer(t, truncation=True, max_length=max_length)["input_ids"])
+        rows.append(ids)
     if any(len(r) == 0 for r in rows):
         raise DataError("an instruction is empty after tokenization; give a non-empty instruction")
     return pad_rows(rows, pad_id(tokenizer)), pad_rows([[1] * len(r) for r in rows], 0)
@@ -159,7 +173,7 @@ class GeneratedAdapters:
 def adapters_for_instructions(student: TagiStudent, tokenizer, instructions: Sequence[str], *,
                               max_length: int = 1024, cache: Optional[AdapterCache] = None,
                               need_encoding: bool = False, r: Optional[int] = None,
-                              alpha: Optional[float] = None) -> GeneratedAdapters:
+                              alpha: Optional[float] = None, overflow: str = "truncate") -> GeneratedAdapters:
     """Adapters of each instruction: from the cache when there, else encoded + hypernetwork (and then cached).
 
     The backbone encodes only the misses unless `need_encoding` (fusion needs every task's states anyway)."""
@@ -173,7 +187,7 @@ def adapters_for_instructions(student: TagiStudent, tokenizer, instructions: Seq
     encoding = None
     if misses or need_encoding:
         todo = list(range(len(instructions))) if need_encoding else misses
-        ids, mask = tokenize_instructions(tokenizer, [instructions[i] for i in todo], max_length)
+        ids, mask = tokenize_instructions(tokenizer, [instructions[i] for i in todo], max_length, overflow)
         dev = next(student.backbone.parameters()).device
         enc = student.encode_instructions(ids.to(dev), mask.to(dev))
         if need_encoding:
@@ -216,6 +230,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=None, help="backbone folder or hub id (default: the one the export records)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: --backbone, else the export's record)")
     p.add_argument("--max-instruction-length", type=int, default=1024, help="instruction tokens (default 1024)")
+    p.add_argument("--instruction-overflow", choices=("truncate", "error"), default="truncate",
+                   help="an instruction over --max-instruction-length: cut it with a warning, or refuse (error)")
     p.add_argument("--num-pos", type=int, default=2, help="positive examples in a task file's instruction")
     p.add_argument("--cache-dir", default=None, help="adapter cache (default: $TAGI_DS_ADAPTER_CACHE or "
                                                     "~/.cache/tagi-ds/adapters)")
@@ -246,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
                                                                   args.num_pos)
     cache = None if args.no_cache else loaded.cache(args.cache_dir)
     gen = adapters_for_instructions(loaded.student, loaded.tokenizer, [text], max_length=args.max_instruction_length,
-                                    cache=cache, r=loaded.r, alpha=loaded.alpha)
+                                    cache=cache, r=loaded.r, alpha=loaded.alpha, overflow=args.instruction_overflow)
     meta = {"instruction": text, "task": task.name if task else None, "hypernet_export": str(loaded.export_dir),
             "export_sha256": loaded.export_hash, "backbone_id": loaded.backbone_id}
     write_generated_adapter(loaded.student, task_slice(gen.adapters, 0), out, r=loaded.r, alpha=loaded.alpha,

@@ -167,12 +167,12 @@ def decode(tokenizer, tokens: torch.Tensor, eos_ids: Sequence[int]) -> list[str]
 def predict(student: TagiStudent, tokenizer, instructions: Sequence[str], inputs: Sequence[str],
             task_of_row: Sequence[int], *, merge: bool = True, batch_size: int = 16, max_input_length: int = 128,
             max_instruction_length: int = 1024, max_new_tokens: int = 128, cache=None,
-            r: Optional[int] = None, alpha: Optional[float] = None) -> list[str]:
+            r: Optional[int] = None, alpha: Optional[float] = None, overflow: str = "truncate") -> list[str]:
     """Greedy predictions for `inputs` (row i belongs to task task_of_row[i] of `instructions`).
 
     One task and `merge`: adapter merged into a copy of the weights. Otherwise: batched hooks, rows of any tasks."""
     gen = adapters_for_instructions(student, tokenizer, instructions, max_length=max_instruction_length, cache=cache,
-                                    need_encoding=student.fusion, r=r, alpha=alpha)
+                                    need_encoding=student.fusion, r=r, alpha=alpha, overflow=overflow)
     device = next(student.backbone.parameters()).device
     encoding = gen.encoding if gen.encoding is not None else _no_fusion_encoding(len(instructions), device)
     eos = student.backbone.config.eos_token_id
@@ -231,7 +231,7 @@ def main(args: argparse.Namespace) -> int:
     preds = predict(loaded.student, loaded.tokenizer, texts, [r.input for r in plan.rows], plan.task_of_row,
                     merge=not args.no_merge, batch_size=args.batch_size, max_input_length=args.max_input_length,
                     max_instruction_length=args.max_instruction_length, max_new_tokens=args.max_new_tokens,
-                    cache=cache, r=loaded.r, alpha=loaded.alpha)
+                    cache=cache, r=loaded.r, alpha=loaded.alpha, overflow=args.instruction_overflow)
     lines = [json.dumps({"id": r.id, "task": plan.names[t], "prediction": p}, ensure_ascii=False)
              for r, t, p in zip(plan.rows, plan.task_of_row, preds)]
     atomic_write_text(out, "\n".join(lines) + "\n")

@@ -14,6 +14,7 @@ left-padded so that generation continues every row from its last column.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 from typing import Literal, Optional, Sequence
 
@@ -163,6 +164,9 @@ def instruction_ids(task: Task, tokenizer, settings: PromptSettings) -> list[int
         if settings.instruction_overflow == "error":
             raise DataError(f"task '{task.name}': instruction is {len(ids)} tokens, over max_instruction_length "
                             f"{max_len} (data.instruction_overflow=error); shorten the definition or raise the limit")
+        warnings.warn(f"task '{task.name}': instruction is {len(ids)} tokens, cut to max_instruction_length "
+                      f"{max_len} (data.instruction_overflow=truncate; set it to error to refuse instead)",
+                      stacklevel=2)
         ids = list(tokenizer(text, truncation=True, max_length=max_len)["input_ids"])
     return ids
 

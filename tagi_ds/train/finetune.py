@@ -101,9 +101,31 @@ class FinetuneTrainer(HypernetTrainer):
         self.signal = None
         if tc.lambda_kl > 0 and not tc.online_teacher:
             self.signal = CachedTeacherSignal(self.paths.logit_cache, expect=self._shard_expect)
+        self.check_teacher_artifacts()
         self.summary["tasks"] = len(self.tasks)
         self.summary["terms"] = ["ce"] + [n for n, w in (("kl", tc.lambda_kl), ("l_ins", tc.lambda_ins)) if w > 0]
         return rows, sampler
+
+    def check_teacher_artifacts(self) -> None:
+        """Refuse a missing or mismatched teacher / cache shard now, before anything is written (the full
+        checksums are still verified when a shard is first read)."""
+        from ..adapters.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+        from ..distill.logit_cache import CacheShardReader
+
+        tc = self.train_cfg
+        for task in self.tasks:
+            if tc.lambda_ins > 0 or tc.lambda_kl > 0:  # both need the task's teacher adapter
+                tdir = self.teacher_dir(task)
+                for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                    if not (tdir / f).is_file():
+                        raise ArtifactMismatchError(f"{tdir / f}: missing; finetune needs the teacher of task "
+                                                    f"'{task.name}' (run `tagi-ds teacher` first)")
+            if self.signal is not None:
+                shard = self.paths.cache_shard(task.name)
+                if not shard.is_dir():
+                    raise ArtifactMismatchError(f"{shard}: no logit-cache shard for task '{task.name}'; run "
+                                                f"`tagi-ds cache-logits` first")
+                CacheShardReader(shard, self._shard_expect(task.name), verify=False)  # names a differing field
 
     def _shard_expect(self, task_name: str) -> dict:
         """The manifest a shard must carry for this run (the cache stage's own definition)."""

@@ -168,6 +168,79 @@ def partition_facts(backbone: nn.Module) -> dict[str, Any]:
                         "shard": int(big.ds_tensor.numel()), "status": str(big.ds_status)}}
 
 
+# ------------------------------------------------------------------------------------------ stage identity
+STAGE_MANIFEST = "stage.json"
+# Keys that change how a run executes or logs, never the weights it publishes: they may differ between a run and
+# its rerun / resume. Everything else in the stage's identity must match the folder's stage.json.
+_RUNTIME_KEYS = {
+    "": {"name", "runs_dir", "threads", "device", "eval", "distributed", "stage_budgets_s"},
+    "train": {"enabled", "time_budget_s", "checkpoint_every", "keep_checkpoints", "resume", "log_every"},
+    "teacher": {"time_budget_s", "checkpoint_every", "resume", "array_concurrency"},
+    "cache": {"batch_size"},
+    "backbone": {"gradient_checkpointing", "attn_implementation"},
+    "hypernet": {"kernel"},
+    "data": {"max_eval_instances_per_task"},
+}
+_PRETRAIN_DATA = ("pretrain_text", "pretrain_segment_lengths", "pretrain_offline_docs", "seed")
+
+
+def stage_identity(cfg, stage: str) -> dict[str, Any]:
+    """What a hypernetwork stage's published weights depend on: the resolved config of the sections it reads,
+    minus runtime-only keys (`_RUNTIME_KEYS`). Pretrain does not read the teacher / cache / finetune sections or
+    the task data; finetune reads the pretrain section only when it starts from the pretrain export."""
+    from ..config import to_dict
+
+    full = to_dict(cfg)
+    drop = lambda d, kind: {k: v for k, v in d.items() if k not in _RUNTIME_KEYS[kind]}  # noqa: E731
+    ident = {k: v for k, v in full.items() if k not in _RUNTIME_KEYS[""]}
+    for sec in ("teacher", "cache", "backbone", "hypernet", "data"):
+        ident[sec] = drop(ident[sec], sec)
+    for sec in ("pretrain", "finetune"):
+        ident[sec] = drop(ident[sec], "train")
+    if stage == "pretrain":
+        for sec in ("teacher", "cache", "finetune"):
+            ident.pop(sec)
+        ident["data"] = {k: ident["data"][k] for k in _PRETRAIN_DATA}
+    elif not (cfg.finetune.init_from_pretrain and cfg.pretrain.enabled):
+        ident.pop("pretrain")
+    return ident
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def check_stage_identity(out_dir: Path, stage: str, identity: dict[str, Any]) -> Optional[dict]:
+    """Refuse (ArtifactMismatchError naming both hashes and the differing keys) when `out_dir` holds a run of
+    another configuration; return the record to write (None when the folder already holds this one)."""
+    from ..errors import ArtifactMismatchError
+    from ..io_utils import sha256_json
+
+    want = sha256_json(identity)
+    path = out_dir / STAGE_MANIFEST
+    if not path.is_file():
+        return {"stage": stage, "hash": want, "identity": identity}
+    try:
+        have = json.loads(path.read_text(encoding="utf-8"))
+        have_hash, have_ident = have["hash"], have["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactMismatchError(f"{path}: unreadable stage record ({e}); remove {out_dir} to start over") from None
+    if have_hash == want:
+        return None
+    a, b = _flat(have_ident), _flat(identity)
+    diff = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    raise ArtifactMismatchError(
+        f"{out_dir}: holds a {stage} run of another configuration (hash {have_hash[:16]} in {path}; this run is "
+        f"{want[:16]}); differing keys: {'; '.join(diff[:6])}{' …' if len(diff) > 6 else ''}. Its checkpoints and "
+        f"export are kept: use another run name (or finetune variant=NAME), or remove that folder to retrain")
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 class HypernetTrainer:
     """Shared setup / train / save / cleanup of the two hypernetwork stages (subclasses: data and loss)."""
@@ -223,13 +296,10 @@ class HypernetTrainer:
 
     def setup(self) -> None:
         cfg, t = self.cfg, self.train_cfg
+        # Before anything is written or resumed: never mix with (or overwrite) a run of another configuration.
+        stage_record = check_stage_identity(self.out_dir, self.stage, stage_identity(cfg, self.stage))
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
-        if cfg.backbone.gradient_checkpointing:
-            # The LoRA hooks leave their state at the end of the forward, so a recompute in backward would run the
-            # layers without LoRA; HF layer checkpointing also drops the LLaMA instruction prefix. Refuse loudly.
-            raise ConfigError("backbone.gradient_checkpointing=true is not supported by the hypernetwork stages yet "
-                              "(LoRA hook state is not kept for the backward recompute); set it to false")
         seed_everything(cfg.seed)
         ds = None
         if self.use_deepspeed:
@@ -246,6 +316,8 @@ class HypernetTrainer:
         backbone, self.arch = self._load_backbone(ds)
         seed_everything(cfg.seed)  # the hypernetwork's init must not depend on what loading the backbone drew
         self.student = self._build_student(backbone)
+        if cfg.backbone.gradient_checkpointing:  # ours, not HF's: the recompute keeps the LoRA terms and the prefix
+            self.student.enable_activation_checkpointing()
         self.init_weights(self.student)
         rows, self.sampler = self.build_data()
         self.instruction_rows = rows
@@ -270,6 +342,8 @@ class HypernetTrainer:
                 self.summary["resumed_from"] = self.start_step
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if rank() == 0:
+            if stage_record is not None:
+                atomic_write_json(self.out_dir / STAGE_MANIFEST, stage_record)
             atomic_write_text(self.out_dir / "config.yaml", dump_yaml(cfg))
 
     def _pad_id(self) -> int:
