@@ -12,6 +12,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Triton decides interpreter mode when its own library functions (tl.cdiv, …) are decorated, i.e. at its first import.
+# Without CUDA the kernel tests run under the interpreter, so the switch must be on before ANY test imports triton;
+# setting it later (in the kernel test module) fails as soon as another test imported triton first.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SNI = REPO.parent / "shared" / "data" / "sni"
 
