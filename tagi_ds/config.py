@@ -81,7 +81,7 @@ class BackboneConfig:
     tiny_heads: int = f(4, "tiny backbone: attention heads")
     tiny_ffn: int = f(512, "tiny backbone: FFN size")
     tiny_vocab: int = f(1000, "tiny backbone: sentencepiece vocabulary size")
-    copy_pretrain_seconds: float = f(90.0, "tiny backbone: time budget for copy pretraining (s)")
+    copy_pretrain_seconds: float = f(300.0, "tiny backbone: time budget for copy pretraining (s)")
     copy_pretrain_lr: float = f(2e-3, "tiny backbone: copy pretraining peak lr")
     copy_pretrain_batch: int = f(32, "tiny backbone: copy pretraining batch size")
 
@@ -173,6 +173,7 @@ class EvalConfig:
     baseline_steps: int = f(600, "steps for the multitask baselines (tk_instruct, no_instruction)")
     baseline_lr: float = f(1e-3, "lr of the multitask baselines")
     baseline_time_budget_s: Optional[float] = f(None, "time budget per baseline")
+    baseline_batch_size: int = f(32, "sequences per step of the multitask baselines")
 
 
 @dataclass
