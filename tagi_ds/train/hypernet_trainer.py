@@ -384,14 +384,23 @@ class HypernetTrainer:
     def keys_for(self, micro_index: int) -> list[tuple[int, int]]:
         """This rank's batch keys for a global micro-batch index: a pure function of (seed, index), so a resumed
         run continues with exactly the batches the uninterrupted run would have seen."""
-        n = len(self.sampler)
-        if n == 0:
-            raise TagiError(f"{self.stage}: the data gives no batch (no tasks or no instances)")
-        epoch, pos = divmod(micro_index, n)
-        if self._epoch_batches[0] != epoch:
+        # Epochs may hold different numbers of batches (the task-grouped sampler packs leftovers differently each
+        # epoch), so walk the epochs from the start (cached) instead of dividing by one epoch's length.
+        epoch, first = getattr(self, "_epoch_first", (0, 0))
+        if micro_index < first:
+            epoch, first = 0, 0
+        while True:
             self.sampler.set_epoch(epoch)
+            n = len(self.sampler)
+            if n == 0:
+                raise TagiError(f"{self.stage}: the data gives no batch (no tasks or no instances)")
+            if micro_index < first + n:
+                break
+            epoch, first = epoch + 1, first + n
+        self._epoch_first = (epoch, first)
+        if self._epoch_batches[0] != epoch:
             self._epoch_batches = (epoch, list(self.sampler))
-        return self._epoch_batches[1][pos]
+        return self._epoch_batches[1][micro_index - first]
 
     def encoding_for(self, student: TagiStudent, batch: TrainBatch) -> TaskEncoding:
         """The batch tasks' instruction encodings: precomputed rows, or (trained encoder) encoded now, with grad."""

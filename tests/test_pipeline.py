@@ -1,0 +1,190 @@
+"""The end-to-end pipeline on a micro config (seconds-scale budgets, a 2-layer backbone, 3 training tasks):
+report.json with the exact schema, report.md and PNGs; a rerun skips every stage; `--from evaluate` redoes only
+evaluate; evaluate's numbers equal metrics.compute_metrics on the written predictions."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tagi_ds.cli import main as cli_main
+from tagi_ds.config import load_config
+from tagi_ds.errors import ArtifactMismatchError, ConfigError
+from tagi_ds.eval.evaluate import read_predictions
+from tagi_ds.eval.metrics import compute_metrics
+from tagi_ds.eval.report import SPLITS, read_report
+
+METHODS = ["no_ft", "no_instruction", "tk_instruct", "teacher", "hint", "tagi"]
+STAGES = ["backbone", "teacher", "cache-logits", "pretrain", "finetune", "baselines", "evaluate"]
+
+
+def build_backbone(out: Path) -> Path:
+    """A sentencepiece tokenizer on the suite's wording + a seeded random 2-layer LLaMA (hidden 32)."""
+    from tagi_ds.data.synthetic import all_wording, build_suite
+    from tagi_ds.data.tokenizer import train_sentencepiece_tokenizer
+    from tagi_ds.modeling.tiny import build_from_config, tiny_llama_config
+
+    tok = train_sentencepiece_tokenizer(all_wording(build_suite(instances_per_task=10, held_back_per_task=2)), out,
+                                        vocab_size=400, kind="llama")
+    cfg = tiny_llama_config(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id)
+    model = build_from_config(cfg, seed=0)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    return out
+
+
+MICRO = """\
+name: micro
+seed: 0
+device: cpu
+threads: 1
+data:
+  source: synthetic
+  max_tasks: 3
+  max_eval_instances_per_task: 1
+  max_source_length: 160
+  max_input_length: 24
+  max_target_length: 12
+  pretrain_offline_docs: 20
+  pretrain_segment_lengths: [16, 8, 8]
+  synthetic: {instances_per_task: 12, held_back_per_task: 2}
+backbone: {arch: llama, target_modules: [q, v]}
+lora: {r: 2, alpha: 4.0}
+hypernet: {hidden: 16, trunk_layers: 1, embed_dim: 8, kernel: reference}
+teacher: {steps: 2, batch_size: 4, tasks_per_batch: 8, warmup_steps: 1, checkpoint_every: 0}
+cache: {top_k: 8, temperature: 2.0, batch_size: 16}
+pretrain: {steps: 2, micro_batch_size: 4, warmup_steps: 1, checkpoint_every: 0, log_every: 1}
+finetune: {steps: 2, tasks_per_batch: 2, instances_per_task: 2, warmup_steps: 1, checkpoint_every: 0, log_every: 1,
+           temperature: 2.0, lambda_ins: 0.5}
+distributed: {use_deepspeed: false}
+eval: {max_new_tokens: 3, batch_size: 32, baseline_steps: 2, baseline_batch_size: 4}
+stage_budgets_s: {teacher: 10, pretrain: 10, finetune: 10, baselines: 10}
+"""
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    bb = build_backbone(root / "bb")
+    yaml = root / "micro.yaml"
+    yaml.write_text(MICRO)
+    overrides = [f"runs_dir={root / 'runs'}", f"backbone.name_or_path={bb}"]
+    argv = ["pipeline", "--config", str(yaml), "--no-progress", *overrides]
+    assert cli_main(argv) == 0
+    return root / "runs" / "micro", argv, yaml, overrides
+
+
+def _statuses(run_dir: Path) -> dict[str, str]:
+    rec = json.loads((run_dir / "pipeline.json").read_text())["stages"]
+    return {r["stage"] + (f":{r['sub']}" if r["sub"] else ""): r["status"] for r in rec}
+
+
+def test_first_run_writes_the_report_with_the_exact_schema(micro):
+    run_dir, _, _, _ = micro
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report) == set(METHODS)
+    for m, entry in report.items():
+        assert set(entry) == set(SPLITS) | {"relative_flops"}
+        for s in SPLITS:
+            if entry[s] is not None:
+                assert set(entry[s]) == {"rougeL", "exact_match"}
+                assert 0.0 <= entry[s]["rougeL"] <= 100.0
+    assert report["teacher"]["unseen"] is None and report["teacher"]["seen"] is not None
+    assert report["tk_instruct"]["relative_flops"] == pytest.approx(1.0)
+    assert report["tagi"]["relative_flops"] < 1.0 and report["no_instruction"]["relative_flops"] < 1.0
+    read_report(run_dir)  # the published shape
+    md = (run_dir / "report.md").read_text()
+    assert "| tagi |" in md and "echo input" in md and "unseen_rougeL.png" in md
+    for png in ("unseen_rougeL.png", "training_curves.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "config.yaml").is_file()
+    assert set(_statuses(run_dir).values()) == {"ran"}
+    assert set(_statuses(run_dir)) == {"backbone", "teacher", "cache-logits", "pretrain", "finetune:hint",
+                                       "finetune:tagi", "baselines:no_instruction", "baselines:tk_instruct",
+                                       "evaluate"}
+
+
+def test_evaluate_numbers_equal_compute_metrics_on_the_written_predictions(micro):
+    run_dir, _, _, _ = micro
+    report = read_report(run_dir)
+    for m in METHODS:
+        pooled_p, pooled_r = [], []
+        for split in ("seen", "unseen_paraphrase", "unseen_composition"):
+            path = run_dir / "eval" / "predictions" / m / f"{split}.jsonl"
+            if report[m][split] is None:
+                assert not path.exists()
+                continue
+            preds, refs = read_predictions(path)
+            assert compute_metrics(preds, refs) == report[m][split]
+            if split.startswith("unseen"):
+                pooled_p += preds
+                pooled_r += refs
+        if report[m]["unseen"] is not None:
+            assert compute_metrics(pooled_p, pooled_r) == report[m]["unseen"]
+    # per-task numbers in metrics.json agree with the predictions too
+    details = json.loads((run_dir / "eval" / "metrics.json").read_text())["methods"]["tagi"]["unseen_paraphrase"]
+    preds, refs = read_predictions(run_dir / "eval" / "predictions" / "tagi" / "unseen_paraphrase.jsonl")
+    tasks = [json.loads(x)["task"] for x in
+             (run_dir / "eval" / "predictions" / "tagi" / "unseen_paraphrase.jsonl").read_text().splitlines()]
+    first = tasks[0]
+    idx = [i for i, t in enumerate(tasks) if t == first]
+    assert details["per_task"][first] == compute_metrics([preds[i] for i in idx], [refs[i] for i in idx])
+
+
+def test_rerun_skips_every_stage(micro, capsys):
+    run_dir, argv, _, _ = micro
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    assert cli_main(argv) == 0
+    took = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    assert set(_statuses(run_dir).values()) == {"skipped"}
+    assert out.count(": skipped (done") == 9
+    assert took < 15, f"a rerun with every stage done took {took:.1f} s"
+
+
+def test_from_evaluate_redoes_only_evaluate(micro):
+    run_dir, argv, _, _ = micro
+    teacher_file = next((run_dir / "teachers").glob("*/adapter_model.safetensors"))
+    export = run_dir / "finetune" / "tagi" / "export" / "trainable.safetensors"
+    before = (teacher_file.stat().st_mtime_ns, export.stat().st_mtime_ns)
+    report_before = (run_dir / "report.json").stat().st_mtime_ns
+    assert cli_main(argv + ["--from", "evaluate"]) == 0
+    st = _statuses(run_dir)
+    assert st.pop("evaluate") == "ran" and set(st.values()) == {"skipped"}
+    assert (teacher_file.stat().st_mtime_ns, export.stat().st_mtime_ns) == before
+    assert (run_dir / "report.json").stat().st_mtime_ns != report_before
+    read_report(run_dir)
+
+
+def test_changed_baseline_config_is_refused_not_mixed(micro):
+    from tagi_ds.eval.methods import ensure_baseline
+
+    _, _, yaml, overrides = micro
+    cfg = load_config(yaml, overrides + ["eval.baseline_lr=0.5"])
+    with pytest.raises(ArtifactMismatchError, match="tk_instruct baseline was trained for another configuration"):
+        ensure_baseline(cfg, "tk_instruct")
+
+
+def test_standalone_evaluate_reuses_the_pipeline_baselines(micro, capsys):
+    """`tagi-ds evaluate` alone (no stage budgets applied by the pipeline) finds the baselines the pipeline trained."""
+    run_dir, _, yaml, overrides = micro
+    capsys.readouterr()
+    assert cli_main(["evaluate", "--config", str(yaml), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "baseline tk_instruct: skipped" in out and "baseline no_instruction: skipped" in out
+    read_report(run_dir)
+
+
+def test_unknown_stage_budget_and_from_stage_are_refused(micro):
+    from tagi_ds.pipeline import run
+
+    _, _, yaml, overrides = micro
+    with pytest.raises(ConfigError, match="stage_budgets_s: unknown stage"):
+        run(load_config(yaml, overrides + ["stage_budgets_s={teachers: 3}"]))
+    with pytest.raises(ConfigError, match="--from 'nope'"):
+        run(load_config(yaml, overrides), from_stage="nope")
