@@ -188,3 +188,37 @@ def test_unknown_stage_budget_and_from_stage_are_refused(micro):
         run(load_config(yaml, overrides + ["stage_budgets_s={teachers: 3}"]))
     with pytest.raises(ConfigError, match="--from 'nope'"):
         run(load_config(yaml, overrides), from_stage="nope")
+
+
+def test_sigkill_at_a_random_point_then_rerun_gives_the_same_report(micro):
+    """Kill -9 the whole pipeline (a real process) after a random number of finished stages, mid-way through the next
+    one; rerunning the same command resumes and ends with the same report numbers as the uninterrupted run."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    run_dir, argv, yaml, overrides = micro
+    expected = json.loads((run_dir / "report.json").read_text())
+    kill_root = run_dir.parent.parent / "runs_killed"
+    cmd = [sys.executable, "-m", "tagi_ds.cli", "pipeline", "--config", str(yaml), "--no-progress",
+           *[o for o in overrides if not o.startswith("runs_dir=")], f"runs_dir={kill_root}"]
+    markers = kill_root / "micro" / ".pipeline"
+    rng = random.Random(int(os.environ.get("TAGI_KILL_SEED", "7")))
+    stages_before_kill = rng.randint(1, 6)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if markers.is_dir() and len(list(markers.glob("*.json"))) >= stages_before_kill:
+            time.sleep(rng.uniform(0.0, 0.5))  # somewhere inside the next stage
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the pipeline ended before the kill point: {proc.stderr.read().decode()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (kill_root / "micro" / "report.json").exists()
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads((kill_root / "micro" / "report.json").read_text()) == expected
