@@ -50,8 +50,10 @@ def test_array_dry_run_prints_unit_command_and_port(script, stage):
     from tagi_ds.config import load_config
     from tagi_ds.train.array import array_units_from_config
 
-    units = array_units_from_config(load_config(REPO / "configs" / "tiny.yaml"))
-    r = _bash(script, "configs/tiny.yaml", "teacher.steps=5", DRY_RUN="1", SLURM_ARRAY_TASK_ID="3")
+    # one unit per task (the tiny config groups by category: 2 units), so index 3 exists
+    units = array_units_from_config(load_config(REPO / "configs" / "tiny.yaml", ["teacher.group_by=task"]))
+    r = _bash(script, "configs/tiny.yaml", "teacher.group_by=task", "teacher.steps=5", DRY_RUN="1",
+              SLURM_ARRAY_TASK_ID="3")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert f"unit: {units[3]} (array index 3)" in lines
@@ -60,13 +62,14 @@ def test_array_dry_run_prints_unit_command_and_port(script, stage):
     assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == env["HF_DATASETS_OFFLINE"] == "1"
     cmd = next(line for line in lines if line.startswith("command: "))[len("command: "):]
     assert shlex.split(cmd) == [PY, "-m", "tagi_ds.cli", stage, "--config", "configs/tiny.yaml", "array_index=3",
-                                "teacher.steps=5"]
+                                "teacher.group_by=task", "teacher.steps=5"]
 
 
 def test_array_ports_differ_per_index():
     ports = set()
     for idx in ("0", "17"):
-        r = _bash("slurm/teachers_array.sbatch", "configs/tiny.yaml", DRY_RUN="1", SLURM_ARRAY_TASK_ID=idx)
+        r = _bash("slurm/teachers_array.sbatch", "configs/tiny.yaml", "teacher.group_by=task", DRY_RUN="1",
+                  SLURM_ARRAY_TASK_ID=idx)
         assert r.returncode == 0, r.stderr
         ports.add(next(line for line in r.stdout.splitlines() if line.startswith("env: MASTER_PORT=")))
     assert ports == {"env: MASTER_PORT=29500", "env: MASTER_PORT=29517"}
