@@ -26,6 +26,7 @@ import torch
 from ..data.collate import encode_prompt, pad_id, pad_rows
 from ..data.prompts import build_task_input
 from ..data.tasks import Instance, Task
+from ..data.jsonl import iter_jsonl_objects
 from ..errors import DataError, TagiError
 from ..io_utils import atomic_write_text
 from ..modeling.lora import Adapters, merge_into_copy
@@ -49,20 +50,7 @@ def read_inputs(path: str | Path) -> list[InputRow]:
     if path.is_dir() or not path.is_file():
         raise DataError(f"{path}: no such inputs file (expected a .jsonl file, one JSON object per line)")
     rows: list[InputRow] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object with an \"input\" string, got "
-                            f"{type(obj).__name__}")
+    for lineno, obj in iter_jsonl_objects(path, 'a JSON object with an "input" string'):
         if not isinstance(obj.get("input"), str):
             raise DataError(f"{path}:{lineno}: key \"input\" must be a string"
                             + ("" if "input" in obj else " and is missing"))

@@ -7,22 +7,15 @@ contiguous (b keeps its last tokens, c its first), and a keeps its last tokens, 
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import DataError
+from .jsonl import iter_jsonl_objects, read_utf8
 
 
 # ------------------------------------------------------------------------------------------------- documents
-def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
 def documents_from_text(text: str) -> list[str]:
     """Blank-line separated documents; lines inside a document are joined with a newline."""
     docs, cur = [], []
@@ -39,14 +32,8 @@ def documents_from_text(text: str) -> list[str]:
 
 def documents_from_jsonl(path: Path) -> list[str]:
     docs = []
-    for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON: {e.msg} at column {e.colno}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+    for lineno, row in iter_jsonl_objects(path, "an object with a string key 'text'"):
+        if not isinstance(row.get("text"), str):
             raise DataError(f"{path}:{lineno}: expected an object with a string key 'text'")
         if row["text"].strip():
             docs.append(row["text"])
@@ -84,7 +71,7 @@ def load_documents(path: str | Path) -> list[str]:
     elif path.suffix in (".jsonl", ".json"):
         docs = documents_from_jsonl(path)
     else:
-        docs = documents_from_text(_read_utf8(path))
+        docs = documents_from_text(read_utf8(path))
     if not docs:
         raise DataError(f"{path}: no documents found (empty text)")
     return docs
