@@ -10,6 +10,7 @@ and the CLI read these classes.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -63,6 +64,8 @@ class DataConfig:
     pretrain_text: Optional[str] = f(None, "plain text / jsonl / datasets path for stage-1 pretraining; None = generated")
     pretrain_segment_lengths: list = f([64, 32, 32], "HINT split: tokens for (hypernet input, backbone input, target)")
     pretrain_offline_docs: int = f(2000, "stage 1 without pretrain_text: documents generated offline (each one task)")
+    pretrain_offline_corpus: Literal["stories", "suite_words"] = f(
+        "stories", "stage 1 without pretrain_text: template stories, or lines of the offline suite's words")
     seed: int = f(42, "seed for instance capping and label draws")
 
 
@@ -81,9 +84,13 @@ class BackboneConfig:
     tiny_heads: int = f(4, "tiny backbone: attention heads")
     tiny_ffn: int = f(512, "tiny backbone: FFN size")
     tiny_vocab: int = f(1000, "tiny backbone: sentencepiece vocabulary size")
-    copy_pretrain_seconds: float = f(300.0, "tiny backbone: time budget for copy pretraining (s)")
-    copy_pretrain_lr: float = f(2e-3, "tiny backbone: copy pretraining peak lr")
-    copy_pretrain_batch: int = f(32, "tiny backbone: copy pretraining batch size")
+    pretrain_corpus: Literal["suite", "sni"] = f(
+        "suite", "tiny backbone's corpus: suite = tokenizer on the synthetic suite's wording + copy pretraining; sni = "
+        "tokenizer + causal-LM pretraining on the SNI train tasks' text (data.sni_dir; test tasks never read)")
+    copy_pretrain_seconds: float = f(300.0, "tiny backbone: the backbone stage's time budget (s): copy pretraining "
+                                            "(suite), or tokenizer + LM pretraining together (sni)")
+    copy_pretrain_lr: float = f(2e-3, "tiny backbone: copy / LM pretraining peak lr")
+    copy_pretrain_batch: int = f(32, "tiny backbone: copy / LM pretraining batch size (sequences)")
 
 
 @dataclass
@@ -212,6 +219,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check `value` against the annotation `tp`; return it (ints widen to float). Raise ConfigError otherwise."""
     origin = typing.get_origin(tp)
@@ -248,6 +258,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string; every user writes lrs that way
         raise bad
     if tp is str:
         if isinstance(value, str):
