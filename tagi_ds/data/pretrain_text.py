@@ -150,3 +150,24 @@ def offline_corpus(n_docs: int, seed: int = 0, sentences: tuple[int, int] = (3, 
                                                      f=rng.choice(_FEELINGS)))
         docs.append(" ".join(s[0].upper() + s[1:] for s in doc))
     return docs
+
+
+def word_list_corpus(n_docs: int, seed: int = 0, lines: tuple[int, int] = (6, 10)) -> list[str]:
+    """`n_docs` documents made of the offline suite's words: each draws a "topic" of 5-8 words and writes lines of
+    3-6 of them. A later segment's words are predictable from an earlier segment's topic, so stage 1 teaches the
+    hypernetwork to carry its input's content into the adapter, in the only words the tiny backbone's tokenizer
+    and copy pretraining know (the stories above are out of its vocabulary: CE stayed ~6 and the adapters it
+    learned to write only had to be undone by the finetune)."""
+    from .synthetic import WORDS  # the suite's shared word list (one sentencepiece each)
+
+    rng = random.Random(f"word_list_corpus:{seed}")
+    docs = []
+    for _ in range(n_docs):
+        topic = rng.sample(WORDS, rng.randint(5, 8))
+        docs.append(" ".join(" ".join(rng.sample(topic, rng.randint(3, min(6, len(topic))))) + "."
+                             for _ in range(rng.randint(*lines))))
+    return docs
+
+
+OFFLINE_CORPORA = {"stories": offline_corpus, "suite_words": word_list_corpus}
+

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from ..data.collate import pad_rows
-from ..data.pretrain_text import hint_split, load_documents, offline_corpus
+from ..data.pretrain_text import OFFLINE_CORPORA, hint_split, load_documents
 from ..data.sampler import TaskGroupedSampler
 from ..errors import ConfigError, DataError
 from ..modeling.tagi import TagiStudent
@@ -42,8 +42,8 @@ class PretrainTrainer(HypernetTrainer):
         if len(d.pretrain_segment_lengths) != 3:
             raise ConfigError(f"data.pretrain_segment_lengths: expected 3 lengths (a, b, c), got "
                               f"{d.pretrain_segment_lengths}")
-        docs = load_documents(d.pretrain_text) if d.pretrain_text else offline_corpus(d.pretrain_offline_docs,
-                                                                                      seed=d.seed)
+        docs = (load_documents(d.pretrain_text) if d.pretrain_text
+                else OFFLINE_CORPORA[d.pretrain_offline_corpus](d.pretrain_offline_docs, seed=d.seed))
         tok = self.tokenizer
         rng = random.Random(f"pretrain_split:{d.seed}")
         self.examples = []

@@ -78,3 +78,15 @@ def test_offline_corpus():
     assert len(docs) == 50 and docs == offline_corpus(50, seed=3) and docs != offline_corpus(50, seed=4)
     assert all(d and d[0].isupper() and d.endswith(".") for d in docs)
     assert len({d for d in docs}) == 50
+
+
+def test_word_list_corpus_uses_only_the_suite_words_and_repeats_a_topic():
+    from tagi_ds.data.pretrain_text import word_list_corpus
+    from tagi_ds.data.synthetic import WORDS
+
+    docs = word_list_corpus(40, seed=1)
+    assert docs == word_list_corpus(40, seed=1) and docs != word_list_corpus(40, seed=2)
+    for doc in docs:
+        words = doc.replace(".", " ").split()
+        assert set(words) <= set(WORDS)
+        assert 5 <= len(set(words)) <= 8 < len(words)  # one topic of 5-8 words, said several times
