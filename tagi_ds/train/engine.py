@@ -124,6 +124,7 @@ class Engine:
             self._trainable = trainable
         self._plain_step = 0
         self._micro = 0
+        self.skipped_updates = 0  # plain loop: optimizer steps dropped for a non-finite gradient norm
         self._logger: Optional[TrainLogger] = None
         self._log_dir = log_dir
         self._show_progress = show_progress
@@ -188,12 +189,16 @@ class Engine:
                 self._micro += 1
                 boundary = self._micro % self.grad_accum == 0
                 if boundary:
-                    if self.grad_clip and self.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(self._trainable, self.grad_clip)
-                    self.optimizer.step()
-                    self.scheduler.step()
+                    clip = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
+                    norm = torch.nn.utils.clip_grad_norm_(self._trainable, clip)
+                    if torch.isfinite(norm):
+                        self.optimizer.step()
+                        self.scheduler.step()
+                        self._plain_step += 1
+                    else:  # an inf/nan gradient would turn every weight into nan: drop this update, keep going
+                        self.skipped_updates += 1
+                        boundary = False
                     self.optimizer.zero_grad(set_to_none=True)
-                    self._plain_step += 1
         if boundary:
             self._steps_since_log += 1
             self.logger.advance()

@@ -32,7 +32,7 @@ from ..config import TrainConfig, dump_yaml
 from ..errors import ConfigError, TagiError
 from ..io_utils import atomic_write_json, atomic_write_text
 from ..modeling.tagi import TagiStudent, TaskEncoding, build_student
-from .distributed import (collective_guard, ds_config_from_file, global_token_mean,
+from .distributed import (all_reduce_mean, collective_guard, ds_config_from_file, global_token_mean,
                           init_distributed, rank, world_size, zero3_model_context)
 from .engine import Engine, seed_everything
 from .export import EXPORT_SUBDIR, export_config, export_hypernetwork
@@ -41,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 IGNORE = -100
+MAX_NONFINITE_IN_A_ROW = 5  # skipped nan/inf batches in a row before the run stops with an error
 
 
 @dataclass
@@ -181,7 +182,8 @@ _RUNTIME_KEYS = {
     "hypernet": {"kernel"},
     "data": {"max_eval_instances_per_task"},
 }
-_PRETRAIN_DATA = ("pretrain_text", "pretrain_segment_lengths", "pretrain_offline_docs", "seed")
+_PRETRAIN_DATA = (
+    "pretrain_text", "pretrain_segment_lengths", "pretrain_offline_docs", "pretrain_offline_corpus", "seed")
 
 
 def stage_identity(cfg, stage: str) -> dict[str, Any]:
@@ -433,10 +435,26 @@ class HypernetTrainer:
         self.module.train()
         _ = eng.logger  # create the bar / writer now, so it starts at the (resumed) step, not one step late
         last: dict[str, float] = {}
+        nonfinite_in_a_row = 0
         while eng.global_step < t.steps:
             batch = self.make_batch(self.keys_for(micro)).to(self.device)
             total, n, terms = eng(batch)
             loss = global_token_mean(total, n)
+            if all_reduce_mean(1.0 if bool(torch.isfinite(loss.detach())) else 0.0) < 1.0:
+                # A nan/inf loss on any rank: every rank drops this micro batch (no backward, no step) and moves
+                # on to the next one; only a run of them is an error (the weights themselves are then broken).
+                micro += 1
+                nonfinite_in_a_row += 1
+                self.summary["skipped_nonfinite_batches"] = self.summary.get("skipped_nonfinite_batches", 0) + 1
+                if rank() == 0:
+                    print(f"{self.stage}: non-finite loss ({float(loss.detach())}) at step {eng.global_step + 1}; "
+                          f"batch skipped ({nonfinite_in_a_row} in a row)", flush=True)
+                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise TagiError(f"{self.stage}: the loss was non-finite on {nonfinite_in_a_row} batches in a row "
+                                    f"at step {eng.global_step + 1}; lower the lr (now {self.train_cfg.lr}) or "
+                                    f"check the data (last checkpoint in {self.out_dir / 'checkpoints'})")
+                continue
+            nonfinite_in_a_row = 0
             eng.backward(loss)
             n_local = float(n)
             micro += 1
@@ -459,7 +477,8 @@ class HypernetTrainer:
             if t.time_budget_s is not None and self._out_of_time(t_start, t.time_budget_s):
                 self.summary["stopped_by_time_budget"] = step
                 break
-        self.summary.update(final_step=eng.global_step, last_logged=last, train_seconds=time.perf_counter() - t_start)
+        self.summary.update(final_step=eng.global_step, last_logged=last, train_seconds=time.perf_counter() - t_start,
+                            skipped_nonfinite_updates=getattr(eng, "skipped_updates", 0))
         self._final_micro = micro
         return self.summary
 

@@ -233,3 +233,16 @@ def test_tensorboard_scalars_written_on_rank0(tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "loss/kl", "train/lr", "train/step_time_s"} <= tags
     assert acc.Scalars("train/loss")[0].value == 1.25 and acc.Scalars("train/loss")[0].step == 2
+
+
+def test_plain_engine_drops_an_update_whose_gradient_is_not_finite(tmp_path):
+    eng = _engine(_model(), tmp_path)
+    _train(eng, range(1))
+    before = {n: p.detach().clone() for n, p in eng.module.named_parameters() if p.requires_grad}
+    loss_sum, n = eng(S.make_batch("llama", 1, 0, 1))
+    eng.backward(global_token_mean(loss_sum, n))
+    next(p for p in eng.module.parameters() if p.requires_grad).grad.view(-1)[0] = float("inf")
+    assert eng.step() is False and eng.skipped_updates == 1 and eng.global_step == 1
+    assert all(torch.equal(p, before[n]) for n, p in eng.module.named_parameters() if p.requires_grad)
+    _train(eng, range(1, 2))  # the next batch trains normally, from clean gradients
+    assert eng.global_step == 2 and all(torch.isfinite(p).all() for p in eng.module.parameters())

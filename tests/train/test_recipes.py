@@ -3,6 +3,7 @@ refusals with the right message. (Distributed behaviour: test_recipes_distribute
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 import recipe_worker as W
 from tagi_ds.config import load_config
 from tagi_ds.data.tasks import Task
-from tagi_ds.errors import ConfigError
+from tagi_ds.errors import ConfigError, TagiError
 from tagi_ds.train.finetune import FinetuneTrainer, teacher_unit
 from tagi_ds.train.hypernet_trainer import IGNORE, ce_sum, label_positions
 
@@ -125,3 +126,34 @@ def test_plain_finetune_writes_metrics_and_an_export(llama_run):
     recs = [json.loads(x) for x in (out.parent / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3] and all({"ce", "kl", "l_ins"} <= set(r) for r in recs)
     assert (out / "trainable.safetensors").is_file()
+
+
+class _PoisonedFinetune(FinetuneTrainer):
+    """A real finetune whose loss is replaced by nan on the chosen micro batches (as a bad batch or an overflow
+    would make it): the guard must drop exactly those batches and train on."""
+
+    poison: set = set()
+
+    def loss_terms(self, student, batch):
+        total, n, terms = super().loss_terms(student, batch)
+        self._calls = getattr(self, "_calls", -1) + 1
+        return (total * float("nan") if self._calls in self.poison else total), n, terms
+
+
+def test_a_nan_batch_is_skipped_and_a_run_of_them_stops_with_a_clear_error(llama_run):
+    yaml, sets = llama_run
+    cfg = load_config(yaml, sets + ["finetune.lambda_ins=0.5"])
+    tr = _PoisonedFinetune(cfg, variant="nan_once", show_progress=False)
+    tr.poison = {1}
+    tr.setup()
+    summary = tr.train()
+    assert summary["final_step"] == 3 and summary["skipped_nonfinite_batches"] == 1
+    assert all(torch.isfinite(p).all() for p in tr.module.parameters())
+    recs = [json.loads(x) for x in (tr.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in recs)
+
+    tr = _PoisonedFinetune(cfg, variant="nan_always", show_progress=False)
+    tr.poison = set(range(1, 100))
+    tr.setup()
+    with pytest.raises(TagiError, match=r"non-finite on 5 batches in a row at step 2; lower the lr"):
+        tr.train()
