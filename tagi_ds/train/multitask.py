@@ -94,9 +94,11 @@ class LoopResult:
 def train_loop(model: torch.nn.Module, next_batch: Callable[[int], dict[str, torch.Tensor]], *, steps: int,
                lr: float, time_budget_s: Optional[float] = None, warmup_steps: int = 50, weight_decay: float = 0.01,
                betas: tuple[float, float] = (0.9, 0.98), grad_clip: float = 1.0, device: str = "cpu",
-               logger=None, log_every: int = 10) -> LoopResult:
-    """AdamW on the trainable parameters; lr = peak × warmup × linear decay, where the decay's progress is the
-    larger of step/steps and elapsed/time_budget_s, so the lr reaches 0 exactly when the budget ends."""
+               logger=None, log_every: int = 10, anneal_to_budget: bool = True) -> LoopResult:
+    """AdamW on the trainable parameters; lr = peak × warmup × linear decay. With `anneal_to_budget` the decay's
+    progress is the larger of step/steps and elapsed/time_budget_s, so the lr reaches 0 exactly when the budget
+    ends (a time-bounded stage: the backbone's copy pretraining). Without it the schedule is by steps alone and the
+    budget only stops a run that is too slow: the same steps give the same model whatever the machine's load."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("train_loop: the model has no trainable parameters")
@@ -110,7 +112,7 @@ def train_loop(model: torch.nn.Module, next_batch: Callable[[int], dict[str, tor
         if time_budget_s is not None and elapsed >= time_budget_s:
             break
         mult = lr_multiplier(step, warmup_steps=warmup_steps, total_steps=steps, schedule="linear")
-        if time_budget_s is not None and step >= warmup_steps:
+        if anneal_to_budget and time_budget_s is not None and step >= warmup_steps:
             mult = min(mult, max(0.0, 1.0 - elapsed / time_budget_s))
         for g in opt.param_groups:
             g["lr"] = lr * mult
@@ -250,7 +252,7 @@ def train_multitask(backbone_path: str | Path, tasks: Sequence[Task], out_dir: s
     logger = TrainLogger(tb_dir, total_steps=steps, enabled=True, show_progress=progress, desc=f"multitask:{mode}")
     try:
         res = train_loop(model, next_batch, steps=steps, lr=lr, time_budget_s=time_budget_s, device=dev,
-                         warmup_steps=warmup_steps, logger=logger)
+                         warmup_steps=warmup_steps, logger=logger, anneal_to_budget=False)
     finally:
         logger.close()
     out_dir = Path(out_dir)

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import time
+import types
 
 import pytest
+import torch
 
 from tagi_ds.data.synthetic import build_suite, task_weights
 from tagi_ds.errors import ConfigError
 from tagi_ds.train import multitask as mt
+from tagi_ds.train.schedule import lr_multiplier
 from tagi_ds.train.backbone_stage import build_tiny_backbone
 
 
@@ -79,6 +83,47 @@ def test_time_budget_stops_training(backbone, suite, tmp_path):
                              batch=4, full=True, time_budget_s=1.0, device="cpu", progress=False)
     stats = json.loads((out / "train.json").read_text())
     assert 0 < stats["steps"] < 10_000 and stats["seconds"] < 5
+
+
+class _Quadratic(torch.nn.Module):
+    """loss = |w|^2: enough for train_loop, which reads `model(**batch).loss`."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return types.SimpleNamespace(loss=(self.w * x).pow(2).sum())
+
+
+class _LrLog:
+    def __init__(self):
+        self.lr = {}
+
+    def advance(self):
+        pass
+
+    def log_scalars(self, step, scalars):
+        self.lr[step] = scalars["lr"]
+
+
+@pytest.mark.parametrize("anneal", [False, True])
+def test_a_time_cap_anneals_the_lr_only_when_asked(anneal):
+    # The baselines' budget is a safety cap (anneal_to_budget=False): a slow, loaded machine must train the same
+    # model, so the lr follows the steps alone. The backbone stage anneals to its time budget instead.
+    def slow_batch(step):
+        time.sleep(0.05)
+        return {"x": torch.ones(3)}
+
+    log = _LrLog()
+    res = mt.train_loop(_Quadratic(), slow_batch, steps=20, lr=1.0, time_budget_s=0.4, warmup_steps=0,
+                        logger=log, log_every=1, anneal_to_budget=anneal)
+    assert 3 <= res.steps < 20  # the cap stopped both
+    by_steps = {s: lr_multiplier(s - 1, warmup_steps=0, total_steps=20, schedule="linear") for s in log.lr}
+    if anneal:
+        assert log.lr[res.steps] < by_steps[res.steps] - 0.2
+    else:
+        assert log.lr == pytest.approx(by_steps)
 
 
 def test_lora_or_full_is_required(backbone, suite, tmp_path):
