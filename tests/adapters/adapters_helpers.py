@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from student_helpers import randomize_b_heads
 from tagi_ds.modeling.tagi import TagiStudent, build_student
 from tagi_ds.modeling.tiny import build_from_config, tiny_llama_config, tiny_t5_config
 
@@ -23,17 +24,6 @@ def tiny_backbone(arch: str, d_model: int = 32, vocab_size: int = 256, **special
     # near-uniform logits: every row predicts the same token and prediction comparisons would prove nothing).
     cfg.initializer_range, cfg.initializer_factor = 0.3, 8.0
     return build_from_config(cfg, seed=0, frozen=True)
-
-
-def randomize_b_heads(student: TagiStudent, std: float = 0.05, seed: int = 2) -> None:
-    """Non-zero B half of every hypernetwork head, so generated adapters change the backbone (ΔW ≠ 0)."""
-    g = torch.Generator().manual_seed(seed)
-    hn = student.hypernet
-    with torch.no_grad():
-        for i, mt in enumerate(hn.types):
-            n_a = hn.r * hn.shapes[mt][1]
-            for p in (hn.head_weight[str(i)], hn.head_bias[str(i)]):
-                p[n_a:] = torch.randn(p[n_a:].shape, generator=g) * std
 
 
 def make_student(backbone, arch: str, fusion: bool) -> TagiStudent:

@@ -23,18 +23,5 @@ def make_student(arch: str, fusion: bool = True, train_encoder: bool = False, ki
                          embed_dim=8, fusion=fusion, train_encoder=train_encoder)
 
 
-def randomize_b_heads(student: TagiStudent, std: float = 0.05, seed: int = 2) -> None:
-    """Give the B half of every head random weights, so generated adapters are non-zero (ΔW ≠ 0)."""
-    g = torch.Generator().manual_seed(seed)
-    hn = student.hypernet
-    with torch.no_grad():
-        for i, mt in enumerate(hn.types):
-            n_a = hn.r * hn.shapes[mt][1]
-            w = hn.head_weight[str(i)]
-            w[n_a:] = torch.randn(w[n_a:].shape, generator=g) * std
-            b = hn.head_bias[str(i)]
-            b[n_a:] = torch.randn(b[n_a:].shape, generator=g) * std
-
-
 def rand_ids(shape, seed: int, low: int = 3, high: int = 250) -> torch.Tensor:
     return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(seed))

@@ -13,7 +13,8 @@ from tagi_ds.errors import ConfigError, TagiError
 from tagi_ds.modeling.checkpointing import is_block_checkpointing
 from tagi_ds.modeling.lora import merge_into_copy
 
-from modeling_helpers import make_student, rand_ids, randomize_b_heads
+from modeling_helpers import make_student, rand_ids
+from student_helpers import randomize_b_heads
 from test_tagi import INSTR, INSTR_MASK, _batch
 
 TASK_IDS = torch.tensor([1, 0, 2])
@@ -125,18 +126,7 @@ def test_finetune_recipe_with_checkpointing_matches_the_plain_run(tmp_path):
     from tagi_ds.config import load_config
     from tagi_ds.train.finetune import run
 
-    bb = W.build_backbone("llama", tmp_path / "bb")
-    yaml = tmp_path / "c.yaml"
-    yaml.write_text(
-        "seed: 0\ndevice: cpu\ndata: {source: synthetic, max_tasks: 2, max_source_length: 96, max_input_length: 24,\n"
-        "  max_target_length: 8, num_pos_examples: 1, synthetic: {instances_per_task: 6, held_back_per_task: 2}}\n"
-        "lora: {r: 4, alpha: 8.0}\nhypernet: {hidden: 16, trunk_layers: 1, embed_dim: 8, kernel: reference}\n"
-        "cache: {top_k: 8, temperature: 2.0}\n"
-        "finetune: {steps: 3, lr: 0.003, warmup_steps: 1, tasks_per_batch: 2, instances_per_task: 4, log_every: 1,\n"
-        "  checkpoint_every: 0, lambda_kl: 1.0, lambda_ins: 0.0, temperature: 2.0}\n"
-        "distributed: {use_deepspeed: false}\n")
-    sets = [f"runs_dir={tmp_path / 'runs'}", "name=r", f"backbone.name_or_path={bb}"]
-    W.write_teachers_and_cache(load_config(yaml, sets))
+    yaml, sets = W.tiny_finetune_run(tmp_path)
     losses = {}
     for ck in (False, True):
         cfg = load_config(yaml, sets + [f"backbone.gradient_checkpointing={str(ck).lower()}"])

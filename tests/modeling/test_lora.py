@@ -9,7 +9,8 @@ from tagi_ds.errors import ArtifactMismatchError, TagiError
 from tagi_ds.modeling.backbone import target_specs
 from tagi_ds.modeling.lora import BatchedLoraHooks, merge_into_copy
 
-from modeling_helpers import ALL_KINDS, make_student, rand_ids, randomize_b_heads, tiny_backbone
+from modeling_helpers import make_student, rand_ids, tiny_backbone
+from student_helpers import randomize_b_heads
 
 
 def _plain_logits(model, arch, ids, mask, dec):

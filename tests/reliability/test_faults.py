@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from proc_helpers import worker_env
 from rel_helpers import snapshot
 from tagi_ds import cli
 
@@ -109,14 +109,6 @@ def test_teacher_of_another_configuration_is_not_overwritten(rel_run, capsys, tm
 
 
 # ------------------------------------------------------------------------------------------------ kill -9
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def test_pretrain_sigkilled_after_first_checkpoint_reruns_to_identical_export(rel_run, tmp_path):
     from safetensors.torch import load_file
 
@@ -127,8 +119,9 @@ def test_pretrain_sigkilled_after_first_checkpoint_reruns_to_identical_export(re
     pid_dir = tmp_path / "pids"
     phase = {"stage": "pretrain", "config": str(rel_run.yaml), "set": killed, "stall_after_save": 2,
              "pid_dir": str(pid_dir)}
-    proc = subprocess.Popen([sys.executable, str(WORKER), "--phase", json.dumps(phase)], cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(WORKER), "--phase", json.dumps(phase)], cwd=REPO,
+                            env=worker_env(warnings="ignore"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     try:
         deadline = time.time() + 240
         while not (pid_dir / "pid_rank0").exists():  # written by the worker right after the step-2 checkpoint

@@ -46,6 +46,29 @@ def build_backbone(arch: str, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+TINY_FINETUNE_YAML = (
+    "seed: 0\ndevice: cpu\ndata: {source: synthetic, max_tasks: 2, max_source_length: 96, max_input_length: 24,\n"
+    "  max_target_length: 8, num_pos_examples: 1, synthetic: {instances_per_task: 6, held_back_per_task: 2}}\n"
+    "lora: {r: 4, alpha: 8.0}\nhypernet: {hidden: 16, trunk_layers: 1, embed_dim: 8, kernel: reference}\n"
+    "cache: {top_k: 8, temperature: 2.0}\n"
+    "finetune: {steps: 3, lr: 0.003, warmup_steps: 1, tasks_per_batch: 2, instances_per_task: 4, log_every: 1,\n"
+    "  checkpoint_every: 0, lambda_kl: 1.0, lambda_ins: 0.0, temperature: 2.0}\n"
+    "distributed: {use_deepspeed: false}\n")
+
+
+def tiny_finetune_run(root: Path) -> tuple[Path, list[str]]:
+    """A one-process, 3-step finetune on 2 synthetic tasks with a tiny LLaMA and random teachers + cache, all under
+    `root`. Returns (config YAML, overrides) for `load_config`."""
+    from tagi_ds.config import load_config
+
+    bb = build_backbone("llama", root / "bb")
+    yaml = root / "c.yaml"
+    yaml.write_text(TINY_FINETUNE_YAML)
+    sets = [f"runs_dir={root / 'runs'}", "name=r", f"backbone.name_or_path={bb}"]
+    write_teachers_and_cache(load_config(yaml, sets))
+    return yaml, sets
+
+
 def write_teachers_and_cache(cfg, seed: int = 0) -> list[str]:
     """A random PEFT teacher per training task under <run>/teachers/, and its logit-cache shard (random teacher
     logits at the student's label positions) under <run>/logit_cache/, with the manifests the finetune expects."""

@@ -8,9 +8,7 @@ plain process. The first distributed start on a machine compiles DeepSpeed's shm
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ import pytest
 import torch
 
 import engine_standin as S
+from proc_helpers import free_port, sigkill_when_ready, start_launcher, worker_env
 from tagi_ds.errors import ArtifactMismatchError
 from tagi_ds.train.checkpoint import read_latest, verify_checkpoint
 
@@ -31,23 +30,8 @@ Z2, Z3 = str(REPO / "ds_configs/zero2.json"), str(REPO / "ds_configs/zero3.json"
 STEPS, EVERY, KILL_AT = 20, 5, 10
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
-
-
 def _torchrun(events: Path, phases: list[dict], timeout_s: float = 60) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(WORKER), "--events", str(events), "--coll-timeout", str(timeout_s)]
     for ph in phases:
         cmd += ["--phase", json.dumps(ph)]
@@ -63,7 +47,7 @@ def _losses(events: list[dict], phase: str) -> dict[int, float]:
 
 
 def _run(cmd: list[str], timeout: float = 400, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, **kw)
+    r = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=timeout, **kw)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r
 
@@ -95,20 +79,8 @@ def resumed(work: Path, reference) -> dict:
     also runs a ZeRO-2 LLaMA phase (first-step loss) and a ZeRO-3 T5 phase."""
     ev_kill, out = work / "kill.jsonl", work / "killed"
     out.mkdir()
-    launcher = subprocess.Popen(_torchrun(ev_kill, [_llama(work, "killed", "killed", kill_after_save=KILL_AT)]),
-                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    pid_files = [out / f"pid_rank{r}" for r in (0, 1)]
-    deadline = time.time() + 400
-    while not all(p.exists() for p in pid_files):
-        assert launcher.poll() is None, f"launcher exited early: {launcher.stderr.read()[-4000:]}"
-        assert time.time() < deadline, "the run never reached its checkpoint"
-        time.sleep(0.5)
-    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher's process group, as a node loss would
-    for p in pid_files:  # torchrun starts each worker in its own session: kill those groups too
-        os.killpg(int(p.read_text()), signal.SIGKILL)
-    launcher.wait(timeout=30)
-    assert launcher.returncode == -signal.SIGKILL
+    launcher = start_launcher(_torchrun(ev_kill, [_llama(work, "killed", "killed", kill_after_save=KILL_AT)]))
+    assert sigkill_when_ready(launcher, [out / f"pid_rank{r}" for r in (0, 1)]) == -signal.SIGKILL
     latest_after_kill = read_latest(out / "checkpoints")
 
     ev = work / "resume.jsonl"
@@ -236,10 +208,10 @@ def test_dead_rank_makes_peer_exit_with_clear_error(work):
     out.mkdir()
     ph = {"name": "die", "arch": "llama", "backbone_dir": str(work / "bb_llama"), "ds_config": Z3, "persistence": 0,
           "steps": STEPS, "out": str(out), "die_at": 3, "die_rank": 1}
-    port = str(_port())
+    port = str(free_port())
     procs = []
     for r in (0, 1):
-        env = _env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2",
+        env = worker_env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2",
                    SLURM_JOB_ID="4242", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, str(WORKER), "--events", str(out / "ev.jsonl"),
                                        "--coll-timeout", str(timeout_s), "--phase", json.dumps(ph)],

@@ -58,20 +58,7 @@ def test_teacher_unit_by_task_or_category():
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory) -> tuple[Path, list[str]]:
-    root = tmp_path_factory.mktemp("recipes_local")
-    bb = W.build_backbone("llama", root / "bb")
-    yaml = root / "c.yaml"
-    yaml.write_text(
-        "seed: 0\ndevice: cpu\ndata: {source: synthetic, max_tasks: 2, max_source_length: 96, max_input_length: 24,\n"
-        "  max_target_length: 8, num_pos_examples: 1, synthetic: {instances_per_task: 6, held_back_per_task: 2}}\n"
-        "lora: {r: 4, alpha: 8.0}\nhypernet: {hidden: 16, trunk_layers: 1, embed_dim: 8, kernel: reference}\n"
-        "cache: {top_k: 8, temperature: 2.0}\n"
-        "finetune: {steps: 3, lr: 0.003, warmup_steps: 1, tasks_per_batch: 2, instances_per_task: 4, log_every: 1,\n"
-        "  checkpoint_every: 0, lambda_kl: 1.0, lambda_ins: 0.0, temperature: 2.0}\n"
-        "distributed: {use_deepspeed: false}\n")
-    sets = [f"runs_dir={root / 'runs'}", "name=r", f"backbone.name_or_path={bb}"]
-    W.write_teachers_and_cache(load_config(yaml, sets))
-    return yaml, sets
+    return W.tiny_finetune_run(tmp_path_factory.mktemp("recipes_local"))
 
 
 def test_online_teacher_gives_the_dense_kl_of_the_live_teacher(llama_run):

@@ -12,18 +12,16 @@ Four launches, each asserting several things:
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import recipe_worker as W
+from proc_helpers import free_port, sigkill_when_ready, start_launcher, worker_env
 from tagi_ds.config import load_config
 from tagi_ds.train.checkpoint import read_latest, verify_checkpoint
 
@@ -60,23 +58,9 @@ distributed: {{ds_config: {ds}, param_persistence_threshold: 0, timeout_s: 120}}
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _cmd(phases: list[dict], ranks: int = 2) -> list[str]:
     head = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-             str(_port())] if ranks > 1 else [sys.executable])
+             str(free_port())] if ranks > 1 else [sys.executable])
     cmd = head + [str(WORKER)]
     for ph in phases:
         cmd += ["--phase", json.dumps(ph)]
@@ -84,7 +68,7 @@ def _cmd(phases: list[dict], ranks: int = 2) -> list[str]:
 
 
 def _run(cmd: list[str], timeout: float = 500) -> None:
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
 
 
@@ -136,22 +120,11 @@ def launches_bcd(work, launch_a) -> dict:
     runs = work["runs"] / "llama"
     pid_dir = work["root"] / "pids"
     # B: killed right after the step-4 checkpoint (stalls there until SIGKILL)
-    launcher = subprocess.Popen(_cmd([_ph(work, "llama", "finetune", variant="killed", stall_after_save=KILL_AT,
-                                          pid_dir=str(pid_dir))]),
-                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    pid_files = [pid_dir / f"pid_rank{r}" for r in (0, 1)]
-    deadline = time.time() + 400
-    while not all(p.exists() for p in pid_files):
-        assert launcher.poll() is None, f"launcher exited early: {launcher.stderr.read()[-4000:]}"
-        assert time.time() < deadline, "the run never reached its checkpoint"
-        time.sleep(0.5)
-    os.killpg(launcher.pid, signal.SIGKILL)
-    for p in pid_files:  # torchrun starts each worker in its own session: kill those groups too
-        os.killpg(int(p.read_text()), signal.SIGKILL)
-    launcher.wait(timeout=30)
+    launcher = start_launcher(_cmd([_ph(work, "llama", "finetune", variant="killed", stall_after_save=KILL_AT,
+                                        pid_dir=str(pid_dir))]))
+    rc = sigkill_when_ready(launcher, [pid_dir / f"pid_rank{r}" for r in (0, 1)])
     killed_dir = runs / "finetune" / "killed"
-    after_kill = {"rc": launcher.returncode, "latest": read_latest(killed_dir / "checkpoints"),
+    after_kill = {"rc": rc, "latest": read_latest(killed_dir / "checkpoints"),
                   "steps": sorted(_metrics(killed_dir))}
     # C: resume + ZeRO-2
     _run(_cmd([_ph(work, "llama", "finetune", variant="killed"),
