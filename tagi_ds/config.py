@@ -110,6 +110,10 @@ class HypernetConfig:
     fusion: bool = f(True, "decoder sees the instruction states (T5: cross-attn concat; LLaMA: KV prefix)")
     train_encoder: bool = f(False, "train a copy of the instruction encoder (HINT / official code) instead of freezing it")
     kernel: Literal["auto", "reference", "triton"] = f("auto", "LoRA / head kernels: triton on CUDA when auto")
+    head_lr_scale: Optional[float] = f(
+        None, "lr multiplier of the heads' weight matrices; None = 1/hidden. Adam moves each of a head row's `hidden` "
+        "weights by ~lr per step, all in step, so a generated LoRA entry would move ~hidden x lr (a LoRA's own B "
+        "moves ~lr): unscaled, the generated ΔW outgrew the backbone's weights within 100 steps")
 
 
 @dataclass

@@ -21,7 +21,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -62,15 +62,20 @@ def enable_activation_checkpointing(backbone: torch.nn.Module, enabled: bool = T
     backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    # Decay matrices only, not biases / norms. Under ZeRO-3 a partitioned parameter has shape [0]: use ds_shape.
+def _param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float, lr: float,
+                  lr_scale_of: Optional[Callable[[str], float]] = None) -> list[dict]:
+    """AdamW groups: decay matrices only, not biases / norms; a parameter whose `lr_scale_of(name)` is not 1 gets its
+    own group with lr × scale (the unscaled groups come first: `Engine.lr` reports the first group's lr).
+    Under ZeRO-3 a partitioned parameter has shape [0]: use ds_shape."""
     def ndim(p: torch.nn.Parameter) -> int:
         return len(getattr(p, "ds_shape", p.shape))
 
-    decay = [p for p in params if ndim(p) >= 2]
-    rest = [p for p in params if ndim(p) < 2]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
-            if g["params"]]
+    buckets: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, p in named:
+        scale = float(lr_scale_of(name)) if lr_scale_of is not None else 1.0
+        buckets.setdefault((scale, ndim(p) >= 2), []).append(p)
+    order = sorted(buckets, key=lambda k: (k[0] != 1.0, k[0], not k[1]))
+    return [{"params": buckets[k], "weight_decay": weight_decay if k[1] else 0.0, "lr": lr * k[0]} for k in order]
 
 
 class Engine:
@@ -80,7 +85,8 @@ class Engine:
                  total_steps: int, schedule: Schedule = "linear", weight_decay: float = 0.0, grad_clip: float = 0.0,
                  use_deepspeed: bool = True, out_dir: str | Path, seed: int = 0, log_dir: Optional[str | Path] = None,
                  grad_accum: int = 1, keep_checkpoints: int = 2, timeout_s: float = 600.0,
-                 show_progress: bool = True, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 show_progress: bool = True, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 lr_scale_of: Optional[Callable[[str], float]] = None):
         self.use_deepspeed = use_deepspeed
         self.out_dir = Path(out_dir)
         self.ckpt_root = self.out_dir / CKPT_SUBDIR
@@ -89,11 +95,12 @@ class Engine:
         self.keep_checkpoints = keep_checkpoints
         self.grad_clip = grad_clip
         seed_everything(seed)
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        trainable = [p for _, p in named]
         if not trainable:
             raise ConfigError("the model has no trainable parameters (requires_grad=True); nothing to train")
         lr_fn = make_lr_lambda(warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule)
-        groups = _param_groups(trainable, weight_decay)
+        groups = _param_groups(named, weight_decay, lr, lr_scale_of)
         self._ds = None
         if use_deepspeed:
             if ds_config is None:

@@ -112,6 +112,13 @@ def ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> t
 
 
 @torch.no_grad()
+def head_lr_scale_of(hcfg) -> Callable[[str], float]:
+    """Per-parameter lr multiplier: `hypernet.head_lr_scale` (None = 1/hidden) on the heads' weight matrices, 1
+    elsewhere (see the config field's help for why)."""
+    scale = hcfg.head_lr_scale if hcfg.head_lr_scale is not None else 1.0 / hcfg.hidden
+    return lambda name: scale if "head_weight" in name.split(".") else 1.0
+
+
 def precompute_encodings(student: TagiStudent, rows: Sequence[Sequence[int]], pad_id: int,
                          device: torch.device | str, chunk: int = 16) -> TaskEncoding:
     """Encode every instruction once, in fixed chunks of one common width (every rank runs the same forwards:
@@ -330,7 +337,8 @@ class HypernetTrainer:
                              schedule=t.schedule, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                              use_deepspeed=self.use_deepspeed, out_dir=self.out_dir, seed=cfg.seed,
                              log_dir=self.tb_dir, grad_accum=t.grad_accum, keep_checkpoints=t.keep_checkpoints,
-                             timeout_s=cfg.distributed.timeout_s, show_progress=self.show_progress)
+                             timeout_s=cfg.distributed.timeout_s, show_progress=self.show_progress,
+                             lr_scale_of=head_lr_scale_of(cfg.hypernet))
         self.summary["backbone_partition"] = partition_facts(self.student.backbone)
         if not self.student.train_encoder:
             t0 = time.perf_counter()

@@ -246,3 +246,25 @@ def test_plain_engine_drops_an_update_whose_gradient_is_not_finite(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in eng.module.named_parameters() if p.requires_grad)
     _train(eng, range(1, 2))  # the next batch trains normally, from clean gradients
     assert eng.global_step == 2 and all(torch.isfinite(p).all() for p in eng.module.parameters())
+
+
+def test_lr_scale_gives_matched_parameters_their_own_lr(tmp_path):
+    # The hypernetwork heads train at lr × head_lr_scale (Adam would otherwise move a generated entry ~fan-in × lr):
+    # after one step a scaled weight moves ~100x less than the same weight in an unscaled run.
+    def heads(name: str) -> float:
+        return 0.01 if name.startswith("hyper.heads.") and name.endswith("weight") else 1.0
+
+    moved = {}
+    for label, scale_of in (("plain", None), ("scaled", heads)):
+        eng = _engine(_model(), tmp_path / label, warmup_steps=0, lr_scale_of=scale_of)
+        assert eng.lr == pytest.approx(1e-2)  # the base lr is what the engine reports
+        w = eng.module.hyper.heads[0].weight
+        before, trunk_before = w.detach().clone(), eng.module.hyper.trunk[0].weight.detach().clone()
+        _train(eng, range(1))
+        moved[label] = ((w.detach() - before).abs().max().item(),
+                        (eng.module.hyper.trunk[0].weight.detach() - trunk_before).abs().max().item())
+        if scale_of is not None:
+            lrs = sorted(g["lr"] for g in eng.optimizer.param_groups)
+            assert lrs[0] == pytest.approx(0.01 * lrs[-1]) and lrs[-1] == pytest.approx(eng.lr)  # same schedule
+    assert moved["scaled"][0] == pytest.approx(moved["plain"][0] * 0.01, rel=0.05)
+    assert moved["scaled"][1] == pytest.approx(moved["plain"][1], rel=1e-6)  # other parameters: unchanged lr
