@@ -113,9 +113,9 @@ def ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> t
 
 @torch.no_grad()
 def head_lr_scale_of(hcfg) -> Callable[[str], float]:
-    """Per-parameter lr multiplier: `hypernet.head_lr_scale` (None = 1/hidden) on the heads' weight matrices, 1
-    elsewhere (see the config field's help for why)."""
-    scale = hcfg.head_lr_scale if hcfg.head_lr_scale is not None else 1.0 / hcfg.hidden
+    """Per-parameter lr multiplier: `hypernet.head_lr_scale` (None = 1/sqrt(hidden)) on the heads' weight matrices,
+    1 elsewhere (see the config field's help for why)."""
+    scale = hcfg.head_lr_scale if hcfg.head_lr_scale is not None else hcfg.hidden ** -0.5
     return lambda name: scale if "head_weight" in name.split(".") else 1.0
 
 
