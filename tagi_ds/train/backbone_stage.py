@@ -18,6 +18,14 @@ What made it copy (step-bounded probes: 300 steps, batch 32, lr 2e-3, copy EM on
 With both, the stage reaches copy EM 97.7% after 741 steps / 300 s on 2 loaded cores (the committed asset); 90 s on
 the same loaded cores gave 222 steps and 25%, hence the 300 s default budget (a quiet machine does ~550 steps / 90 s).
 
+Mode `backbone.pretrain_corpus: sni` (configs/sni-small.yaml): the tokenizer is trained on the SNI train tasks'
+text and the model is pretrained with a causal-LM loss on plain-text documents of those tasks (one per task: the
+definition, then "input\noutput" pairs; never the Tk-Instruct prompt, so the no-FT baseline is not already instruction
+tuned), cut into windows of LM_SEQ_LEN tokens; `copy_pretrain_seconds` bounds the whole stage (tokenizer included) and
+the lr decays to 0 when it ends. 2% of the train tasks are held out: their LM loss before and after is recorded.
+The copy objective is not mixed in: SNI's "input\noutput" pairs already hold extraction/copy tasks, and there was no
+time to measure a mix (see the sni-small header).
+
 Output `<run_dir>/backbone/` (atomic): model (safetensors) + tokenizer + recipe.json (config, seed, recipe hash, copy
 EM, steps, seconds). The stage skips when that folder (or the committed asset) holds the same recipe hash; a killed
 run leaves nothing published and simply starts over.
@@ -37,6 +45,7 @@ import torch
 from ..data.prompts import build_source, no_instruction_input
 from ..data.synthetic import NUMBER_WORDS, OPS, WORDS, all_wording, build_suite
 from ..data.tasks import Example, Instance, Task
+from ..errors import ConfigError
 from ..io_utils import atomic_dir, atomic_write_json, sha256_json
 from .multitask import Encoded, collate, encode_pair, generate_greedy, train_loop
 
@@ -45,6 +54,10 @@ ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_backbone"
 RECIPE_FILE = "recipe.json"
 RECIPE_VERSION = 3  # bump when the copy data, the init or the tokenizer corpus changes meaning (3: init, demo loss)
 INIT_STD = 0.08  # initializer_range of the tiny LLaMA (transformers' 0.02 stalls copying at hidden 128; see above)
+LM_SEQ_LEN = 256  # tokens per LM-pretraining window (sni mode), bos included
+LM_HELDOUT_FRACTION = 0.02  # of the SNI train tasks, held out of LM pretraining to measure its loss
+LM_EVAL_WINDOWS = 64  # held-out windows scored before and after pretraining
+TOKENIZER_INSTANCES = 20  # instances per train task in the tokenizer corpus (all 68k: same pieces, minutes longer)
 
 
 def default_tiny_backbone_path() -> Path:
@@ -64,7 +77,36 @@ def recipe(cfg) -> dict:
             "hidden": b.tiny_hidden, "layers": b.tiny_layers, "heads": b.tiny_heads, "ffn": b.tiny_ffn,
             "vocab": b.tiny_vocab, "copy_seconds": b.copy_pretrain_seconds, "copy_lr": b.copy_pretrain_lr,
             "copy_batch": b.copy_pretrain_batch, "init_std": INIT_STD, "demo_loss": True}
+    if b.pretrain_corpus != "suite":  # only then: the suite recipe (and the committed asset's hash) stays as it was
+        spec.pop("wording"), spec.pop("demo_loss")
+        spec.update({"pretrain_corpus": b.pretrain_corpus, "sni_train": _sni_train_fingerprint(cfg),
+                     "max_tasks": cfg.data.max_tasks, "seq_len": LM_SEQ_LEN, "heldout": LM_HELDOUT_FRACTION,
+                     "tokenizer_instances": TOKENIZER_INSTANCES, "init_std": sni_init_std(b.tiny_hidden)})
     return {"spec": spec, "hash": sha256_json(spec)}
+
+
+def sni_init_std(hidden: int) -> float:
+    """1/sqrt(hidden): projections keep their input's scale (INIT_STD's reasoning, at any width)."""
+    return round(hidden ** -0.5, 4)
+
+
+def _sni_dirs(cfg) -> tuple[Path, Optional[Path]]:
+    from ..data.sni import find_split_dir
+
+    if not cfg.data.sni_dir:
+        raise ConfigError("backbone.pretrain_corpus=sni needs data.sni_dir (a folder with tasks/*.json and splits/)")
+    return Path(cfg.data.sni_dir), find_split_dir(cfg.data.sni_dir, cfg.data.sni_split_dir)
+
+
+def _sni_train_fingerprint(cfg) -> str:
+    """The train split's task list (cheap: recipe() runs in every stage that resolves the backbone path)."""
+    from ..data.sni import tasks_dir_of
+
+    sni_dir, sdir = _sni_dirs(cfg)
+    split = sdir / "train_tasks.txt" if sdir is not None else None
+    if split is not None and split.is_file():
+        return sha256_json({"train_tasks": split.read_text(encoding="utf-8")})
+    return sha256_json({"files": sorted(p.name for p in tasks_dir_of(sni_dir).glob("*.json"))})
 
 
 def _recipe_hash_at(path: Path) -> Optional[str]:
@@ -150,28 +192,153 @@ def copy_exact_match(model, tok, seed: int, n: int = 128, device: str = "cpu") -
     return 100.0 * sum(p == a for p, (_, a) in zip(preds, pairs)) / n
 
 
+# ------------------------------------------------------------------------------------------------ SNI text (sni mode)
+def sni_task_document(task: Task) -> str:
+    """One task as plain text: the definition, then "input\noutput" pairs (positive examples, then instances),
+    separated by blank lines. No 'Definition:' / 'Input:' / 'Output:' markers: that is the Tk-Instruct format."""
+    pairs = [(e.input, e.output) for e in task.positive_examples] + [(i.input, i.label) for i in task.instances]
+    return "\n\n".join([task.definition.strip()] + [f"{x.strip()}\n{y.strip()}" for x, y in pairs])
+
+
+def sni_tokenizer_texts(tasks: list[Task], max_instances: int = TOKENIZER_INSTANCES, max_chars: int = 4000) -> list[str]:
+    """The tokenizer corpus: every definition and positive example and the first `max_instances` instances of each
+    task, one line per sentencepiece sentence (long lines cut: sentencepiece skips sentences over 16 KB)."""
+    texts: list[str] = []
+    for t in tasks:
+        parts = [t.definition] + [s for e in t.positive_examples for s in (e.input, e.output)]
+        parts += [s for i in t.instances[:max_instances] for s in (i.input, i.label)]
+        texts += [line[:max_chars] for p in parts for line in p.split("\n") if line.strip()]
+    return texts
+
+
+def lm_windows(tok, docs: list[str], seq_len: int = LM_SEQ_LEN, min_len: int = 16) -> list[list[int]]:
+    """Each document tokenized, closed by eos and cut into windows of `seq_len` tokens, each opened by bos
+    (a document's tail shorter than `min_len` tokens is dropped)."""
+    out: list[list[int]] = []
+    body = seq_len - 1
+    for ids in tok(docs, add_special_tokens=False)["input_ids"]:
+        ids = ids + [tok.eos_token_id]
+        out += [[tok.bos_token_id] + ids[i:i + body] for i in range(0, len(ids), body) if len(ids[i:i + body]) >= min_len]
+    return out
+
+
+def split_heldout(n_docs: int, seed: int, fraction: float = LM_HELDOUT_FRACTION) -> set[int]:
+    """Indices of the documents (tasks) held out of LM pretraining: at least one, drawn with `seed`."""
+    k = min(n_docs - 1, max(1, round(fraction * n_docs)))
+    return set(random.Random(f"{seed}:sni-heldout").sample(range(n_docs), k))
+
+
+@torch.no_grad()
+def lm_loss(model, windows: list[list[int]], pad_id: int, batch: int = 16, device: str = "cpu") -> float:
+    """Mean next-token cross-entropy per predicted token over `windows` (nats)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in range(0, len(windows), batch):
+        enc = collate([Encoded(w, w) for w in windows[b:b + batch]], pad_id, False)
+        n = int((enc["labels"][:, 1:] != -100).sum())  # tokens predicted (HF shifts the labels by one)
+        total += model(**{k: v.to(device) for k, v in enc.items()}).loss.item() * n
+        count += n
+    model.train(was_training)
+    return total / max(1, count)
+
+
 # ------------------------------------------------------------------------------------------------ build
+def _new_tiny_llama(tok, *, seed: int, hidden: int, layers: int, heads: int, ffn: int, init_std: float, device: str):
+    """A random tiny LLaMA sized to `tok`, every weight trainable (tied embeddings, sdpa attention)."""
+    from ..modeling.tiny import build_from_config, tiny_llama_config
+
+    config = tiny_llama_config(vocab_size=len(tok), hidden_size=hidden, num_layers=layers, num_heads=heads,
+                               intermediate_size=ffn, max_position_embeddings=1024,
+                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, tie_word_embeddings=True, rope_theta=1e4)
+    config._attn_implementation = "sdpa"
+    config.initializer_range = init_std
+    model = build_from_config(config, seed=seed).to(device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def build_sni_backbone(out_dir: Path, tasks: list[Task], *, seed: int, hidden: int, layers: int, heads: int, ffn: int,
+                       vocab: int, budget_seconds: float, lr: float, batch: int, max_steps: int = 100_000,
+                       tb_dir: Optional[Path] = None, device: str = "cpu", extra_recipe: Optional[dict] = None,
+                       progress: bool = True) -> dict:
+    """Tokenizer on the SNI train tasks' text + random LLaMA + causal-LM pretraining on their documents, published
+    atomically at `out_dir`; `budget_seconds` bounds the whole build (tokenizer and tokenization included)."""
+    from ..data.tokenizer import train_sentencepiece_tokenizer
+    from .logging import TrainLogger
+
+    t_start = time.perf_counter()
+    init_std = sni_init_std(hidden)
+    with atomic_dir(out_dir) as tmp:
+        tok = train_sentencepiece_tokenizer(sni_tokenizer_texts(tasks), tmp, vocab_size=vocab, kind="llama")
+        t_tok = time.perf_counter() - t_start
+        docs = [sni_task_document(t) for t in tasks]
+        held = split_heldout(len(docs), seed)
+        train_w = lm_windows(tok, [d for i, d in enumerate(docs) if i not in held])
+        held_w = lm_windows(tok, [d for i, d in enumerate(docs) if i in held])
+        rng = random.Random(f"{seed}:sni-lm")
+        eval_w = rng.sample(held_w, min(LM_EVAL_WINDOWS, len(held_w)))
+        model = _new_tiny_llama(tok, seed=seed, hidden=hidden, layers=layers, heads=heads, ffn=ffn, init_std=init_std,
+                                device=device)
+        n_params = sum(p.numel() for p in model.parameters())
+        loss_before = lm_loss(model, eval_w, tok.pad_token_id, device=device)
+        order: list[int] = []
+        seen = {"tokens": 0, "epochs": 0}
+
+        def next_batch(step: int) -> dict[str, torch.Tensor]:
+            while len(order) < batch:  # a fresh shuffle of every window per epoch
+                perm = list(range(len(train_w)))
+                rng.shuffle(perm)
+                order.extend(perm)
+                seen["epochs"] += 1
+            items = [train_w[order.pop()] for _ in range(batch)]
+            seen["tokens"] += sum(map(len, items))
+            return collate([Encoded(w, w) for w in items], tok.pad_token_id, False)
+
+        logger = TrainLogger(tb_dir, total_steps=max_steps if max_steps < 100_000 else None, enabled=True,
+                             show_progress=progress, desc="backbone sni-lm")
+        try:
+            left = max(5.0, budget_seconds - (time.perf_counter() - t_start))
+            res = train_loop(model, next_batch, steps=max_steps, lr=lr, time_budget_s=left,
+                             warmup_steps=min(200, max(1, max_steps // 10)), device=device, logger=logger)
+            loss_after = lm_loss(model, eval_w, tok.pad_token_id, device=device)
+            logger.log_scalars(res.steps, {"heldout_lm_loss": loss_after})
+        finally:
+            logger.close()
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        record = {
+            "recipe": extra_recipe or {}, "seed": seed, "params": n_params, "corpus": "sni",
+            "docs": len(docs), "heldout_docs": sorted(tasks[i].name for i in held),
+            "train_windows": len(train_w), "train_tokens": sum(map(len, train_w)), "heldout_windows": len(eval_w),
+            "tokens_seen": seen["tokens"], "epochs_started": seen["epochs"], "seq_len": LM_SEQ_LEN, "batch": batch,
+            "steps": res.steps, "train_seconds": round(res.seconds, 1), "tokenizer_seconds": round(t_tok, 1),
+            "heldout_lm_loss_before": round(loss_before, 4), "heldout_lm_loss_after": round(loss_after, 4),
+            "init_std": init_std, "total_seconds": round(time.perf_counter() - t_start, 1),
+            "threads": torch.get_num_threads(),
+            "loss_first10": sum(res.losses[:10]) / max(1, len(res.losses[:10])),
+            "loss_last10": sum(res.losses[-10:]) / max(1, len(res.losses[-10:])),
+            "losses_every10": res.losses[::10], "vocab_size": len(tok), "device": device,
+        }
+        atomic_write_json(tmp / RECIPE_FILE, record)
+    return record
+
+
 def build_tiny_backbone(out_dir: Path, *, seed: int, hidden: int, layers: int, heads: int, ffn: int, vocab: int,
                         copy_seconds: float, copy_lr: float, copy_batch: int, max_steps: int = 100_000,
                         tb_dir: Optional[Path] = None, device: str = "cpu", extra_recipe: Optional[dict] = None,
                         progress: bool = True, init_std: float = INIT_STD) -> dict:
     """Tokenizer + random LLaMA + copy pretraining, published atomically at `out_dir`. Returns the recipe record."""
     from ..data.tokenizer import train_sentencepiece_tokenizer
-    from ..modeling.tiny import build_from_config, tiny_llama_config
     from .logging import TrainLogger
 
     t_start = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         tok = train_sentencepiece_tokenizer(all_wording(build_suite()), tmp, vocab_size=vocab, kind="llama")
-        config = tiny_llama_config(vocab_size=len(tok), hidden_size=hidden, num_layers=layers, num_heads=heads,
-                                   intermediate_size=ffn, max_position_embeddings=1024,
-                                   pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id, tie_word_embeddings=True, rope_theta=1e4)
-        config._attn_implementation = "sdpa"
-        config.initializer_range = init_std
-        model = build_from_config(config, seed=seed).to(device)
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model = _new_tiny_llama(tok, seed=seed, hidden=hidden, layers=layers, heads=heads, ffn=ffn, init_std=init_std,
+                                device=device)
         n_params = sum(p.numel() for p in model.parameters())
         data = CopyData(seed)
 
@@ -219,6 +386,22 @@ def run(cfg, use_asset: bool = True, max_steps: int = 100_000, progress: bool = 
         torch.set_num_threads(cfg.threads)
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     b = cfg.backbone
+    if b.pretrain_corpus == "sni":
+        from ..data.sni import load_sni
+
+        sni_dir, sdir = _sni_dirs(cfg)
+        # Train tasks only, every instance in their files (the test split is never read here).
+        tasks = load_sni(sni_dir, "train", sdir, max_instances=None, seed=cfg.seed, max_tasks=cfg.data.max_tasks)
+        record = build_sni_backbone(out, tasks, seed=cfg.seed, hidden=b.tiny_hidden, layers=b.tiny_layers,
+                                    heads=b.tiny_heads, ffn=b.tiny_ffn, vocab=b.tiny_vocab,
+                                    budget_seconds=b.copy_pretrain_seconds, lr=b.copy_pretrain_lr,
+                                    batch=b.copy_pretrain_batch, max_steps=max_steps,
+                                    tb_dir=cfg.run_dir / "tb" / "backbone", device=device, extra_recipe=rec,
+                                    progress=progress)
+        print(f"backbone: {out}: {record['params']:,} params, SNI LM pretraining {record['steps']} steps / "
+              f"{record['train_seconds']:.0f} s, {record['tokens_seen']:,} tokens; held-out LM loss "
+              f"{record['heldout_lm_loss_before']:.3f} -> {record['heldout_lm_loss_after']:.3f}")
+        return out
     record = build_tiny_backbone(out, seed=cfg.seed, hidden=b.tiny_hidden, layers=b.tiny_layers, heads=b.tiny_heads,
                                  ffn=b.tiny_ffn, vocab=b.tiny_vocab, copy_seconds=b.copy_pretrain_seconds,
                                  copy_lr=b.copy_pretrain_lr, copy_batch=b.copy_pretrain_batch, max_steps=max_steps,
