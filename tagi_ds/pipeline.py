@@ -66,7 +66,12 @@ def stage_key(cfg: Any, stage: str, sub: Optional[str] = None) -> dict:
     """The config sections that decide a stage's output (later stages include their inputs' sections)."""
     base = ("seed", "data", "backbone")
     if stage == "backbone":
-        return _sections(cfg, "seed", "backbone")
+        key = _sections(cfg, "seed", "backbone")
+        if cfg.backbone.name_or_path == "auto":  # the built backbone's recipe (SNI mode: the train split it reads)
+            from .train.backbone_stage import recipe
+
+            key["recipe"] = recipe(cfg)["hash"]
+        return key
     if stage == "teacher":
         return _sections(cfg, *base, "lora", "teacher")
     if stage == "cache-logits":
