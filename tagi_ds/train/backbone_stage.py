@@ -38,7 +38,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -200,7 +200,8 @@ def sni_task_document(task: Task) -> str:
     return "\n\n".join([task.definition.strip()] + [f"{x.strip()}\n{y.strip()}" for x, y in pairs])
 
 
-def sni_tokenizer_texts(tasks: list[Task], max_instances: int = TOKENIZER_INSTANCES, max_chars: int = 4000) -> list[str]:
+def sni_tokenizer_texts(tasks: list[Task], max_instances: int = TOKENIZER_INSTANCES,
+                        max_chars: int = 4000) -> list[str]:
     """The tokenizer corpus: every definition and positive example and the first `max_instances` instances of each
     task, one line per sentencepiece sentence (long lines cut: sentencepiece skips sentences over 16 KB)."""
     texts: list[str] = []
@@ -218,7 +219,8 @@ def lm_windows(tok, docs: list[str], seq_len: int = LM_SEQ_LEN, min_len: int = 1
     body = seq_len - 1
     for ids in tok(docs, add_special_tokens=False)["input_ids"]:
         ids = ids + [tok.eos_token_id]
-        out += [[tok.bos_token_id] + ids[i:i + body] for i in range(0, len(ids), body) if len(ids[i:i + body]) >= min_len]
+        out += [[tok.bos_token_id] + ids[i:i + body] for i in range(0, len(ids), body)
+                if len(ids[i:i + body]) >= min_len]
     return out
 
 
@@ -244,6 +246,33 @@ def lm_loss(model, windows: list[list[int]], pad_id: int, batch: int = 16, devic
 
 
 # ------------------------------------------------------------------------------------------------ build
+def _loss_record(res) -> dict:
+    """The recipe record's loss curve: means of the first and last 10 steps, and every 10th step."""
+    return {"loss_first10": sum(res.losses[:10]) / max(1, len(res.losses[:10])),
+            "loss_last10": sum(res.losses[-10:]) / max(1, len(res.losses[-10:])), "losses_every10": res.losses[::10]}
+
+
+def _train_evaluate_save(model, tok, out: Path, next_batch, evaluate: Callable[[], float], metric: str, *, desc: str,
+                         max_steps: int, lr: float, budget_s: float, max_warmup: int, device: str,
+                         tb_dir: Optional[Path], progress: bool):
+    """Both modes' training: `train_loop` with the lr annealed to 0 at the time budget, `metric` = evaluate() logged
+    at the end, the model saved (safetensors) into `out`. Returns (LoopResult, metric value)."""
+    from .logging import TrainLogger
+
+    logger = TrainLogger(tb_dir, total_steps=max_steps if max_steps < 100_000 else None, enabled=True,
+                         show_progress=progress, desc=desc)
+    try:
+        res = train_loop(model, next_batch, steps=max_steps, lr=lr, time_budget_s=budget_s,
+                         warmup_steps=min(max_warmup, max(1, max_steps // 10)), device=device, logger=logger)
+        value = evaluate()
+        logger.log_scalars(res.steps, {metric: value})
+    finally:
+        logger.close()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    return res, value
+
+
 def _new_tiny_llama(tok, *, seed: int, hidden: int, layers: int, heads: int, ffn: int, init_std: float, device: str):
     """A random tiny LLaMA sized to `tok`, every weight trainable (tied embeddings, sdpa attention)."""
     from ..modeling.tiny import build_from_config, tiny_llama_config
@@ -267,7 +296,6 @@ def build_sni_backbone(out_dir: Path, tasks: list[Task], *, seed: int, hidden: i
     """Tokenizer on the SNI train tasks' text + random LLaMA + causal-LM pretraining on their documents, published
     atomically at `out_dir`; `budget_seconds` bounds the whole build (tokenizer and tokenization included)."""
     from ..data.tokenizer import train_sentencepiece_tokenizer
-    from .logging import TrainLogger
 
     t_start = time.perf_counter()
     init_std = sni_init_std(hidden)
@@ -297,18 +325,11 @@ def build_sni_backbone(out_dir: Path, tasks: list[Task], *, seed: int, hidden: i
             seen["tokens"] += sum(map(len, items))
             return collate([Encoded(w, w) for w in items], tok.pad_token_id, False)
 
-        logger = TrainLogger(tb_dir, total_steps=max_steps if max_steps < 100_000 else None, enabled=True,
-                             show_progress=progress, desc="backbone sni-lm")
-        try:
-            left = max(5.0, budget_seconds - (time.perf_counter() - t_start))
-            res = train_loop(model, next_batch, steps=max_steps, lr=lr, time_budget_s=left,
-                             warmup_steps=min(200, max(1, max_steps // 10)), device=device, logger=logger)
-            loss_after = lm_loss(model, eval_w, tok.pad_token_id, device=device)
-            logger.log_scalars(res.steps, {"heldout_lm_loss": loss_after})
-        finally:
-            logger.close()
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.save_pretrained(tmp, safe_serialization=True)
+        left = max(5.0, budget_seconds - (time.perf_counter() - t_start))
+        res, loss_after = _train_evaluate_save(
+            model, tok, tmp, next_batch, lambda: lm_loss(model, eval_w, tok.pad_token_id, device=device),
+            "heldout_lm_loss", desc="backbone sni-lm", max_steps=max_steps, lr=lr, budget_s=left, max_warmup=200,
+            device=device, tb_dir=tb_dir, progress=progress)
         record = {
             "recipe": extra_recipe or {}, "seed": seed, "params": n_params, "corpus": "sni",
             "docs": len(docs), "heldout_docs": sorted(tasks[i].name for i in held),
@@ -318,9 +339,7 @@ def build_sni_backbone(out_dir: Path, tasks: list[Task], *, seed: int, hidden: i
             "heldout_lm_loss_before": round(loss_before, 4), "heldout_lm_loss_after": round(loss_after, 4),
             "init_std": init_std, "total_seconds": round(time.perf_counter() - t_start, 1),
             "threads": torch.get_num_threads(),
-            "loss_first10": sum(res.losses[:10]) / max(1, len(res.losses[:10])),
-            "loss_last10": sum(res.losses[-10:]) / max(1, len(res.losses[-10:])),
-            "losses_every10": res.losses[::10], "vocab_size": len(tok), "device": device,
+            **_loss_record(res), "vocab_size": len(tok), "device": device,
         }
         atomic_write_json(tmp / RECIPE_FILE, record)
     return record
@@ -332,7 +351,6 @@ def build_tiny_backbone(out_dir: Path, *, seed: int, hidden: int, layers: int, h
                         progress: bool = True, init_std: float = INIT_STD) -> dict:
     """Tokenizer + random LLaMA + copy pretraining, published atomically at `out_dir`. Returns the recipe record."""
     from ..data.tokenizer import train_sentencepiece_tokenizer
-    from .logging import TrainLogger
 
     t_start = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
@@ -346,24 +364,15 @@ def build_tiny_backbone(out_dir: Path, *, seed: int, hidden: int, layers: int, h
             full = step % 2 == 0  # alternate full-format identity prompts and input-only prompts
             return collate([encode_copy(tok, *data.pair(full)) for _ in range(copy_batch)], tok.pad_token_id, False)
 
-        logger = TrainLogger(tb_dir, total_steps=max_steps if max_steps < 100_000 else None, enabled=True,
-                             show_progress=progress, desc="backbone copy")
-        try:
-            res = train_loop(model, next_batch, steps=max_steps, lr=copy_lr, time_budget_s=copy_seconds,
-                             warmup_steps=min(50, max(1, max_steps // 10)), device=device, logger=logger)
-            em = copy_exact_match(model, tok, seed, device=device)
-            logger.log_scalars(res.steps, {"copy_em": em})
-        finally:
-            logger.close()
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.save_pretrained(tmp, safe_serialization=True)
+        res, em = _train_evaluate_save(
+            model, tok, tmp, next_batch, lambda: copy_exact_match(model, tok, seed, device=device), "copy_em",
+            desc="backbone copy", max_steps=max_steps, lr=copy_lr, budget_s=copy_seconds, max_warmup=50,
+            device=device, tb_dir=tb_dir, progress=progress)
         record = {
             "recipe": extra_recipe or {}, "seed": seed, "params": n_params, "copy_em": round(em, 2),
             "copy_steps": res.steps, "copy_seconds": round(res.seconds, 1), "init_std": init_std,
             "total_seconds": round(time.perf_counter() - t_start, 1), "threads": torch.get_num_threads(),
-            "loss_first10": sum(res.losses[:10]) / max(1, len(res.losses[:10])),
-            "loss_last10": sum(res.losses[-10:]) / max(1, len(res.losses[-10:])),
-            "losses_every10": res.losses[::10], "vocab_size": len(tok), "device": device,
+            **_loss_record(res), "vocab_size": len(tok), "device": device,
         }
         atomic_write_json(tmp / RECIPE_FILE, record)
     return record
