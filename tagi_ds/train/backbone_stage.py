@@ -252,11 +252,11 @@ def _loss_record(res) -> dict:
             "loss_last10": sum(res.losses[-10:]) / max(1, len(res.losses[-10:])), "losses_every10": res.losses[::10]}
 
 
-def _train_evaluate_save(model, tok, out: Path, next_batch, evaluate: Callable[[], float], metric: str, *, desc: str,
-                         max_steps: int, lr: float, budget_s: float, max_warmup: int, device: str,
-                         tb_dir: Optional[Path], progress: bool):
-    """Both modes' training: `train_loop` with the lr annealed to 0 at the time budget, `metric` = evaluate() logged
-    at the end, the model saved (safetensors) into `out`. Returns (LoopResult, metric value)."""
+def _train_and_evaluate(model, tok, next_batch, evaluate: Callable[[], float], metric: str, *, desc: str,
+                        max_steps: int, lr: float, budget_s: float, max_warmup: int, device: str,
+                        tb_dir: Optional[Path], progress: bool):
+    """Both modes' training: `train_loop` with the lr annealed to 0 at the time budget, then `metric` = evaluate()
+    logged. Returns (LoopResult, metric value); the caller saves the model inside its atomic folder."""
     from .logging import TrainLogger
 
     logger = TrainLogger(tb_dir, total_steps=max_steps if max_steps < 100_000 else None, enabled=True,
@@ -269,7 +269,6 @@ def _train_evaluate_save(model, tok, out: Path, next_batch, evaluate: Callable[[
     finally:
         logger.close()
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
     return res, value
 
 
@@ -326,10 +325,11 @@ def build_sni_backbone(out_dir: Path, tasks: list[Task], *, seed: int, hidden: i
             return collate([Encoded(w, w) for w in items], tok.pad_token_id, False)
 
         left = max(5.0, budget_seconds - (time.perf_counter() - t_start))
-        res, loss_after = _train_evaluate_save(
-            model, tok, tmp, next_batch, lambda: lm_loss(model, eval_w, tok.pad_token_id, device=device),
+        res, loss_after = _train_and_evaluate(
+            model, tok, next_batch, lambda: lm_loss(model, eval_w, tok.pad_token_id, device=device),
             "heldout_lm_loss", desc="backbone sni-lm", max_steps=max_steps, lr=lr, budget_s=left, max_warmup=200,
             device=device, tb_dir=tb_dir, progress=progress)
+        model.save_pretrained(tmp, safe_serialization=True)
         record = {
             "recipe": extra_recipe or {}, "seed": seed, "params": n_params, "corpus": "sni",
             "docs": len(docs), "heldout_docs": sorted(tasks[i].name for i in held),
@@ -364,10 +364,11 @@ def build_tiny_backbone(out_dir: Path, *, seed: int, hidden: int, layers: int, h
             full = step % 2 == 0  # alternate full-format identity prompts and input-only prompts
             return collate([encode_copy(tok, *data.pair(full)) for _ in range(copy_batch)], tok.pad_token_id, False)
 
-        res, em = _train_evaluate_save(
-            model, tok, tmp, next_batch, lambda: copy_exact_match(model, tok, seed, device=device), "copy_em",
+        res, em = _train_and_evaluate(
+            model, tok, next_batch, lambda: copy_exact_match(model, tok, seed, device=device), "copy_em",
             desc="backbone copy", max_steps=max_steps, lr=copy_lr, budget_s=copy_seconds, max_warmup=50,
             device=device, tb_dir=tb_dir, progress=progress)
+        model.save_pretrained(tmp, safe_serialization=True)
         record = {
             "recipe": extra_recipe or {}, "seed": seed, "params": n_params, "copy_em": round(em, 2),
             "copy_steps": res.steps, "copy_seconds": round(res.seconds, 1), "init_std": init_std,
