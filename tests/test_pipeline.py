@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from student_helpers import suite_backbone_dir
 from tagi_ds.cli import main as cli_main
 from tagi_ds.config import load_config
 from tagi_ds.errors import ArtifactMismatchError, ConfigError
@@ -22,19 +23,7 @@ STAGES = ["backbone", "teacher", "cache-logits", "pretrain", "finetune", "baseli
 
 def build_backbone(out: Path) -> Path:
     """A sentencepiece tokenizer on the suite's wording + a seeded random 2-layer LLaMA (hidden 32)."""
-    from tagi_ds.data.synthetic import all_wording, build_suite
-    from tagi_ds.data.tokenizer import train_sentencepiece_tokenizer
-    from tagi_ds.modeling.tiny import build_from_config, tiny_llama_config
-
-    tok = train_sentencepiece_tokenizer(all_wording(build_suite(instances_per_task=10, held_back_per_task=2)), out,
-                                        vocab_size=400, kind="llama")
-    cfg = tiny_llama_config(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id)
-    model = build_from_config(cfg, seed=0)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    return out
+    return suite_backbone_dir(out, hidden=32, ffn=64, vocab=400, suite_size=(10, 2))
 
 
 MICRO = """\

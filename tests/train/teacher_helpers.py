@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from student_helpers import suite_backbone_dir
 from tagi_ds.config import load_config
 
 # Small enough for 2 shared CPU cores, big enough that a LoRA teacher visibly learns its task.
@@ -16,26 +17,8 @@ TEACHER = ["lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "teacher.steps=30", "
 
 
 def build_tiny_backbone_dir(out: Path, arch: str) -> Path:
-    """A sentencepiece tokenizer trained on the synthetic suite's wording + a seeded random tiny model, saved
-    together (what `from_pretrained` and the stages read)."""
-    from tagi_ds.data.synthetic import all_wording, build_suite
-    from tagi_ds.data.tokenizer import train_sentencepiece_tokenizer
-    from tagi_ds.modeling.tiny import build_from_config, tiny_llama_config, tiny_t5_config
-
-    texts = all_wording(build_suite(instances_per_task=20, held_back_per_task=5))
-    tok = train_sentencepiece_tokenizer(texts, out, vocab_size=600, kind="llama" if arch == "llama" else "t5")
-    if arch == "llama":
-        cfg = tiny_llama_config(vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
-                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id)
-    else:
-        cfg = tiny_t5_config(vocab_size=len(tok), d_model=64, num_layers=2, num_heads=4, d_ff=128,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                             decoder_start_token_id=tok.pad_token_id)
-    model = build_from_config(cfg, seed=0)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    return out
+    """The teacher tests' tiny backbone (hidden 64, vocab 600) with its suite tokenizer."""
+    return suite_backbone_dir(out, arch)
 
 
 def run_cfg(runs_dir: Path, backbone_dir: Path, arch: str, *extra: str, name: str = "t"):
