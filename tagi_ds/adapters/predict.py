@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ..data.collate import encode_prompt, pad_id, pad_rows
+from ..data.collate import decode_generated, encode_prompt, pad_id, pad_rows
 from ..data.prompts import build_task_input
 from ..data.tasks import Instance, Task
 from ..data.jsonl import iter_jsonl_objects
@@ -142,15 +142,6 @@ def input_batch(tokenizer, texts: Sequence[str], arch: str, max_length: int) -> 
     return pad_rows(rows, pad_id(tokenizer), left), pad_rows([[1] * len(r) for r in rows], 0, left)
 
 
-def decode(tokenizer, tokens: torch.Tensor, eos_ids: Sequence[int]) -> list[str]:
-    """Generated ids → text, cut at the first EOS."""
-    out = []
-    for row in tokens.tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
-        out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return out
-
-
 @torch.no_grad()
 def predict(student: TagiStudent, tokenizer, instructions: Sequence[str], inputs: Sequence[str],
             task_of_row: Sequence[int], *, merge: bool = True, batch_size: int = 16, max_input_length: int = 128,
@@ -175,7 +166,7 @@ def predict(student: TagiStudent, tokenizer, instructions: Sequence[str], inputs
             task_ids = torch.tensor([task_of_row[i] for i in idx], dtype=torch.long, device=device)
             tokens = student.generate(encoding, task_ids, ids.to(device), mask.to(device), max_new_tokens,
                                       adapters=gen.adapters)
-            for i, text in zip(idx, decode(tokenizer, tokens.cpu(), eos_ids)):
+            for i, text in zip(idx, decode_generated(tokenizer, tokens.cpu(), eos_ids)):
                 preds[i] = text
     return [p if p is not None else "" for p in preds]
 

@@ -242,3 +242,12 @@ class TaskInstanceDataset:
     @property
     def task_sizes(self) -> list[int]:
         return [len(t.instances) for t in self.tasks]
+
+
+def decode_generated(tokenizer, tokens: torch.Tensor, eos_ids: Sequence[int]) -> list[str]:
+    """Generated ids (N, T) → text per row, cut at the first EOS (every decoding path: evaluation and predict)."""
+    out = []
+    for row in tokens.tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
+        out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return out

@@ -24,8 +24,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..data.collate import (PromptSettings, encode_prompt, full_prompt_text, instruction_ids, pad_id,
-                            pad_rows)
+from ..data.collate import (PromptSettings, decode_generated, encode_prompt, full_prompt_text, instruction_ids,
+                            pad_id, pad_rows)
 from ..data.prompts import build_task_input
 from ..data.tasks import Task
 from ..errors import ArtifactMismatchError, ConfigError
@@ -105,15 +105,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _decode(tokenizer, rows: torch.Tensor, eos_ids: Sequence[int]) -> list[str]:
-    """Generated ids → text cut at the first EOS."""
-    out = []
-    for row in rows.tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
-        out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return out
-
-
 def _eos_ids(tokenizer, model_config) -> list[int]:
     eos = getattr(model_config, "eos_token_id", None)
     ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [int(eos)])
@@ -146,7 +137,7 @@ def generate_full_prompt(model, tokenizer, arch: str, prompts: Sequence[Sequence
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  num_beams=1, pad_token_id=pad, eos_token_id=eos)
         new = gen if arch == "t5" else gen[:, ids.shape[1]:]
-        for i, text in zip(idx, _decode(tokenizer, new.cpu(), eos)):
+        for i, text in zip(idx, decode_generated(tokenizer, new.cpu(), eos)):
             out[i] = text
     return out
 
@@ -338,7 +329,7 @@ def student_predict(student, tokenizer, tasks: Sequence[Task], settings: PromptS
         mask = pad_rows([[1] * len(items[i][1]) for i in idx], 0, left).to(device)
         task_ids = torch.tensor([items[i][0] for i in idx], dtype=torch.long, device=device)
         tokens = student.generate(encoding, task_ids, ids, mask, max_new_tokens, adapters=adapters)
-        for i, text in zip(idx, _decode(tokenizer, tokens.cpu(), eos)):
+        for i, text in zip(idx, decode_generated(tokenizer, tokens.cpu(), eos)):
             out[i] = text
     return out
 
