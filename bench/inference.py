@@ -39,6 +39,7 @@ from tagi_ds.eval import flops as fl  # noqa: E402
 from tagi_ds.modeling.backbone import TargetSpec, freeze  # noqa: E402
 from tagi_ds.modeling.fusion import (expand_prefix, fuse_encoder_states, llama_instruction_pass,  # noqa: E402
                                      positions_from_mask, prefix_mask_and_positions)
+from tagi_ds.modeling.hf_compat import cache_kwargs, output_cache  # noqa: E402
 from tagi_ds.modeling.lora import merge_into_copy  # noqa: E402
 from tagi_ds.modeling.tagi import TagiStudent, build_student  # noqa: E402
 from tagi_ds.modeling.tiny import tiny_llama_config, tiny_t5_config  # noqa: E402
@@ -134,8 +135,8 @@ def greedy(model, arch: str, ids: torch.Tensor, mask: torch.Tensor, out_len: int
         cache = None
         for _ in range(out_len):
             out = model(encoder_outputs=(states,), attention_mask=mask, decoder_input_ids=step,
-                        past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+                        use_cache=True, **cache_kwargs(model, cache))
+            cache = output_cache(out)
             step = out.logits[:, -1].argmax(-1, keepdim=True)
             toks.append(step)
         return torch.cat(toks, 1)
@@ -147,9 +148,9 @@ def greedy(model, arch: str, ids: torch.Tensor, mask: torch.Tensor, out_len: int
         pos, cache = positions_from_mask(mask), None
     step = ids
     for _ in range(out_len):
-        out = model(input_ids=step, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(input_ids=step, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **cache_kwargs(model, cache))
+        cache = output_cache(out)
         step = out.logits[:, -1].argmax(-1, keepdim=True)
         toks.append(step)
         mask = torch.cat([mask, torch.ones_like(step)], 1)

@@ -1,6 +1,6 @@
 """Non-reentrant activation checkpointing of the frozen backbone's blocks that keeps the LoRA hooks and the KV prefix.
 
-HF's layer checkpointing cannot serve the TAGI student: it drops `past_key_values` (the LLaMA instruction prefix) and
+HF's layer checkpointing cannot serve the TAGI student: it drops the key/value cache (the LLaMA instruction prefix) and
 its recompute in backward runs after `hooks.apply` has ended, so the layers would be recomputed without LoRA. Here each
 transformer block (LLaMA `model.layers[i]`, T5 `encoder.block[i]` / `decoder.block[i]`) runs, when grad is enabled,
 under `torch.utils.checkpoint.checkpoint(use_reentrant=False)` with a function that
@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import TagiError
+from .hf_compat import find_cache
 from .lora import BatchedLoraHooks
 
 
@@ -64,7 +65,7 @@ class _CheckpointedForward:
             return plain(self.block, *args, **kwargs)
         from transformers import Cache, DynamicCache
 
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)  # its keyword changed name across transformers versions (hf_compat)
         snapshot = None
         if isinstance(cache, DynamicCache):
             snapshot = [dict(layer.__dict__) for layer in cache.layers]  # before this block's update

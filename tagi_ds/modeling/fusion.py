@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .hf_compat import output_cache
+
 # Per decoder layer: (keys, values), each (n_tasks, kv_heads, Li, head_dim).
 PrefixKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
@@ -41,7 +43,7 @@ def llama_instruction_pass(model: nn.Module, input_ids: torch.Tensor, attention_
     `model` is a *ForCausalLM; the LoRA hooks must be inactive (they are outside `apply`)."""
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                            position_ids=positions_from_mask(attention_mask), use_cache=True)
-    kv = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+    kv = tuple((layer.keys, layer.values) for layer in output_cache(out).layers)
     return out.last_hidden_state, kv
 
 

@@ -22,6 +22,7 @@ from .backbone import TargetSpec, target_specs
 from .checkpointing import enable_block_checkpointing, hf_checkpointing_on
 from .fusion import (PrefixKV, expand_prefix, fuse_encoder_states, llama_instruction_pass,
                      positions_from_mask, prefix_mask_and_positions, select_prefix)
+from .hf_compat import cache_kwargs, output_cache
 from .hypernet import HyperNetwork, masked_mean_pool
 from .lora import Adapters, BatchedLoraHooks
 
@@ -162,7 +163,7 @@ class TagiStudent(nn.Module):
                 return Seq2SeqLMOutput(loss=loss, logits=out.logits)
             mask, positions, cache = self._llama_prefix(encoding, task_ids, attention_mask)
             out = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=False)
+                                use_cache=False, **cache_kwargs(self.backbone, cache))
             loss = None if labels is None else masked_lm_loss(out.logits[:, :-1], labels[:, 1:])
             return CausalLMOutput(loss=loss, logits=out.logits)
 
@@ -211,11 +212,12 @@ class TagiStudent(nn.Module):
                 kwargs = dict(attention_mask=mask, position_ids=positions)
             for step in range(max_new_tokens):
                 if self.arch == "t5":
-                    out = self.backbone(decoder_input_ids=step_in, past_key_values=cache, use_cache=True, **kwargs)
+                    out = self.backbone(decoder_input_ids=step_in, use_cache=True,
+                                        **cache_kwargs(self.backbone, cache), **kwargs)
                 else:  # logits of the last position only: the prompt's other logits are never read
-                    out = self.backbone(input_ids=step_in, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                                        **kwargs)
-                cache = out.past_key_values
+                    out = self.backbone(input_ids=step_in, use_cache=True, logits_to_keep=1,
+                                        **cache_kwargs(self.backbone, cache), **kwargs)
+                cache = output_cache(out)
                 nxt = out.logits[:, -1].argmax(dim=-1)  # (N,)
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
                 out_tokens[:, step] = nxt

@@ -10,6 +10,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from tagi_ds.errors import ConfigError
 from tagi_ds.eval import flops as F
+from tagi_ds.modeling.hf_compat import cache_kwargs
 
 TOL = 0.02  # "within a few percent"; in practice the counts agree exactly
 
@@ -69,8 +70,8 @@ def test_llama_gqa_forward_generation_and_prefix():
     assert _count(lambda: _gen(m, T, input_ids=inp)) == pytest.approx(F.llama_flops(cfg, L, T), rel=TOL)
     with torch.no_grad():  # instruction prefill once: its KV cache becomes the prefix
         cache = transformers.DynamicCache(config=m.config)
-        m(input_ids=ins, past_key_values=cache, use_cache=True)
-    measured = _count(lambda: _gen(m, T, input_ids=torch.cat([ins, inp], 1), past_key_values=cache))
+        m(input_ids=ins, use_cache=True, **cache_kwargs(m, cache))
+    measured = _count(lambda: _gen(m, T, input_ids=torch.cat([ins, inp], 1), **cache_kwargs(m, cache)))
     assert measured == pytest.approx(F.llama_flops(cfg, L, T, prefix_len=P), rel=TOL)
 
 

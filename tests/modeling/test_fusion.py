@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from tagi_ds.modeling.hf_compat import cache_kwargs
 from tagi_ds.modeling.fusion import (expand_prefix, fuse_encoder_states, llama_instruction_pass,
                                      positions_from_mask, prefix_mask_and_positions)
 
@@ -42,7 +43,7 @@ def test_llama_prefix_equals_one_long_sequence():
         assert hidden.shape == (2, 7, 32) and len(prefix) == 2 and prefix[0][0].shape == (2, 2, 7, 8)  # GQA kv=2
         mask, pos = prefix_mask_and_positions(imask, xmask, task_ids)
         cache = expand_prefix(prefix, task_ids, model.config)
-        logits = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+        logits = model(input_ids=x, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache)).logits
         k_before = prefix[0][0].clone()
         for row, t in enumerate(task_ids.tolist()):
             seq = torch.cat([instr[t][imask[t].bool()], x[row][xmask[row].bool()]])[None]  # no padding at all
