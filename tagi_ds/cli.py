@@ -7,17 +7,17 @@ Two kinds of command:
 - tools: the module's `add_arguments(parser)` defines its own flags; `main(args)` gets them.
 
 Errors meant for a person (`TagiError`) print as one paragraph and exit 2; `--debug` shows the traceback.
+Only the chosen command's module is imported, so `--help` and a bad option answer fast.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 from dataclasses import dataclass
 
-from .errors import NotBuiltError, TagiError
+from .errors import TagiError
 
 
 @dataclass(frozen=True)
@@ -35,19 +35,14 @@ COMMANDS: dict[str, Command] = {
     "inspect-cache": Command("tagi_ds.distill.inspect", "print a logit cache's tasks, tokens, bytes/token, kept mass", False),
     "pretrain": Command("tagi_ds.train.pretrain", "stage 1: hypernetwork pretraining on plain text (HINT split)", True),
     "finetune": Command("tagi_ds.train.finetune", "stage 2: hypernetwork distillation (CE + KL + L_ins)", True),
+    "baselines": Command("tagi_ds.train.baselines", "multitask LoRA baselines: tk_instruct, no_instruction (mode=NAME)",
+                         True),
     "evaluate": Command("tagi_ds.eval.evaluate", "evaluate methods on seen and unseen tasks, write the report", True),
     "pipeline": Command("tagi_ds.pipeline", "all stages in order: the main job (--from STAGE redoes one)", True),
     "generate-adapter": Command("tagi_ds.adapters.generate", "instruction -> standard PEFT LoRA adapter directory", False),
     "predict": Command("tagi_ds.adapters.predict", "predict with a generated adapter on inputs.jsonl", False),
     "plan": Command("tagi_ds.train.plan", "per-GPU memory plan of a scale config for N nodes x G GPUs", False),
 }
-
-
-def _is_built(cmd: Command) -> bool:
-    try:
-        return importlib.util.find_spec(cmd.module) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def build_parser(chosen: str | None = None) -> tuple[argparse.ArgumentParser, dict]:
@@ -60,19 +55,15 @@ def build_parser(chosen: str | None = None) -> tuple[argparse.ArgumentParser, di
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     modules = {}
     for name, cmd in COMMANDS.items():
-        built = _is_built(cmd)
-        mod = importlib.import_module(cmd.module) if built and name == chosen else None
+        mod = importlib.import_module(cmd.module) if name == chosen else None
         modules[name] = mod
-        help_text = cmd.help if built else cmd.help + " [not built yet]"
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
         if cmd.takes_config:
-            p.add_argument("--config", required=built, help="recipe YAML (configs/*.yaml)")
+            p.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
             p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.steps=100")
         if mod is not None and hasattr(mod, "add_arguments"):
             mod.add_arguments(p)
-        elif not built and not cmd.takes_config:
-            p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser, modules
 
 
@@ -99,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("TAGI_DEBUG") == "1"
     try:
         mod = modules[args.command]
-        if mod is None:
-            raise NotBuiltError(f"`tagi-ds {args.command}` is not built yet in this version; see the open issues.")
         if COMMANDS[args.command].takes_config:
             from .config import load_config
 

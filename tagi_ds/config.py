@@ -141,8 +141,8 @@ class CacheConfig:
 
 
 @dataclass
-class TrainConfig:
-    """One hypernetwork training stage (pretrain or finetune)."""
+class LoopConfig:
+    """The optimizer loop both hypernetwork stages share (data only: each stage's section adds its own fields)."""
 
     enabled: bool = f(True, "run this stage")
     steps: int = f(500, "optimizer steps")
@@ -150,9 +150,6 @@ class TrainConfig:
     weight_decay: float = f(0.01, "AdamW weight decay")
     warmup_steps: int = f(50, "linear warmup steps")
     schedule: Literal["linear", "cosine", "constant"] = f("linear", "decay after warmup")
-    tasks_per_batch: int = f(4, "tasks per micro batch (k)")
-    instances_per_task: int = f(8, "instances per task per micro batch (m)")
-    micro_batch_size: int = f(16, "sequences per micro batch (pretrain)")
     grad_accum: int = f(1, "gradient accumulation steps")
     grad_clip: float = f(1.0, "gradient clipping norm (0 = off)")
     time_budget_s: Optional[float] = f(None, "stop after this many seconds")
@@ -160,11 +157,37 @@ class TrainConfig:
     keep_checkpoints: int = f(2, "checkpoints kept")
     resume: Literal["auto", "never"] = f("auto", "resume from the latest checkpoint when one exists")
     log_every: int = f(10, "steps between logged scalars")
-    lambda_kl: float = f(1.0, "weight of KL_T(teacher || student) (finetune; 0 = off)")
-    lambda_ins: float = f(1.0, "weight of L_ins between generated and teacher ΔW (finetune; 0 = off)")
-    temperature: float = f(2.0, "distillation temperature T (finetune)")
+
+
+@dataclass
+class PretrainConfig(LoopConfig):
+    """Stage 1: HINT-style pretraining on plain text (CE only)."""
+
+    micro_batch_size: int = f(16, "documents per micro batch (each document is its own task)")
+
+
+@dataclass
+class FinetuneConfig(LoopConfig):
+    """Stage 2: distillation, L = CE + λ_kl·KL_T(teacher‖student) + λ_ins·L_ins."""
+
+    tasks_per_batch: int = f(4, "tasks per micro batch (k)")
+    instances_per_task: int = f(8, "instances per task per micro batch (m)")
+    lambda_kl: float = f(1.0, "weight of KL_T(teacher || student) (0 = off)")
+    lambda_ins: float = f(1.0, "weight of L_ins between generated and teacher ΔW (0 = off)")
+    temperature: float = f(2.0, "distillation temperature T (must equal cache.temperature)")
     online_teacher: bool = f(False, "compute teacher logits live instead of reading the cache")
-    init_from_pretrain: bool = f(True, "finetune starts from the pretrain export when it exists")
+    init_from_pretrain: bool = f(True, "start from the pretrain export when it exists")
+
+
+@dataclass
+class BaselinesConfig:
+    """The multitask LoRA baselines (tk_instruct: full prompt; no_instruction: instance part alone)."""
+
+    steps: int = f(600, "optimizer steps per baseline")
+    lr: float = f(1e-3, "peak learning rate")
+    batch_size: int = f(32, "sequences per step")
+    warmup_steps: int = f(50, "linear warmup steps")
+    time_budget_s: Optional[float] = f(None, "stop a baseline after this many seconds (a safety cap)")
 
 
 @dataclass
@@ -182,10 +205,6 @@ class EvalConfig:
     max_new_tokens: int = f(32, "greedy decoding length")
     batch_size: int = f(64, "instances per generation batch")
     rank_classification: Literal["sum", "mean"] = f("sum", "P3 answer-choice scoring")
-    baseline_steps: int = f(600, "steps for the multitask baselines (tk_instruct, no_instruction)")
-    baseline_lr: float = f(1e-3, "lr of the multitask baselines")
-    baseline_time_budget_s: Optional[float] = f(None, "time budget per baseline")
-    baseline_batch_size: int = f(32, "sequences per step of the multitask baselines")
 
 
 @dataclass
@@ -201,8 +220,9 @@ class RunConfig:
     hypernet: HypernetConfig = f(default_factory=HypernetConfig, help="hypernetwork")
     teacher: TeacherConfig = f(default_factory=TeacherConfig, help="per-task LoRA teachers")
     cache: CacheConfig = f(default_factory=CacheConfig, help="teacher logit cache")
-    pretrain: TrainConfig = f(default_factory=lambda: TrainConfig(lambda_kl=0.0, lambda_ins=0.0), help="stage 1")
-    finetune: TrainConfig = f(default_factory=TrainConfig, help="stage 2")
+    pretrain: PretrainConfig = f(default_factory=PretrainConfig, help="stage 1: hypernetwork pretraining")
+    finetune: FinetuneConfig = f(default_factory=FinetuneConfig, help="stage 2: hypernetwork distillation")
+    baselines: BaselinesConfig = f(default_factory=BaselinesConfig, help="multitask LoRA baselines")
     distributed: DistributedConfig = f(default_factory=DistributedConfig, help="DeepSpeed / launcher")
     eval: EvalConfig = f(default_factory=EvalConfig, help="evaluation")
     stage_budgets_s: dict = f({}, "optional wall-clock budget per pipeline stage (s), by stage name")
@@ -281,10 +301,18 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise bad
 
 
+# Keys that moved: a config written for an older version gets told where the key lives now.
+MOVED_KEYS = {"eval.baseline_steps": "baselines.steps", "eval.baseline_lr": "baselines.lr",
+              "eval.baseline_batch_size": "baselines.batch_size",
+              "eval.baseline_time_budget_s": "baselines.time_budget_s"}
+
+
 def _build(cls: type, data: dict, where: str, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     known = {fl.name: fl for fl in fields(cls)}
     for k in data:
+        if f"{prefix}{k}" in MOVED_KEYS:
+            raise ConfigError(f"{where}: key '{prefix}{k}' moved to '{MOVED_KEYS[prefix + k]}'")
         if k not in known:
             choices = ", ".join(sorted(known))
             raise ConfigError(f"{where}: unknown key '{prefix}{k}'; expected one of: {choices}")

@@ -1,5 +1,4 @@
-"""Launching and killing real worker processes in tests (torchrun launches, SIGKILL mid-run). Importable from every
-test folder: pytest puts tests/ on sys.path for the root conftest."""
+"""Launching and killing real worker processes in tests (torchrun launches, SIGKILL mid-run)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Sequence
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -21,7 +22,8 @@ def worker_env(warnings: str = "ignore::FutureWarning", **extra: str) -> dict:
     """The environment of a launched worker: CPU DeepSpeed, offline hubs, one thread, no inherited rank variables
     (a test run under a launcher must not leak its own RANK/MASTER_* into the workers it starts)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS=warnings,
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     env.update(extra)

@@ -224,6 +224,45 @@ def collate_full(pairs: Sequence[Pair], tokenizer, settings: PromptSettings, wit
                            instance_ids=[inst.id for _, inst in pairs])
 
 
+# ------------------------------------------------------------------------------------------ encoded pairs
+@dataclass(frozen=True)
+class EncodedPair:
+    """One training example, tokenized once: the full prompt's ids and the target ids (+ eos)."""
+
+    prompt: tuple[int, ...]
+    target: tuple[int, ...]
+
+
+def _round_up(rows: list[list[int]], value: int, multiple: int) -> list[list[int]]:
+    """Pad the first row so the batch width becomes a multiple of `multiple` (pad_rows pads the rest to it)."""
+    if multiple <= 1 or not rows:
+        return rows
+    width = max(len(r) for r in rows)
+    target = -(-width // multiple) * multiple
+    return [rows[0] + [value] * (target - len(rows[0]))] + rows[1:]
+
+
+def assemble(pairs: Sequence[EncodedPair], arch: str, pad: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Tensors in `collate.collate_full`'s layout (right padding). T5: input_ids = prompt, labels = target;
+    causal: input_ids = prompt + target, labels = -100 on the prompt and padding.
+
+    `pad_to_multiple_of` > 1 rounds the widths up: fixed shapes whatever the batch holds (kernel choice, and a
+    unit's numbers then do not depend on the other units' lengths: see the module docstring)."""
+    m = pad_to_multiple_of
+    if arch == "t5":
+        prompts = [list(p.prompt) for p in pairs]
+        masks = _round_up([[1] * len(r) for r in prompts], 0, m)
+        return {"input_ids": pad_rows(_round_up(prompts, pad, m), pad), "attention_mask": pad_rows(masks, 0),
+                "labels": pad_rows(_round_up([list(p.target) for p in pairs], IGNORE, m), IGNORE)}
+    if arch == "llama":
+        seqs = [list(p.prompt) + list(p.target) for p in pairs]
+        labels = [[IGNORE] * len(p.prompt) + list(p.target) for p in pairs]
+        return {"input_ids": pad_rows(_round_up(seqs, pad, m), pad),
+                "attention_mask": pad_rows(_round_up([[1] * len(s) for s in seqs], 0, m), 0),
+                "labels": pad_rows(_round_up(labels, IGNORE, m), IGNORE)}
+    raise DataError(f"backbone arch must be 't5' or 'llama', got {arch!r}")
+
+
 # ------------------------------------------------------------------------------------------ dataset adapter
 class TaskInstanceDataset:
     """Map-style dataset over (task_idx, instance_idx) keys, the keys `TaskGroupedSampler` yields."""

@@ -8,6 +8,8 @@ Outputs under <run_dir>:
   eval/predictions/<method>/<split>.jsonl   {"task", "id", "input", "prediction", "references"} per instance
   eval/metrics.json                         per method and split: overall, per task, per category; the echo
                                             reference; FLOPs inputs; timings
+  eval/stage.json                           the identity of the configuration the report belongs to: an evaluation
+                                            of another configuration is refused before anything is written
   report.json, report.md, *.png             report.write_report (schema: report.py)
 Cost columns: analytic per-instance inference FLOPs relative to tk_instruct (eval/flops.py; once-per-task work
 amortised over the run's test instances per task) and measured seconds per instance relative to tk_instruct
@@ -28,11 +30,22 @@ from ..data.prompts import build_task_input
 from ..data.tasks import Task
 from ..errors import DataError
 from ..io_utils import atomic_write_json, atomic_write_text
-from .methods import HYPERNET_METHODS, MethodPredictions, check_methods, predict_method
-from .metrics import category_key, compute_grouped_metrics, compute_metrics
+from ..metrics import category_key, compute_grouped_metrics, compute_metrics
+from ..run.backbone import load_run_backbone
+from ..run.identity import check_stage_record, config_identity, write_stage_record
+from ..run.methods import HYPERNET_METHODS, check_methods
+from ..run.paths import RunPaths
+from ..run.prompts import prompt_settings
+from .methods import MethodPredictions, predict_method
 
-EVAL_DIR = "eval"
+STAGE = "evaluate"
 POOLED = "unseen"
+
+
+def identity(cfg, sub: Optional[str] = None) -> dict:
+    """The report depends on every setting but the runtime ones: all stages' sections and the evaluation's."""
+    return config_identity(cfg, ("seed", "data", "backbone", "lora", "hypernet", "teacher", "cache", "pretrain",
+                                 "finetune", "baselines", "eval"))
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -117,8 +130,6 @@ def read_predictions(path: Path) -> tuple[list[str], list[list[str]]]:
 def cost_lengths(cfg: Any, splits: dict[str, list[Task]], tokenizer, arch: str) -> dict[str, float]:
     """Mean token lengths the FLOPs model needs, over the evaluated unseen tasks (all splits when none):
     instruction (per task), instance input and target (per instance), test instances per task."""
-    from ..train.teacher import prompt_settings
-
     settings = prompt_settings(cfg, arch)
     keys = [s for s in splits if s.startswith("unseen")] or list(splits)
     tasks = [t for k in keys for t in splits[k]]
@@ -181,26 +192,26 @@ def _jsonl_curve(path: Path, key: str) -> list[tuple[float, float]]:
     return pts
 
 
-def training_curves(run_dir: Path, methods: Sequence[str]) -> dict[str, list[tuple[float, float]]]:
+def training_curves(paths: RunPaths, methods: Sequence[str]) -> dict[str, list[tuple[float, float]]]:
     """Loss curves of the stages, read back from their logs: pretrain / finetune metrics.jsonl, the baselines'
     train.json, the teachers' metrics.json (mean over teachers)."""
     curves: dict[str, list[tuple[float, float]]] = {}
-    curves["pretrain CE"] = _jsonl_curve(run_dir / "pretrain" / "metrics.jsonl", "ce")
+    curves["pretrain CE"] = _jsonl_curve(paths.pretrain / "metrics.jsonl", "ce")
     for m in methods:
         if m in HYPERNET_METHODS:
-            log = run_dir / "finetune" / m / "metrics.jsonl"
+            log = paths.finetune(m) / "metrics.jsonl"
             curves[f"finetune {m} loss"] = _jsonl_curve(log, "loss")
             if m == "tagi":
                 for term in ("ce", "kl", "l_ins"):
                     curves[f"finetune tagi {term}"] = _jsonl_curve(log, term)
     for mode in ("tk_instruct", "no_instruction"):
-        p = run_dir / "baselines" / mode / "train.json"
+        p = paths.baseline(mode) / "train.json"
         if p.is_file():
             losses = json.loads(p.read_text()).get("losses", [])
             curves[f"baseline {mode} loss"] = [(float(i), sum(losses[i:i + 10]) / len(losses[i:i + 10]))
                                                for i in range(0, len(losses), 10)]
     teach = []
-    for mfile in sorted((run_dir / "teachers").glob("*/metrics.json")):
+    for mfile in sorted(paths.teachers.glob("*/metrics.json")):
         every10 = json.loads(mfile.read_text()).get("losses_every10") or []
         if every10:
             teach.append(every10)
@@ -211,21 +222,25 @@ def training_curves(run_dir: Path, methods: Sequence[str]) -> dict[str, list[tup
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-def run(cfg: Any, methods: Optional[Sequence[str]] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(cfg: Any, sub: Optional[str] = None, *, progress: bool = True, log: Callable[[str], None] = print,
+        methods: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Evaluate `methods` (default cfg.eval.methods), write predictions, metrics and the report; returns the
     report.json object."""
-    from ..train.teacher import load_run_backbone
     from .report import write_report
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     methods = check_methods(methods if methods is not None else cfg.eval.methods)
-    run_dir = Path(cfg.run_dir)
-    out_dir = run_dir / EVAL_DIR
+    paths = RunPaths.of(cfg)
+    run_dir = paths.run_dir
+    # Before anything is written: a report of another configuration is never overwritten (pipeline --from evaluate
+    # or another run name redoes it).
+    record = check_stage_record(paths.eval, STAGE, identity(cfg))
     splits = eval_splits(cfg)
     pooled = pooled_splits(splits)
     bb = load_run_backbone(cfg)
+    bb.gradient_checkpointing = False  # inference only (and the student refuses HF's checkpointing)
     _ = bb.model  # load the weights now: no method's timing includes the lazy load
     t_all = time.perf_counter()
     details: dict[str, Any] = {}
@@ -233,14 +248,14 @@ def run(cfg: Any, methods: Optional[Sequence[str]] = None, log: Callable[[str], 
     timing: dict[str, dict[str, float]] = {}
     for m in methods:
         t0 = time.perf_counter()
-        mp: MethodPredictions = predict_method(cfg, m, splits, bb)
+        mp: MethodPredictions = predict_method(cfg, m, splits, bb, log)
         details[m], results[m] = {}, {}
         for split, tasks in splits.items():
             preds = mp.by_split.get(split)
             if preds is None:
                 results[m][split] = None
                 continue
-            write_predictions(out_dir / "predictions" / m / f"{split}.jsonl", tasks, preds)
+            write_predictions(paths.predictions(m, split), tasks, preds)
             details[m][split] = score_split(tasks, preds)
             results[m][split] = details[m][split]["overall"]
         for name, parts in pooled.items():
@@ -276,16 +291,17 @@ def run(cfg: Any, methods: Optional[Sequence[str]] = None, log: Callable[[str], 
     tables = {"Cost per instance (FLOPs: analytic; time: measured in this run)": cost_rows,
               "Trivial floors": floors,
               "Unseen ROUGE-L per task": _per_task_rows(details, methods, [s for s in splits if s.startswith("unseen")])}
-    atomic_write_json(out_dir / "metrics.json", {"methods": details, "echo": echo, "demo_output": demo,
+    atomic_write_json(paths.eval_metrics, {"methods": details, "echo": echo, "demo_output": demo,
                                                  "timing": timing,
                                                  "flops": {"lengths": lengths, "relative": rel},
                                                  "splits": {s: [t.name for t in ts] for s, ts in splits.items()},
                                                  "seconds": time.perf_counter() - t_all})
-    curves = training_curves(run_dir, methods)
+    curves = training_curves(paths, methods)
     title = f"TAGI evaluation report: run {cfg.name} ({cfg.data.source})"
     write_report(run_dir, results, curves=curves, extra_tables=tables, echo=echo,
                  timings={m: t["seconds_per_instance"] for m, t in timing.items()}, title=title)
-    log(f"evaluate: report in {run_dir / 'report.md'} ({time.perf_counter() - t_all:.0f} s)")
+    write_stage_record(paths.eval, record)
+    log(f"evaluate: report in {paths.report} ({time.perf_counter() - t_all:.0f} s)")
     from .report import read_report
 
     return read_report(run_dir)

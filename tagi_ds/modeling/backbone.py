@@ -146,3 +146,22 @@ def module_types(specs: Sequence[TargetSpec]) -> list[str]:
     for s in specs:
         seen.setdefault(s.module_type, None)
     return list(seen)
+
+
+def enable_hf_checkpointing(backbone: torch.nn.Module, enabled: bool = True) -> None:
+    """Non-reentrant gradient checkpointing of a transformers backbone by transformers itself (a switch): for plain
+    backbones (teachers, baselines); the TAGI student has its own (modeling/checkpointing.py).
+
+    Non-reentrant (use_reentrant=False) because the backbone is frozen: the reentrant variant drops the gradient
+    of a checkpointed block whose inputs do not require grad, which would cut the LoRA terms' gradients.
+    transformers only recomputes when the backbone is in train() mode; the KV cache is turned off.
+    """
+    if not getattr(backbone, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(backbone).__name__} does not support gradient checkpointing "
+                          f"(backbone.gradient_checkpointing)")
+    if not enabled:
+        backbone.gradient_checkpointing_disable()
+        return
+    if getattr(backbone, "config", None) is not None:
+        backbone.config.use_cache = False
+    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

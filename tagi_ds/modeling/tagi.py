@@ -137,6 +137,27 @@ class TagiStudent(nn.Module):
             pooled = masked_mean_pool(hidden, attention_mask)  # (n_tasks, d)
         return TaskEncoding(pooled, hidden, attention_mask, prefix)
 
+    def encode_instruction_rows(self, rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str,
+                                chunk: int = 16) -> TaskEncoding:
+        """Encode token rows of instructions once, in fixed chunks of one common width (every rank runs the same
+        forwards: ZeRO-3 gathers stay in step). Returns a CPU TaskEncoding of len(rows) tasks."""
+        if not rows:
+            raise TagiError("no instructions to encode: the stage has no tasks")
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, :len(r)] = 1
+        parts = [self.encode_instructions(ids[s:s + chunk].to(device), mask[s:s + chunk].to(device)).to("cpu")
+                 for s in range(0, len(rows), chunk)]
+        prefix = None
+        if parts[0].prefix is not None:
+            prefix = tuple((torch.cat([p.prefix[layer][0] for p in parts]),
+                            torch.cat([p.prefix[layer][1] for p in parts])) for layer in range(len(parts[0].prefix)))
+        return TaskEncoding(torch.cat([p.pooled for p in parts]), torch.cat([p.hidden for p in parts]),
+                            torch.cat([p.mask for p in parts]), prefix)
+
     def generate_adapters(self, encoding: TaskEncoding) -> Adapters:
         return self.hypernet(encoding.pooled)
 

@@ -21,45 +21,31 @@ from typing import Any, Optional
 
 import torch
 
-from ..adapters.peft_io import ADAPTER_WEIGHTS, read_peft_adapter
-from ..data.collate import PromptSettings, pad_id
+from ..data.collate import PromptSettings, assemble, pad_id
 from ..data.tasks import Task
-from ..distill.logit_cache import CacheShardReader, CacheShardWriter, manifest_fields, shard_is_complete
-from ..errors import ArtifactMismatchError, ConfigError
-from ..io_utils import sha256_file
+from ..distill.logit_cache import CacheShardReader, CacheShardWriter, shard_is_complete
+from ..errors import ArtifactMismatchError
+from ..modeling.label_logits import align_label_logits
 from ..modeling.lora import BatchedLoraHooks
-from .run_paths import RunPaths
-from .teacher import (PROMPT_FORMAT, LoadedBackbone, RunUnits, encode_examples, instances_fingerprint,
-                      load_run_backbone, load_run_units, prompt_settings, published_state, teacher_manifest)
-from .teacher_batch import align_label_logits, assemble
+from ..run.artifacts import check_temperatures, published_state, shard_fields, teacher_manifest, teachers_identity
+from ..run.backbone import LoadedBackbone, load_run_backbone
+from ..run.paths import RunPaths
+from ..run.peft_io import read_peft_adapter
+from ..run.prompts import encode_examples, prompt_settings
+from ..run.units import RunUnits, load_run_units
 
 EXTRA_KEYS = ("task", "array_index")
 
 
-def check_temperatures(cfg) -> None:
-    if float(cfg.cache.temperature) != float(cfg.finetune.temperature):
-        raise ConfigError(f"cache.temperature={cfg.cache.temperature} must equal finetune.temperature="
-                          f"{cfg.finetune.temperature}: the KL is computed at the temperature the cache was written at")
-
-
-def shard_fields(*, tokenizer_hash: str, backbone_id: str, teacher_dir: Path, task: Task, top_k: int,
-                 temperature: float, settings: PromptSettings, vocab_size: int) -> dict[str, Any]:
-    """The manifest fields of one task's shard; also what a reader passes as `expect` (the finetune included)."""
-    fields = manifest_fields(
-        tokenizer_hash=tokenizer_hash, backbone_id=backbone_id,
-        teacher_adapter_hash=sha256_file(Path(teacher_dir) / ADAPTER_WEIGHTS), k=min(top_k, vocab_size),
-        temperature=temperature,
-        prompt_format=f"{PROMPT_FORMAT}:{settings.arch}:pos{settings.num_pos}:def{int(settings.add_definition)}",
-        max_source_length=settings.max_source_length, max_target_length=settings.max_target_length,
-        vocab_size=vocab_size)
-    return {**fields, "instances_sha256": instances_fingerprint([task])}
+def identity(cfg, sub: Optional[str] = None) -> dict:
+    """The teachers' identity plus the cache's own settings (top-k, temperature, missing-mass handling)."""
+    cache = {k: v for k, v in vars(cfg.cache).items() if k != "batch_size"}
+    return {**teachers_identity(cfg), "cache": cache}
 
 
 def expected_shard_fields(cfg, task: Task, bb: LoadedBackbone, teacher_dir: Path) -> dict[str, Any]:
-    """`shard_fields` from a run config (cache-logits and the finetune's reader use the same)."""
-    return shard_fields(tokenizer_hash=bb.tokenizer_hash, backbone_id=bb.identity, teacher_dir=teacher_dir,
-                        task=task, top_k=cfg.cache.top_k, temperature=cfg.cache.temperature,
-                        settings=prompt_settings(cfg, bb.arch), vocab_size=bb.vocab_size)
+    return shard_fields(cfg, task, arch=bb.arch, tokenizer_hash=bb.tokenizer_hash, backbone_id=bb.identity,
+                        teacher_dir=teacher_dir, vocab_size=bb.vocab_size, settings=prompt_settings(cfg, bb.arch))
 
 
 @torch.no_grad()
@@ -96,13 +82,14 @@ def write_task_shard(bb: LoadedBackbone, hooks: BatchedLoraHooks, adapters: dict
 
 def _teacher_ready(cfg, ru: RunUnits, unit: str, bb: LoadedBackbone, paths: RunPaths) -> bool:
     """True when this config's teacher of `unit` is published; a teacher of another configuration is refused."""
-    m = teacher_manifest(cfg, unit, ru.tasks[unit], bb)
+    m = teacher_manifest(cfg, unit, ru.tasks[unit], bb.arch, bb.tokenizer_hash)
     return published_state(paths.teacher(unit), m["hash"]) == "done"
 
 
-def run(cfg, task: Optional[str] = None, array_index: Optional[str] = None, log=print) -> dict[str, list[str]]:
+def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log=print, task: Optional[str] = None,
+        array_index: Optional[str] = None) -> dict[str, list[str]]:
     """Write the shards of the selected units. Returns {"written": tasks, "skipped": tasks, "no_teacher": units}."""
-    check_temperatures(cfg)
+    check_temperatures(cfg.cache.temperature, cfg.finetune.temperature)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     paths = RunPaths.of(cfg)

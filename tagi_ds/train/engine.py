@@ -44,24 +44,6 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def enable_activation_checkpointing(backbone: torch.nn.Module, enabled: bool = True) -> None:
-    """Non-reentrant gradient checkpointing of a transformers backbone (a switch).
-
-    Non-reentrant (use_reentrant=False) because the backbone is frozen: the reentrant variant drops the gradient
-    of a checkpointed block whose inputs do not require grad, which would cut the LoRA terms' gradients.
-    transformers only recomputes when the backbone is in train() mode; the KV cache is turned off.
-    """
-    if not getattr(backbone, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"{type(backbone).__name__} does not support gradient checkpointing "
-                          f"(backbone.gradient_checkpointing)")
-    if not enabled:
-        backbone.gradient_checkpointing_disable()
-        return
-    if getattr(backbone, "config", None) is not None:
-        backbone.config.use_cache = False
-    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 def _param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float, lr: float,
                   lr_scale_of: Optional[Callable[[str], float]] = None) -> list[dict]:
     """AdamW groups: decay matrices only, not biases / norms; a parameter whose `lr_scale_of(name)` is not 1 gets its

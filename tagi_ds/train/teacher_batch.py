@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.collate import IGNORE, pad_rows
+from ..data.collate import EncodedPair, assemble
+from ..modeling.label_logits import align_label_logits
 from ..errors import ConfigError, DataError
 from ..io_utils import atomic_path
 from ..kernels import dispatch
@@ -40,44 +41,6 @@ CKPT_FILE = "state.pt"
 
 
 # ------------------------------------------------------------------------------------------------ data
-@dataclass(frozen=True)
-class EncodedPair:
-    """One training example, tokenized once: the full prompt's ids and the target ids (+ eos)."""
-
-    prompt: tuple[int, ...]
-    target: tuple[int, ...]
-
-
-def _round_up(rows: list[list[int]], value: int, multiple: int) -> list[list[int]]:
-    """Pad the first row so the batch width becomes a multiple of `multiple` (pad_rows pads the rest to it)."""
-    if multiple <= 1 or not rows:
-        return rows
-    width = max(len(r) for r in rows)
-    target = -(-width // multiple) * multiple
-    return [rows[0] + [value] * (target - len(rows[0]))] + rows[1:]
-
-
-def assemble(pairs: Sequence[EncodedPair], arch: str, pad: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """Tensors in `collate.collate_full`'s layout (right padding). T5: input_ids = prompt, labels = target;
-    causal: input_ids = prompt + target, labels = -100 on the prompt and padding.
-
-    `pad_to_multiple_of` > 1 rounds the widths up: fixed shapes whatever the batch holds (kernel choice, and a
-    unit's numbers then do not depend on the other units' lengths: see the module docstring)."""
-    m = pad_to_multiple_of
-    if arch == "t5":
-        prompts = [list(p.prompt) for p in pairs]
-        masks = _round_up([[1] * len(r) for r in prompts], 0, m)
-        return {"input_ids": pad_rows(_round_up(prompts, pad, m), pad), "attention_mask": pad_rows(masks, 0),
-                "labels": pad_rows(_round_up([list(p.target) for p in pairs], IGNORE, m), IGNORE)}
-    if arch == "llama":
-        seqs = [list(p.prompt) + list(p.target) for p in pairs]
-        labels = [[IGNORE] * len(p.prompt) + list(p.target) for p in pairs]
-        return {"input_ids": pad_rows(_round_up(seqs, pad, m), pad),
-                "attention_mask": pad_rows(_round_up([[1] * len(s) for s in seqs], 0, m), 0),
-                "labels": pad_rows(_round_up(labels, IGNORE, m), IGNORE)}
-    raise ConfigError(f"backbone arch must be 't5' or 'llama', got {arch!r}")
-
-
 class UnitStream:
     """A unit's own data order: seeded shuffles, one epoch after another; its state is checkpointable."""
 
@@ -115,17 +78,6 @@ class UnitStream:
 def kaiming_uniform_bound(d_in: int) -> float:
     """PEFT's A init is nn.init.kaiming_uniform_(a=√5): gain √(2/(1+5)), bound gain·√(3/fan_in) = 1/√d_in."""
     return 1.0 / math.sqrt(d_in)
-
-
-def align_label_logits(logits: torch.Tensor, labels: torch.Tensor, causal: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits at label positions: (M, V) logits, (M,) target ids, (M,) row index, rows in order, positions in
-    order within a row. T5: logits[:, j] predicts labels[:, j]; causal: logits[:, t] predicts labels[:, t+1]."""
-    if causal:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    valid = labels != IGNORE  # (N, L)
-    rows = valid.nonzero()[:, 0]  # (M,) row-major order
-    return logits[valid], labels[valid], rows
 
 
 def per_unit_loss(logits: torch.Tensor, labels: torch.Tensor, row_unit: torch.Tensor, n_units: int,

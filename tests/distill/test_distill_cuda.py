@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distill_helpers import zipf_logits
+from tests.distill.distill_helpers import zipf_logits
 
 from tagi_ds.distill.l_ins import delta_w_distance, delta_w_distance_dense
 from tagi_ds.distill.sparse_kl import dense_kl, sparse_kl

@@ -1,8 +1,8 @@
-"""Fixtures for the evaluation tests (helpers live in eval_helpers.py)."""
+"""Fixtures for the evaluation tests: word-level tokenizers (tests/tiny.py)."""
 from __future__ import annotations
 
 import pytest
-from eval_helpers import word_tokenizer
+from tests.tiny import word_tokenizer
 
 
 @pytest.fixture(scope="module")

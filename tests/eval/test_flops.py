@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from eval_helpers import tiny_llama, tiny_t5
+from tests.tiny import eager_llama, eager_t5
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -32,7 +32,7 @@ def _gen(model, out_len, **kw):
 
 @pytest.mark.parametrize("ff", ["gated-gelu", "relu"])
 def test_t5_forward_and_generation(ff):
-    m = tiny_t5(feed_forward_proj=ff)
+    m = eager_t5(feed_forward_proj=ff)
     cfg = m.config.to_dict()
     S, T = 17, 6
     x, y = _ids(S), _ids(T, 1)
@@ -44,7 +44,7 @@ def test_t5_forward_and_generation(ff):
 
 def test_t5_fusion_extra_cross_attention():
     """Encoder on the input, decoder cross-attending to [instruction states ; input states]."""
-    m = tiny_t5()
+    m = eager_t5()
     cfg = m.config.to_dict()
     S, E, T = 11, 7, 5
     x = _ids(S)
@@ -62,7 +62,7 @@ def test_t5_fusion_extra_cross_attention():
 
 
 def test_llama_gqa_forward_generation_and_prefix():
-    m = tiny_llama()  # 4 query heads, 2 KV heads
+    m = eager_llama()  # 4 query heads, 2 KV heads
     cfg = m.config.to_dict()
     P, L, T = 13, 9, 5
     ins, inp = _ids(P), _ids(L, 1)
@@ -78,7 +78,7 @@ def test_llama_gqa_forward_generation_and_prefix():
 def test_unmerged_lora_overhead_matches_peft():
     from peft import LoraConfig, get_peft_model
 
-    m = tiny_llama()
+    m = eager_llama()
     cfg = m.config.to_dict()
     targets = ["q_proj", "v_proj", "down_proj"]
     pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)).eval()
@@ -89,7 +89,7 @@ def test_unmerged_lora_overhead_matches_peft():
 
 
 def test_lora_merge_flops_by_hand():
-    m = tiny_llama()
+    m = eager_llama()
     cfg = m.config.to_dict()  # hidden 32, 4 heads x 8, 2 kv heads, 2 layers
     r = 4
     want = 2 * (2 * 32 * r * 32 + 2 * 16 * r * 32)  # layers * (q: 32x32, v: 16x32) * 2 MAC→FLOP
@@ -99,7 +99,7 @@ def test_lora_merge_flops_by_hand():
 
 
 def test_per_instance_method_costs():
-    cfg = tiny_t5().config.to_dict()
+    cfg = eager_t5().config.to_dict()
     kw = dict(arch="t5", cfg_dict=cfg, instr_len=120, input_len=30, out_len=8, n_instances=50,
               hypernet_flops=1e6, lora_rank=4, lora_targets=["q", "v"])
     tk = F.per_instance_flops("tk_instruct", **kw)
@@ -119,7 +119,7 @@ def test_per_instance_method_costs():
 
 
 def test_llama_kv_reuse_and_tagi():
-    cfg = tiny_llama().config.to_dict()
+    cfg = eager_llama().config.to_dict()
     kw = dict(arch="llama", cfg_dict=cfg, instr_len=100, input_len=20, out_len=6, n_instances=10)
     reuse = F.per_instance_flops("tk_instruct_kv_reuse", **kw)
     assert reuse == pytest.approx(F.llama_forward_flops(cfg, 100, logits_len=0) / 10
@@ -129,7 +129,7 @@ def test_llama_kv_reuse_and_tagi():
 
 
 def test_bad_input():
-    cfg = tiny_t5().config.to_dict()
+    cfg = eager_t5().config.to_dict()
     kw = dict(arch="t5", cfg_dict=cfg, instr_len=10, input_len=5, out_len=2, n_instances=3)
     with pytest.raises(ConfigError, match="unknown method"):
         F.per_instance_flops("magic", **kw)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from eval_helpers import V, tiny_llama, tiny_t5
+from tests.tiny import WORD_V as V, eager_llama, eager_t5
 
 from tagi_ds.errors import ConfigError, DataError
 from tagi_ds.eval.rank_classification import (accuracy_per_prompt_then_dataset, choice_logliks, module_forward,
@@ -33,7 +33,7 @@ def _reference_loglik(model, arch, tok, src, choice):
 
 @pytest.mark.parametrize("arch", ["t5", "llama"])
 def test_batched_scores_match_reference(arch, t5_tok, llama_tok):
-    model = tiny_t5() if arch == "t5" else tiny_llama()
+    model = eager_t5() if arch == "t5" else eager_llama()
     tok = t5_tok if arch == "t5" else llama_tok
     got_sum = choice_logliks(model, arch, tok, SOURCES, CHOICES, reduction="sum", batch_size=3)
     got_mean = choice_logliks(model, arch, tok, SOURCES, CHOICES, reduction="mean", batch_size=4)
@@ -58,7 +58,7 @@ def _rig(model, token_id: int, bias: float) -> None:
 
 @pytest.mark.parametrize("arch", ["t5", "llama"])
 def test_rigged_model_picks_known_answer_and_sum_vs_mean(arch, t5_tok, llama_tok):
-    model = tiny_t5(seed=1) if arch == "t5" else tiny_llama(seed=1)
+    model = eager_t5(seed=1) if arch == "t5" else eager_llama(seed=1)
     tok = t5_tok if arch == "t5" else llama_tok
     yes = tok.convert_tokens_to_ids("yes")
     b = 8.0
@@ -104,7 +104,7 @@ def test_accuracy_per_prompt_then_dataset():
 
 
 def test_bad_input(t5_tok):
-    model = tiny_t5()
+    model = eager_t5()
     with pytest.raises(ConfigError, match="arch"):
         choice_logliks(model, "gpt", t5_tok, ["x"], [["yes"]])
     with pytest.raises(DataError, match="no answer choices"):

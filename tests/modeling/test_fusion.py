@@ -7,7 +7,7 @@ from tagi_ds.modeling.hf_compat import cache_kwargs
 from tagi_ds.modeling.fusion import (expand_prefix, fuse_encoder_states, llama_instruction_pass,
                                      positions_from_mask, prefix_mask_and_positions)
 
-from modeling_helpers import rand_ids, tiny_backbone
+from tests.tiny import rand_ids, tiny_backbone
 
 
 def test_fuse_encoder_states():

@@ -9,8 +9,8 @@ from tagi_ds.errors import ArtifactMismatchError, TagiError
 from tagi_ds.modeling.backbone import target_specs
 from tagi_ds.modeling.lora import BatchedLoraHooks, merge_into_copy
 
-from modeling_helpers import make_student, rand_ids, tiny_backbone
-from student_helpers import randomize_b_heads
+from tests.tiny import make_student, rand_ids, tiny_backbone
+from tests.tiny import randomize_b_heads
 
 
 def _plain_logits(model, arch, ids, mask, dec):

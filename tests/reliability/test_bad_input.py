@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rel_helpers import snapshot
+from tests.reliability.rel_helpers import snapshot
 from tagi_ds import cli
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tagi_ds.errors import ConfigError, DataError
-from tagi_ds.train.array import array_units, resolve_array_index, sbatch_line, tasks_for_unit
+from tagi_ds.run.array import array_units, resolve_array_index, sbatch_line, tasks_for_unit
 
 NAMES = ["task_c", "task_a", "task_b", "task_d"]
 CATS = {"task_a": ("Sentiment",), "task_b": ["QA"], "task_c": "Sentiment", "task_d": ("QA", "Other")}

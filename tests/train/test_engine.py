@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine_standin as S
+from tests.train import engine_standin as S
 from tagi_ds.errors import ArtifactMismatchError, ConfigError
-from tagi_ds.train.checkpoint import export_trainable, load_trainable, read_latest
+from tagi_ds.run.export_io import load_trainable
+from tagi_ds.train.checkpoint import export_trainable, read_latest
 from tagi_ds.train.distributed import ds_config_from_file, global_token_mean
-from tagi_ds.train.engine import Engine, enable_activation_checkpointing
+from tagi_ds.modeling.backbone import enable_hf_checkpointing
+from tagi_ds.train.engine import Engine
 from tagi_ds.train.schedule import lr_multiplier, make_scheduler
 
 REPO = Path(__file__).resolve().parents[2]
@@ -205,7 +207,7 @@ def test_activation_checkpointing_same_gradients_with_recompute(tmp_path):
         model = _model()
         model.train()
         if checkpointing:
-            enable_activation_checkpointing(model.backbone)
+            enable_hf_checkpointing(model.backbone)
         calls = []
         model.backbone.get_submodule(model.targets[0]).register_forward_hook(lambda *a: calls.append(1))
         loss_sum, n = model(batch)

@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import recipe_worker as W
-from proc_helpers import free_port, sigkill_when_ready, start_launcher, worker_env
+from tests.train import recipe_worker as W
+from tests.proc_helpers import free_port, sigkill_when_ready, start_launcher, worker_env
 from tagi_ds.config import load_config
 from tagi_ds.train.checkpoint import read_latest, verify_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).resolve().parent / "recipe_worker.py"
+WORKER = ["-m", "tests.train.recipe_worker"]  # run as a module of the tests package (cwd = the repository)
 STEPS, EVERY, KILL_AT = 8, 4, 4
 
 BASE = """
@@ -61,7 +61,7 @@ distributed: {{ds_config: {ds}, param_persistence_threshold: 0, timeout_s: 120}}
 def _cmd(phases: list[dict], ranks: int = 2) -> list[str]:
     head = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
              str(free_port())] if ranks > 1 else [sys.executable])
-    cmd = head + [str(WORKER)]
+    cmd = head + WORKER
     for ph in phases:
         cmd += ["--phase", json.dumps(ph)]
     return cmd

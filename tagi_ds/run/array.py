@@ -4,17 +4,15 @@ The mapping is index → unit in stable sorted order, so the same config gives t
 on every resubmission (a requeued array element redoes exactly its own unit). `sbatch_line` renders the submit
 command the teacher stage prints for `tagi-ds teacher --list`.
 
-`python -m tagi_ds.train.array --config X.yaml [--index N] [key=value ...]` prints `index<TAB>unit` lines (all, or
+`python -m tagi_ds.run.units --config X.yaml [--index N] [key=value ...]` prints `index<TAB>unit` lines (all, or
 one): the sbatch scripts call it in their dry run to show which unit an index maps to.
 """
 from __future__ import annotations
 
-import argparse
 import shlex
-import sys
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..errors import ConfigError, DataError, TagiError
+from ..errors import ConfigError, DataError
 
 
 def _categories(value: Any) -> tuple[str, ...]:
@@ -84,59 +82,3 @@ def sbatch_line(script: str, n: int, concurrency: int | None, config: str) -> st
         raise ConfigError(f"cannot size a job array with {n} units")
     cap = f"%{concurrency}" if concurrency else ""
     return f"sbatch --array=0-{n - 1}{cap} {shlex.quote(str(script))} {shlex.quote(str(config))}"
-
-
-def _task_view(loaded: Any) -> tuple[list[str], dict[str, tuple[str, ...]]]:
-    """Names and categories of the training tasks, from what the data registry returns."""
-    train = None
-    for attr in ("train", "train_tasks", "seen"):
-        if hasattr(loaded, attr):
-            train = getattr(loaded, attr)
-            break
-        if isinstance(loaded, Mapping) and attr in loaded:
-            train = loaded[attr]
-            break
-    if train is None:
-        train = loaded
-    if isinstance(train, Mapping):
-        train = list(train.values())
-    names = [t.name for t in train]
-    return names, {t.name: tuple(t.categories) for t in train}
-
-
-def array_units_from_config(cfg: Any) -> list[str]:
-    """The array units of a run's training tasks (data read through the data registry)."""
-    from ..data.registry import load_run_tasks_from_config  # lazy: data loading is heavy and not always needed
-
-    names, cats = _task_view(load_run_tasks_from_config(cfg))
-    return array_units(names, cats, cfg.teacher.group_by)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tagi_ds.train.array",
-                                description="print the job-array units of a config (index<TAB>unit)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--index", default=None, help="print only this index's unit (error when out of range)")
-    p.add_argument("--sbatch", default=None, help="also print the submit line for this sbatch script")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    from ..config import load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        units = array_units_from_config(cfg)
-        if args.index is not None:
-            print(f"{int(args.index)}\t{resolve_array_index(units, args.index)}")
-        else:
-            for i, u in enumerate(units):
-                print(f"{i}\t{u}")
-        if args.sbatch:
-            print(sbatch_line(args.sbatch, len(units), cfg.teacher.array_concurrency, args.config))
-    except TagiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
