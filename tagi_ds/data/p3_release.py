@@ -13,14 +13,17 @@ absent (empty); strings are UTF-8. The same rules are checked here, for the feat
 Output, one folder per dataset-prompt: OUT/<dataset_prompt>/<split>.jsonl with `inputs_pretokenized`,
 `targets_pretokenized` and `answer_choices` (only where the prompt has them), plus `_conversion.json` (source,
 rows per split). Each folder is written under a temporary name and renamed when complete, so a rerun skips the
-folders already there and redoes only the one that was interrupted (run one converter per OUT at a time).
+folders already there and redoes only those that were interrupted (run one converter per OUT at a time).
+Folders are converted `--workers` at a time, one process each.
 By default only the folders T0's training mixture and held-out evaluation use are converted (`--all`: every one).
 """
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import glob
 import json
+import os
 import re
 import shutil
 import sys
@@ -158,8 +161,9 @@ class ConversionSummary:
 
 
 def convert_p3(src: str | Path, out: str | Path, all_folders: bool = False, only: Sequence[str] = (),
-               force: bool = False, progress: bool = True) -> ConversionSummary:
-    """Convert every wanted release folder under `src` into `out`; folders already converted are skipped."""
+               force: bool = False, progress: bool = True, workers: int = 1) -> ConversionSummary:
+    """Convert every wanted release folder under `src` into `out`, `workers` folders at a time (processes: the
+    decoding is Python-bound, see bench/tfrecord.py); folders already converted are skipped."""
     from tqdm.auto import tqdm
 
     root, out = release_root(src), Path(out)
@@ -168,15 +172,38 @@ def convert_p3(src: str | Path, out: str | Path, all_folders: bool = False, only
         raise DataError(f"{root}: no release folder matches (T0 folders only unless --all; --only {list(only)})")
     out.mkdir(parents=True, exist_ok=True)
     summary = ConversionSummary({}, [])
-    bar = tqdm(folders, desc="P3 prompts", unit="prompt", disable=not progress)
-    for folder in bar:
-        bar.set_postfix_str(folder.name[:40])
+    todo = []
+    for folder in folders:
         if (out / folder.name / MARKER).is_file() and not force:
             summary.skipped.append(folder.name)
             continue
-        for stale in out.glob(f".{folder.name}.*.tmp"):  # left by a killed run (atomic_dir's temporary names)
+        for stale in out.glob(f".{glob.escape(folder.name)}.*.tmp"):  # left by a killed run (atomic_dir's temporary names)
             shutil.rmtree(stale, ignore_errors=True)
-        summary.converted[folder.name] = convert_folder(folder, out)
+        todo.append(folder)
+    bar = tqdm(total=len(folders), initial=len(summary.skipped), desc="P3 prompts", unit="prompt",
+               disable=not progress)
+    try:
+        if workers <= 1:
+            for folder in todo:
+                bar.set_postfix_str(folder.name[:40])
+                summary.converted[folder.name] = convert_folder(folder, out)
+                bar.update()
+        else:
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(workers) as pool:
+                jobs = {pool.submit(convert_folder, f, out): f for f in todo}
+                try:
+                    for job in as_completed(jobs):
+                        summary.converted[jobs[job].name] = job.result()  # re-raises a worker's DataError
+                        bar.update()
+                except BaseException:
+                    for job in jobs:  # folders not started yet are dropped; running ones finish (atomically)
+                        job.cancel()
+                    raise
+    finally:
+        bar.close()
+    summary.converted = dict(sorted(summary.converted.items()))
     return summary
 
 
@@ -188,10 +215,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--only", action="append", default=[], metavar="GLOB",
                     help="convert only folders whose name matches (repeatable), e.g. 'super_glue_rte_*'")
     ap.add_argument("--force", action="store_true", help="reconvert folders that are already converted")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="folders converted at once, one process each (default: min(8, CPUs))")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
-        s = convert_p3(args.src, args.out, args.all, args.only, args.force, not args.no_progress)
+        s = convert_p3(args.src, args.out, args.all, args.only, args.force, not args.no_progress, args.workers)
     except TagiError as e:
         print(f"convert_p3: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -9,7 +9,7 @@ from p3_fixture import T0_HELDOUT_FOLDERS, T0_TRAIN_FOLDERS, read_jsonl, write_p
 def test_convert_then_list_tasks_with_the_cli(tmp_path, run):
     rows = write_p3_release(tmp_path / "release", rows_per_split=30, seed=1)
     out = tmp_path / "p3"
-    done = run("tools/convert_p3.py", str(tmp_path / "release"), str(out), "--no-progress")
+    done = run("tools/convert_p3.py", str(tmp_path / "release"), str(out), "--no-progress", "--workers", "2")
     assert done.returncode == 0, done.stderr
     assert "converted 4 prompt folder(s), 270 rows; skipped 0" in done.stdout  # 9 splits of 30 rows
     for folder in T0_TRAIN_FOLDERS + T0_HELDOUT_FOLDERS:
@@ -25,7 +25,7 @@ def test_convert_then_list_tasks_with_the_cli(tmp_path, run):
     assert unseen["tasks"] == 2 and unseen["instances"] == 2 * 30  # all validation rows (demos come from train)
     assert unseen["categories"] == {"Natural Language Inference": 2}
 
-    again = run("tools/convert_p3.py", str(tmp_path / "release"), str(out))  # with the progress bar this time
+    again = run("tools/convert_p3.py", str(tmp_path / "release"), str(out), "--workers", "1")  # progress bar on
     assert again.returncode == 0 and "converted 0 prompt folder(s), 0 rows; skipped 4" in again.stdout
     assert "P3 prompts" in again.stderr  # tqdm's bar
 
@@ -36,10 +36,23 @@ def test_a_corrupt_shard_is_refused_with_file_and_record(tmp_path, run):
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF  # inside the last record's data
     shard.write_bytes(bytes(raw))
-    done = run("tools/convert_p3.py", str(tmp_path / "release"), str(tmp_path / "p3"), "--no-progress")
+    done = run("tools/convert_p3.py", str(tmp_path / "release"), str(tmp_path / "p3"), "--no-progress",
+               "--workers", "1")
     assert done.returncode == 2
     assert "train.tfrecord-00000-of-00001: record 9 at byte" in done.stderr and "CRC" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "p3" / "super_glue_rte_GPT_3_style").exists()
     # the folders converted before the bad one stay, so a rerun after fixing the file resumes there
     assert (tmp_path / "p3" / "anli_GPT_3_style_r1" / "_conversion.json").is_file()
+
+
+def test_parallel_workers_stop_on_a_bad_folder(tmp_path, run):
+    write_p3_release(tmp_path / "release", rows_per_split=10)
+    info = tmp_path / "release" / "data" / "common_gen_topic_to_sentence" / "info.train.json"
+    info.write_text("{oops")
+    done = run("tools/convert_p3.py", str(tmp_path / "release"), str(tmp_path / "p3"), "--no-progress",
+               "--workers", "2")
+    assert done.returncode == 2 and "info.train.json: not valid JSON" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "p3" / "common_gen_topic_to_sentence").exists()
+    assert not list((tmp_path / "p3").glob(".*.tmp"))
