@@ -172,10 +172,13 @@ class TextCorpus:
                 slots.close()
                 i += count  # a whole indexed shard before the resume point: never opened
                 continue
+            first = i
             for lineno, payload in slots:
                 if i >= start and i % world_size == rank:
                     yield i, _text(f, lineno, payload)
                 i += 1
+            if count is not None and i - first != count:  # numbering past this shard would shift silently
+                raise DataError(f"{f}: {i - first} documents, its index says {count}; rerun tools/convert_c4.py")
 
     def iter(self, start: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, str]]:
         """(document index, text) of this rank's non-empty documents from `start` on."""

@@ -174,6 +174,12 @@ def test_index_must_match_its_shards(tmp_path):
     _write(shard, ["a", "b", "c"], "json.gz")
     with pytest.raises(DataError, match="missing or changed since it was indexed"):
         TextCorpus(tmp_path / "idx")
+    # a rewrite that kept the size (faked in the index) but not the document count: caught while reading
+    index = json.loads((tmp_path / "idx" / "corpus_index.json").read_text())
+    index["shards"][0]["bytes"] = shard.stat().st_size
+    (tmp_path / "idx" / "corpus_index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match="3 documents, its index says 2"):
+        list(TextCorpus(tmp_path / "idx").iter())
     shard.unlink()
     with pytest.raises(DataError, match="missing or changed"):
         TextCorpus(tmp_path / "idx")
