@@ -11,7 +11,7 @@ from typing import Callable, Sequence, Union
 import torch
 
 from ..errors import ArtifactMismatchError
-from .sampled_kl import weighted_kl
+from .sampled_kl import Control, weighted_kl
 from .signal import DenseTeacher, PriorityTeacher, SampledTeacher, TeacherBatch, TeacherSignal, TopKTeacher
 from .sparse_kl import MissingMass, dense_kl, sparse_kl
 
@@ -41,7 +41,7 @@ def distillation_loss(ce: torch.Tensor, kl: Term, l_ins: Term, lambda_kl: float,
 
 
 def signal_kl(student_logits: torch.Tensor, label_mask: torch.Tensor, teacher: TeacherBatch, temperature: float,
-              missing_mass: MissingMass = "bucket", estimator: str = "counts",
+              missing_mass: MissingMass = "bucket", estimator: str = "distinct", control: Control = "auto",
               chunk_tokens: int = 1024) -> torch.Tensor:
     """T^2 * mean over label tokens of KL_T(teacher || student), by the loss that fits the teacher batch's kind:
     top-k -> `sparse_kl` (`missing_mass`: biased, see sparse_kl.py); sampled -> `weighted_kl` with `estimator`
@@ -60,9 +60,10 @@ def signal_kl(student_logits: torch.Tensor, label_mask: torch.Tensor, teacher: T
         return sparse_kl(student_logits, t.logprobs, t.ids, mask, temperature, missing_mass=missing_mass,
                          chunk_tokens=chunk_tokens)
     if isinstance(t, SampledTeacher):
-        return weighted_kl(student_logits, t.logprobs, t.ids, t.weights(estimator), mask, temperature, chunk_tokens)
+        return weighted_kl(student_logits, t.logprobs, t.ids, t.weights(estimator), mask, temperature, control,
+                           chunk_tokens)
     if isinstance(t, PriorityTeacher):
-        return weighted_kl(student_logits, t.logprobs, t.ids, t.weights(), mask, temperature, chunk_tokens)
+        return weighted_kl(student_logits, t.logprobs, t.ids, t.weights(), mask, temperature, control, chunk_tokens)
     if isinstance(t, DenseTeacher):
         return dense_kl(student_logits, t.logits, mask, temperature)
     raise TypeError(f"signal_kl: unknown teacher batch {type(teacher).__name__}")
@@ -71,7 +72,7 @@ def signal_kl(student_logits: torch.Tensor, label_mask: torch.Tensor, teacher: T
 def teacher_kl(student_logits: torch.Tensor, label_mask: torch.Tensor, signal: TeacherSignal,
                task_name: str | Sequence[str], instance_ids: Sequence[str], temperature: float,
                missing_mass: MissingMass = "bucket", chunk_tokens: int = 1024,
-               estimator: str = "counts") -> torch.Tensor:
+               estimator: str = "distinct", control: Control = "auto") -> torch.Tensor:
     """KL_T(teacher || student) for a micro batch, the teacher read from `signal` (any cache mode).
 
     student_logits (N, L, V) at label positions, left-aligned: row i's label tokens are at 0..len_i-1, which is what
@@ -89,7 +90,7 @@ def teacher_kl(student_logits: torch.Tensor, label_mask: torch.Tensor, signal: T
     if not torch.equal(teacher.valid.to(label_mask.device), label_mask.bool()):
         raise ArtifactMismatchError(f"teacher_kl: task {task_name}: cached label positions disagree with the batch")
     return signal_kl(student_logits, label_mask, teacher, temperature, missing_mass=missing_mass,
-                     estimator=estimator, chunk_tokens=chunk_tokens)
+                     estimator=estimator, control=control, chunk_tokens=chunk_tokens)
 
 
 def _pad_to(teacher: TeacherBatch, L: int) -> TeacherBatch:

@@ -32,6 +32,8 @@ log-normaliser, and the backward is written by hand (the gradient above), one ch
 """
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 
@@ -53,56 +55,109 @@ def priority_weights(logprobs: torch.Tensor, log_threshold: torch.Tensor) -> tor
     return torch.maximum(logprobs.to(torch.float32), log_threshold.to(torch.float32)).exp()
 
 
-def token_kl(z: torch.Tensor, t_lp: torch.Tensor, t_ids: torch.Tensor, w: torch.Tensor,
-             temperature: float) -> torch.Tensor:
-    """Per-token KL_hat (no T^2): z (c, V) student logits; t_lp, t_ids, w (c, s) -> (c,). Differentiable in z (the
-    autograd reference that the hand-written backward is tested against)."""
+Control = Union[float, str]  # a fixed coefficient, or "auto" (leave-one-out regression, `control_coefficients`)
+AUTO_RANGE = (0.0, 2.0)  # the "auto" coefficient is clamped to this range
+
+
+def token_terms(z: torch.Tensor, t_lp: torch.Tensor, t_ids: torch.Tensor,
+                w: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (X, Y) (c,) each, no T^2: X = sum_j w_j (log p_j - log q_j), the plain estimate, and
+    Y = sum_j w_j (q_j / p_j - 1), the zero-mean control variate. z (c, V) student logits; t_lp, t_ids, w (c, s).
+    Differentiable in z (the autograd reference of the hand-written backward)."""
     zt = z / temperature
     s_lp = zt.gather(-1, t_ids) - torch.logsumexp(zt, dim=-1, keepdim=True)  # (c, s)
-    return torch.where(w > 0, w * (t_lp - s_lp), torch.zeros_like(s_lp)).sum(-1)
+    keep = w > 0  # padding (and ids the teacher gives probability 0) never enter, even as 0 * inf
+    zero = torch.zeros_like(s_lp)
+    x = torch.where(keep, w * (t_lp - s_lp), zero).sum(-1)
+    y = torch.where(keep, w * torch.expm1(torch.where(keep, s_lp - t_lp, zero)), zero).sum(-1)
+    return x, y
+
+
+def control_coefficients(x: torch.Tensor, y: torch.Tensor, control: Control) -> torch.Tensor:
+    """Per-token coefficient (c,) of the control variate, never a function of the token's own draws.
+
+    "auto": c_t = -cov(x, y) / E[y^2] over the OTHER tokens s != t of the call (x centred on their mean; y has known
+    mean 0), clamped to AUTO_RANGE; 0 with fewer than 3 tokens. The cache's draws at different positions are
+    independent, so c_t is independent of token t's draws and E[c_t Y_t] = E[c_t] E[Y_t] = 0: value and gradient
+    stay unbiased, while c_t follows the student (near 0 far from the teacher, near 1 close to it).
+    """
+    if control != "auto":
+        return torch.full_like(x, float(control))
+    dtype = x.dtype
+    x, y = x.detach().to(torch.float64), y.detach().to(torch.float64)
+    m = x.numel()
+    if m < 3:
+        return torch.zeros_like(x, dtype=dtype)
+    mean_x = (x.sum() - x) / (m - 1)  # (c,) leave-one-out means
+    sxy = ((x * y).sum() - x * y) - mean_x * (y.sum() - y)  # sum_{s != t} (x_s - mean_x) y_s
+    syy = (y * y).sum() - y * y  # sum_{s != t} y_s^2
+    ok = syy > 1e-12 * (y * y).sum().clamp_min(1e-300)
+    c = torch.where(ok, -sxy / torch.where(ok, syy, torch.ones_like(syy)), torch.zeros_like(syy))
+    return c.clamp(*AUTO_RANGE).to(dtype)
+
+
+def token_kl(z: torch.Tensor, t_lp: torch.Tensor, t_ids: torch.Tensor, w: torch.Tensor, temperature: float,
+             control: Control = 0.0) -> torch.Tensor:
+    """Per-token KL_hat + c * Y (no T^2) -> (c,); `control` as in `weighted_kl` ("auto" pools these c tokens)."""
+    x, y = token_terms(z, t_lp, t_ids, w, temperature)
+    return x + control_coefficients(x, y, control) * y
 
 
 class _WeightedKL(torch.autograd.Function):
-    """Sum over selected rows of KL_hat, chunked; hand-written backward (flat memory)."""
+    """Sum over selected rows of KL_hat + c Y, chunked; hand-written backward (flat memory)."""
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor, rows: torch.Tensor, t_lp: torch.Tensor, t_ids: torch.Tensor,
-                w: torch.Tensor, temperature: float, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+                w: torch.Tensor, temperature: float, control: Control, chunk: int, dtype: torch.dtype) -> torch.Tensor:
         # flat (T, V) student logits; rows (M,) valid token rows; t_lp, t_ids, w (M, s)
-        total = torch.zeros((), dtype=dtype, device=flat.device)
-        lse = torch.empty(rows.numel(), dtype=dtype, device=flat.device)  # (M,) log-normaliser of z / T
-        for s in range(0, rows.numel(), chunk):
+        M = rows.numel()
+        lse = torch.empty(M, dtype=dtype, device=flat.device)  # (M,) log-normaliser of z / T
+        x, y = torch.empty_like(lse), torch.empty_like(lse)  # (M,) per-token estimate and control variate
+        for s in range(0, M, chunk):
             zt = flat.index_select(0, rows[s:s + chunk]).to(dtype) / temperature  # (c, V)
             lse[s:s + chunk] = torch.logsumexp(zt, dim=-1)
-            s_lp = zt.gather(-1, t_ids[s:s + chunk]) - lse[s:s + chunk, None]  # (c, s)
-            ws = w[s:s + chunk]
-            total = total + torch.where(ws > 0, ws * (t_lp[s:s + chunk] - s_lp), torch.zeros_like(s_lp)).sum()
-        ctx.save_for_backward(flat, rows, t_ids, w, lse)
+            x[s:s + chunk], y[s:s + chunk] = token_terms(zt, t_lp[s:s + chunk], t_ids[s:s + chunk], w[s:s + chunk],
+                                                         1.0)
+        coef = control_coefficients(x, y, control)  # (M,)
+        ctx.save_for_backward(flat, rows, t_lp, t_ids, w, lse, coef)
         ctx.cfg = (temperature, chunk, dtype)
-        return total
+        return (x + coef * y).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        flat, rows, t_ids, w, lse = ctx.saved_tensors
+        flat, rows, t_lp, t_ids, w, lse, coef = ctx.saved_tensors
         temperature, chunk, dtype = ctx.cfg
         grad = torch.zeros_like(flat)  # (T, V)
         scale = grad_out.to(dtype) / temperature
         for s in range(0, rows.numel(), chunk):
             r = rows[s:s + chunk]
-            ws = w[s:s + chunk]  # (c, s)
-            q = torch.exp(flat.index_select(0, r).to(dtype) / temperature - lse[s:s + chunk, None])  # (c, V) student
-            g = q * ws.sum(-1, keepdim=True)  # (sum_j w_j) q
-            g.scatter_add_(-1, t_ids[s:s + chunk], -ws)  # - sum_j w_j e_{i_j}
+            zt = flat.index_select(0, r).to(dtype) / temperature  # (c, V)
+            q = torch.exp(zt - lse[s:s + chunk, None])  # (c, V) student probabilities
+            ws, ids = w[s:s + chunk], t_ids[s:s + chunk]
+            # slot j adds a_j (e_j - q) with a_j = w_j (c q_j / p_j - 1): d/dz of -log q_j is -(e_j - q), of
+            # q_j / p_j it is (q_j / p_j)(e_j - q) (both / T)
+            keep = ws > 0
+            log_ratio = torch.where(keep, zt.gather(-1, ids) - lse[s:s + chunk, None] - t_lp[s:s + chunk], 0.0)
+            a = torch.where(keep, ws * (coef[s:s + chunk, None] * torch.exp(log_ratio) - 1.0), 0.0)  # (c, s)
+            g = q * (-a.sum(-1, keepdim=True))
+            g.scatter_add_(-1, ids, a)
             grad.index_copy_(0, r, (g * scale).to(flat.dtype))
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def weighted_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor,
-                weights: torch.Tensor, mask: torch.Tensor, temperature: float,
+                weights: torch.Tensor, mask: torch.Tensor, temperature: float, control: Control = "auto",
                 chunk_tokens: int = 1024) -> torch.Tensor:
     """T^2 * mean over valid tokens of KL_hat (module docstring): an unbiased estimate of `dense_kl`'s value and of
     its gradient w.r.t. `student_logits`.
+
+    `control` c adds c * Y = c * sum_j w_j (q_j / p_j - 1) to KL_hat: E[Y] = sum_i q_i - sum_i p_i = 0 whatever the
+    student, so value and gradient stay unbiased for any c that does not depend on the token's own draws. With c = 1
+    each slot's term is r - 1 - log r >= 0 (r = q_j / p_j; Schulman's "k3" KL estimator), which vanishes as the
+    student approaches the teacher: the noise then shrinks with the KL instead of staying at the size of log p. Far
+    from the teacher (r large on the student's favourite ids) c = 1 adds noise; "auto" (`control_coefficients`)
+    picks c per token from the other tokens of the call, 0 switches the control variate off.
 
     student_logits (N, L, V) any float dtype (computed in >= fp32); teacher_logprobs, teacher_ids, weights (N, L, s)
     (log p at T of the slot's id, the id, its weight; weight 0 marks padding); mask (N, L) bool. Returns a scalar;
@@ -125,6 +180,8 @@ def weighted_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, te
         return x.reshape(N * L, s).index_select(0, rows)
 
     t_lp, t_ids, w = pick(teacher_logprobs).to(dtype).detach(), pick(teacher_ids).long(), pick(weights).to(dtype)
-    total = _WeightedKL.apply(flat, rows, t_lp, t_ids, w.detach(), float(temperature), max(1, int(chunk_tokens)),
-                              dtype)
+    if control != "auto":
+        control = float(control)
+    total = _WeightedKL.apply(flat, rows, t_lp, t_ids, w.detach(), float(temperature), control,
+                              max(1, int(chunk_tokens)), dtype)
     return total * (temperature ** 2) / max(rows.numel(), 1)

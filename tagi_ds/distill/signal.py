@@ -51,7 +51,7 @@ class SampledTeacher(_Batch):
     valid: torch.Tensor  # (N, L) bool
     num_samples: int = 1
 
-    def weights(self, estimator: str = "counts") -> torch.Tensor:
+    def weights(self, estimator: str = "distinct") -> torch.Tensor:
         """(N, L, n) unbiased estimate of p at each slot: "counts" = count / N, "distinct" = Horvitz-Thompson."""
         if estimator == "counts":
             return count_weights(self.counts, self.num_samples)
