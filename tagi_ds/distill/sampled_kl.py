@@ -2,29 +2,29 @@
 
 A sampled cache row (teacher_rows.py: modes "sampled" and "priority") gives, per label position, slots j with an id
 i_j, the teacher's log p(i_j) at temperature T and a weight w_j with E[sum_j w_j 1{i_j = i}] = p_i for every
-vocabulary id i (an unbiased estimate of the teacher's distribution). The estimate per position is
+vocabulary id i (an unbiased estimate of the teacher's distribution). With q = softmax(student_logits / T) over the
+FULL vocabulary and r_j = q(i_j) / p(i_j), the estimate per position is
 
-    KL_hat = sum_j w_j (log p(i_j) - log q(i_j)),       q = softmax(student_logits / T) over the FULL vocabulary,
+    KL_hat = X + c Y,   X = sum_j w_j (log p(i_j) - log q(i_j)),   Y = sum_j w_j (r_j - 1),
 
 and the loss is T^2 * mean over valid positions of KL_hat (the same scaling as `sparse_kl.dense_kl`).
 
-What is unbiased. KL_hat is linear in the weights, so over the sampling of the cache rows (the student and the
-teacher's log-probs held fixed):
-  - the value:    E[KL_hat] = sum_i p_i (log p_i - log q_i) = KL_T(p || q), exactly, per position (so the batch loss
-                  is an unbiased estimate of the dense loss on the same positions);
-  - the gradient: dKL_hat/dz = (1/T) ((sum_j w_j) q - sum_j w_j e_{i_j}), whose expectation is (1/T)(q - p), the
-                  gradient of the dense KL w.r.t. the student logits z; gradients w.r.t. any parameter upstream of z
-                  are linear in it, so they are unbiased too.
-It needs the teacher's log-probs at the sampled ids (stored), not only ids and counts: ids and counts alone estimate
-the cross-entropy sum_i p_i log q_i (the gradient is the same), and the KL value would then need the teacher's
-entropy, whose sampled estimate has a far larger variance than that of the log-ratio above.
+What is unbiased (over the cache's random draws; the student and the teacher's log-probs held fixed):
+  - the value:    E[X] = sum_i p_i (log p_i - log q_i) = KL_T(p || q) and E[Y] = sum_i q_i - sum_i p_i = 0, so
+                  E[KL_hat] = KL_T(p || q) per position, for any coefficient c not computed from that position's
+                  own draws (`control_coefficients`);
+  - the gradient: dKL_hat/dz = (1/T)(sum_j a_j e_{i_j} - (sum_j a_j) q) with a_j = w_j (c r_j - 1), whose expectation
+                  is (1/T)(q - p), the gradient of the dense KL w.r.t. the student logits z; gradients w.r.t.
+                  parameters upstream of z are linear in it, so they are unbiased too.
+Both need the teacher's log-probs at the drawn ids (stored), not only ids and counts: ids and counts alone give
+the cross-entropy's gradient but not the KL's value, and no control variate.
 Not covered: the cache is drawn once, so its noise is the same at every epoch (unbiased over cache draws, not fresh
 noise per step), and log p is stored as float16 (a zero-mean rounding of at most 2^-11 |log p| per slot).
 
 Weights (all unbiased):
   `count_weights`     sampled mode, Hansen-Hurwitz: w = count / N (Anshumann et al. 2025, RS-KD with q = p);
   `distinct_weights`  sampled mode, Horvitz-Thompson over the distinct ids: w = p / (1 - (1 - p)^N), where
-                      1 - (1 - p)^N is the chance an id is drawn at least once (ignores how often);
+                      1 - (1 - p)^N is the chance an id is drawn at least once (ignores how often; lower variance);
   `priority_weights`  priority mode: w = max(p, tau) (Duffield, Lund & Thorup 2007).
 
 Memory: like sparse_kl, a custom autograd Function over chunks of valid tokens; the forward keeps only the per-token
