@@ -89,14 +89,17 @@ def segmented_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, task_ids: 
     return _triton_module("lora").segmented_lora(x, A, B, task_ids.to(torch.long), scale)
 
 
-# Grouping pays when a task owns several rows (training: tasks x instances). A batch of many tasks with a row or two
-# each (evaluation sorted by length) would become one small matmul pair per task: there the per-row gather stays.
+# Grouping pays when each task's rows already sit together (the finetune's batches: tasks x instances, collated task
+# by task): no A/B gather per row, and the backward has no scatter. Rows of interleaved tasks would need x permuted
+# and y permuted back (a copy each way and two scatters in the backward), which costs about what the gather saves,
+# and a batch of many tasks with a row or two each (evaluation sorted by length) would become one small matmul pair
+# per task: those keep the per-row gather (bench/step_cost.py measures all three).
 MIN_ROWS_PER_GROUP = 2
 
 
 def use_groups(groups: TaskGroups) -> bool:
-    """Whether the grouped path is taken for this batch (see MIN_ROWS_PER_GROUP; bench/step_cost.py measures)."""
-    return groups.uniform or sum(groups.counts) >= MIN_ROWS_PER_GROUP * len(groups.counts)
+    """Whether the grouped path is taken for this batch (see the comment above)."""
+    return groups.order is None and (groups.uniform or sum(groups.counts) >= MIN_ROWS_PER_GROUP * len(groups.counts))
 
 
 # "auto" keeps the hypernetwork head on cuBLAS. Measured on H100 (bench/kernels.py: 8 tasks x 24 layers, d_h=512,

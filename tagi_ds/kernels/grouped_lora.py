@@ -5,7 +5,8 @@ by every hooked linear) and runs two batched matmuls of N small products. Rows o
 here the rows are grouped by task once per forward (`TaskGroups.of`, in `BatchedLoraHooks.apply`) and each hook
 runs, per task, (rows_t * T, d_in) @ A_t^T @ B_t^T; when every task owns the same number of rows the groups are one
 (n_groups, rows * T, d_in) tensor and the whole term is two bmm calls. Same result as the reference (fp32 rounding
-aside), the same gradients (plain autograd), any task order in the batch.
+aside), the same gradients (plain autograd), any task order in the batch (interleaved rows are permuted into groups
+and back; `dispatch.use_groups` keeps those batches on the gather, which is as fast there).
 """
 from __future__ import annotations
 

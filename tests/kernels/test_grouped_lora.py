@@ -60,13 +60,16 @@ def test_groups_record_order_counts_and_uniformity():
 
 
 def test_dispatch_takes_the_grouped_path_only_with_groups_worth_it():
-    x, A, B, tid = tensors(CASES["interleaved uniform"])
+    x, A, B, tid = tensors([1, 1, 3, 3, 0, 0, 2, 2])  # tasks together, in any task order: grouped
     groups = TaskGroups.of(tid)
-    assert dispatch.use_groups(groups)
+    assert dispatch.use_groups(groups) and groups.order is None
     got = dispatch.segmented_lora(x, A, B, tid, 0.5, backend="reference", groups=groups)
     torch.testing.assert_close(got, grouped_lora(x, A, B, groups, 0.5), rtol=0, atol=0)  # bit-equal: same path
     torch.testing.assert_close(got, reference.segmented_lora(x, A, B, tid, 0.5), rtol=1e-5, atol=1e-5)
-    # many tasks with a row each (evaluation sorted by length): the per-row gather stays
+    # interleaved rows, or many tasks with a row each (evaluation sorted by length): the per-row gather stays
+    assert not dispatch.use_groups(TaskGroups.of(torch.tensor(CASES["interleaved uniform"])))
+    assert not dispatch.use_groups(TaskGroups.of(torch.tensor([0, 1, 2, 2])))  # unequal, 1-2 rows a task
+    assert dispatch.use_groups(TaskGroups.of(torch.tensor([0, 1, 2, 3])))  # equal: one bmm pair, no gather
     ragged = torch.tensor([0, 1, 2, 3, 0])
     assert not dispatch.use_groups(TaskGroups.of(ragged))
     x5 = x[:5]
