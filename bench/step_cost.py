@@ -83,11 +83,13 @@ def bench_linear(shapes, repeats: int) -> None:
                 torch.autograd.grad((y * w).sum(), [x, A, B])
 
             t = timed({"old": lambda: fwd(False), "new": lambda: fwd(True)}, repeats)
-            print(row(f"{name} {layout}: forward", t, "old", "new"))
+            note = "" if groups.order is None else " *"
+            print(row(f"{name} {layout}: fwd{note}", t, "old", "new"))
             t = timed({"old": lambda: fwd_bwd(False), "new": lambda: fwd_bwd(True)}, repeats)
-            print(row(f"{name} {layout}: forward+backward", t, "old", "new"))
+            print(row(f"{name} {layout}: fwd+bwd{note}", t, "old", "new"))
         t = timed({"g": lambda: TaskGroups.of(tid)}, repeats)
         print(f"{'  (TaskGroups.of, once per forward for every hook)':<52}{t['g'] * 1e3:>20.3f}")
+    print("  * grouped forced for comparison: dispatch.use_groups keeps these batches on the per-row gather")
 
 
 # -------------------------------------------------------------------------------------------- 2. real step
@@ -173,7 +175,7 @@ def bench_adamw(sizes, repeats: int) -> None:
                 continue
             params[kind] = ps
         t = timed({k: o.step for k, o in opts.items()}, repeats)
-        same = max(float((a - b).abs().max()) for a, b in zip(params["default"], params["fused"])) \
+        same = max(float((a.detach() - b.detach()).abs().max()) for a, b in zip(params["default"], params["fused"])) \
             if "fused" in params else float("nan")
         cells = "  ".join(f"{k} {v * 1e3:.2f} ms ({v / t['default']:.2f}x)" for k, v in t.items())
         print(f"  {name} ({n / 1e6:.1f} M params, {len(shapes)} tensors): {cells}; max |fused - default| after "
@@ -192,6 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="fewer repeats, tiny shapes only")
+    p.add_argument("--parts", default="1234", help="which parts to run (digits of 1-4)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     reps = 5 if a.quick else a.repeats
@@ -200,16 +203,20 @@ def main(argv=None) -> int:
            "tiny ffn_in (128->512, r=8, T=40)": (4, 8, 40, 128, 512, 8)}
     if not a.quick:
         lin["mid (1024->1024, r=16, T=128)"] = (4, 8, 128, 1024, 1024, 16)
-    bench_linear(lin, reps)
-    bench_backbone(reps, T=40)
+    if "1" in a.parts:
+        bench_linear(lin, reps)
+    if "2" in a.parts:
+        bench_backbone(reps, T=40)
     lins = {"tiny d=128 ffn=512": (4, 4, 128, 512, 8)}
     if not a.quick:
         lins["xl-like d=2048 ffn=5120"] = (4, 24, 2048, 5120, 32)
-    bench_l_ins(lins, max(3, reps // 2))
+    if "3" in a.parts:
+        bench_l_ins(lins, max(3, reps // 2))
     sizes = {"tiny hypernet": hypernet_shapes(256, 4, 128, 512, 8)}
     if not a.quick:
-        sizes["xl-like hypernet"] = hypernet_shapes(512, 24, 2048, 5120, 32)
-    bench_adamw(sizes, reps)
+        sizes["mid hypernet"] = hypernet_shapes(256, 24, 1024, 2816, 16)
+    if "4" in a.parts:
+        bench_adamw(sizes, reps)
     return 0
 
 
