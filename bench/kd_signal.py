@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from tagi_ds.distill import sampled_kl, sparse_kl  # noqa: E402
 from tagi_ds.distill.losses import signal_kl  # noqa: E402
-from tagi_ds.distill.signal import PriorityTeacher, SampledTeacher, TopKTeacher, stack_rows  # noqa: E402
+from tagi_ds.distill.signal import SampledTeacher, TopKTeacher, stack_rows  # noqa: E402
 from tagi_ds.distill.teacher_rows import CacheMode, decode_rows, encode_rows, instance_generator  # noqa: E402
 
 

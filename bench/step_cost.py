@@ -74,13 +74,15 @@ def bench_linear(shapes, repeats: int) -> None:
             groups = TaskGroups.of(tid)
             w = torch.randn(len(tid), T, d_out, generator=g)
 
+            def lora(grouped: bool) -> torch.Tensor:
+                return grouped_lora(x, A, B, groups, 0.5) if grouped else reference.segmented_lora(x, A, B, tid, 0.5)
+
             def fwd(grouped: bool):
                 with torch.no_grad():
-                    return grouped_lora(x, A, B, groups, 0.5) if grouped else reference.segmented_lora(x, A, B, tid, 0.5)
+                    return lora(grouped)
 
             def fwd_bwd(grouped: bool):
-                y = grouped_lora(x, A, B, groups, 0.5) if grouped else reference.segmented_lora(x, A, B, tid, 0.5)
-                torch.autograd.grad((y * w).sum(), [x, A, B])
+                torch.autograd.grad((lora(grouped) * w).sum(), [x, A, B])
 
             t = timed({"old": lambda: fwd(False), "new": lambda: fwd(True)}, repeats)
             note = "" if groups.order is None else " *"

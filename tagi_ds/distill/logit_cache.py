@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ArtifactMismatchError, DataError
 from ..io_utils import atomic_dir, sha256_file
-from .teacher_rows import LOGPROB_DTYPE, CacheMode, decode_rows, encode_rows, ids_dtype, instance_generator
+from .teacher_rows import LOGPROB_DTYPE, CacheMode, decode_rows, encode_instance, ids_dtype
 
 FORMAT = "tagi-ds/logit-cache"
 FORMAT_VERSION = 1  # a manifest without "mode" is a top-k shard of this same format
@@ -187,9 +187,7 @@ class CacheShardWriter:
         if logits.dim() != 2 or logits.shape[1] != self.vocab_size:
             raise DataError(f"cache shard {self.task}: expected teacher logits (L, V={self.vocab_size}), "
                             f"got {tuple(logits.shape)}")
-        gen = (None if self.mode.seed is None else
-               instance_generator(self.mode.seed, self.task, instance_id, logits.device))
-        return encode_rows(logits, self.mode, self.temperature, gen)
+        return encode_instance(logits, self.mode, self.temperature, self.task, instance_id)
 
     def _check_rows(self, instance_id: str, rows: Mapping[str, Any]) -> dict[str, np.ndarray]:
         where = f"cache shard {self.task}, instance {instance_id!r}"
@@ -293,7 +291,8 @@ class CacheShardReader:
             raise ArtifactMismatchError(f"{mpath}: manifest is not valid JSON ({e})") from None
         if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
             raise ArtifactMismatchError(f"{mpath}: format {self.manifest.get('format')!r} version "
-                                        f"{self.manifest.get('format_version')!r}, expected {FORMAT!r} {FORMAT_VERSION}")
+                                        f"{self.manifest.get('format_version')!r}, expected {FORMAT!r} "
+                                        f"{FORMAT_VERSION}")
         self.manifest.setdefault("mode", "topk")  # written before modes existed
         check_expect(self.manifest, expect or {}, str(mpath))
         self.mode = CacheMode.from_manifest(self.manifest, str(mpath))

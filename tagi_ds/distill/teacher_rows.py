@@ -172,6 +172,14 @@ def encode_rows(logits: torch.Tensor, mode: CacheMode, temperature: float,
     return {name: np.ascontiguousarray(rows[name].cpu().numpy().astype(dtype)) for name, (dtype, _) in layout.items()}
 
 
+def encode_instance(logits: torch.Tensor, mode: CacheMode, temperature: float, task: str,
+                    instance_id: str) -> dict[str, np.ndarray]:
+    """`encode_rows` with the instance's own seeded generator (on the logits' device): what the cache stage stores
+    for one instance, the same on every rebuild (on the same device type)."""
+    gen = None if mode.seed is None else instance_generator(mode.seed, task, str(instance_id), logits.device)
+    return encode_rows(logits, mode, temperature, gen)
+
+
 def decode_rows(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Stored arrays -> tensors: float32 for log-probs / threshold, int64 for ids / counts."""
     out = {}

@@ -86,7 +86,7 @@ def test_extra_files_are_checksummed_and_sized(tmp_path, name, mode):
     with pytest.raises(ArtifactMismatchError, match=rf"{re.escape(name)}: sha256 checksum does not match"):
         CacheShardReader(tmp_path / TASK)
     path.write_bytes(bytes(data[:-1]))
-    with pytest.raises(ArtifactMismatchError, match=rf"{re.escape(name)}: file has \d+ bytes, expected \d+ \(truncated\)"):
+    with pytest.raises(ArtifactMismatchError, match=rf"{re.escape(name)}: file has \d+ bytes, expected \d+ \(trunc"):
         CacheShardReader(tmp_path / TASK, verify=False)
 
 
@@ -102,7 +102,7 @@ def test_a_manifest_from_before_modes_reads_as_top_k(tmp_path):
 
 def test_writer_refuses_rows_of_another_mode(tmp_path):
     f = fields(mode="priority", k=4, sample_seed=0)
-    with pytest.raises(DataError, match="a \\(logprobs, ids\\) pair is a top-k row, but this shard's mode is 'priority'"):
+    with pytest.raises(DataError, match=r"a \(logprobs, ids\) pair is a top-k row, but this shard's mode is 'prio"):
         with CacheShardWriter(tmp_path, TASK, f) as w:
             w.add("x", (torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long)))
     with pytest.raises(DataError, match="counts must sum to num_samples=4"):

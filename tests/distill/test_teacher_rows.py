@@ -6,7 +6,8 @@ import pytest
 import torch
 from distill_helpers import zipf_logits
 
-from tagi_ds.distill.teacher_rows import CacheMode, decode_rows, encode_rows, instance_generator, instance_seed
+from tagi_ds.distill.teacher_rows import (CacheMode, decode_rows, encode_instance, encode_rows, instance_generator,
+                                         instance_seed)
 
 V, T = 300, 2.0
 
@@ -71,6 +72,7 @@ def test_draws_are_seeded_per_seed_task_and_instance():
             return encode_rows(logits, mode, T, instance_generator(seed, task, iid))["ids"]
 
         assert np.array_equal(draw(5, "a", "1"), draw(5, "a", "1"))
+        assert np.array_equal(draw(5, "a", "1"), encode_instance(logits, mode, T, "a", "1")["ids"])
         assert not np.array_equal(draw(5, "a", "1"), draw(5, "a", "2"))
         assert not np.array_equal(draw(5, "a", "1"), draw(5, "b", "1"))
         assert not np.array_equal(draw(5, "a", "1"), draw(6, "a", "1"))
