@@ -76,6 +76,15 @@ class CacheMode:
             raise ValueError(f"cache mode {name!r} draws at random: give it a seed")
         return CacheMode(name, int(width), None if name == "topk" else int(seed))
 
+    @staticmethod
+    def of_config(name: str, *, top_k: int, num_samples: int, seed: int, vocab_size: int) -> "CacheMode":
+        """The mode a run config asks for, every parameter given and the irrelevant ones dropped (k capped at the
+        vocabulary): what a cache stage and the finetune's expected manifest both call."""
+        if name == "sampled":
+            return CacheMode.make(name, num_samples=num_samples, seed=seed, vocab_size=vocab_size)
+        return CacheMode.make(name, k=min(int(top_k), int(vocab_size)), seed=None if name == "topk" else seed,
+                              vocab_size=vocab_size)
+
     def fields(self) -> dict[str, Any]:
         """The manifest fields of this mode (a reader compares them with what it expects)."""
         if self.name == "topk":

@@ -94,3 +94,7 @@ def test_mode_parameters_are_checked():
         CacheMode.make("dense", k=4)
     assert CacheMode.make("sampled", num_samples=300, seed=0).layout(V)["counts"] == (np.dtype(np.uint16), 300)
     assert CacheMode.make("priority", k=8, seed=2).fields() == {"mode": "priority", "k": 8, "sample_seed": 2}
+    cfg = dict(top_k=64, num_samples=32, seed=9, vocab_size=50)
+    assert CacheMode.of_config("topk", **cfg) == CacheMode("topk", 50, None)  # k capped at V, no seed
+    assert CacheMode.of_config("priority", **cfg) == CacheMode("priority", 50, 9)
+    assert CacheMode.of_config("sampled", **cfg) == CacheMode("sampled", 32, 9)
