@@ -1,6 +1,6 @@
 """Thin wrappers the finetune recipe calls: the weighted sum of CE, KL and L_ins, and the KL from a teacher signal.
 
-The maths lives in pure functions (sparse_kl.py, l_ins.py); here only weighting and plumbing. A term whose weight is
+The maths lives in pure functions (sparse_kl.py, sampled_kl.py, l_ins.py); here only weighting and plumbing. A term whose weight is
 zero is never computed (pass it as a zero-argument callable) and never appears in the returned terms.
 """
 from __future__ import annotations
