@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from p3_fixture import RELEASE_FOLDERS, T0_HELDOUT_FOLDERS, T0_TRAIN_FOLDERS, read_jsonl, write_p3_release
+from tests.data.p3_fixture import RELEASE_FOLDERS, T0_HELDOUT_FOLDERS, T0_TRAIN_FOLDERS, read_jsonl, write_p3_release
 
 from tagi_ds.data.p3 import load_p3
 from tagi_ds.data.p3_release import MARKER, convert_p3, read_split_specs

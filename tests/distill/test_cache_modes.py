@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from distill_helpers import zipf_logits
+from tests.distill.distill_helpers import zipf_logits
 
 from tagi_ds.cli import main as cli_main
 from tagi_ds.distill.logit_cache import CacheShardReader, CacheShardWriter, manifest_fields, shard_is_complete

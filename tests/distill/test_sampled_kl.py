@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from distill_helpers import zipf_logits
+from tests.distill.distill_helpers import zipf_logits
 
 from tagi_ds.distill.losses import signal_kl
 from tagi_ds.distill.sampled_kl import control_coefficients, token_terms, weighted_kl

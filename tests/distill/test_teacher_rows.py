@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from distill_helpers import zipf_logits
+from tests.distill.distill_helpers import zipf_logits
 
 from tagi_ds.distill.teacher_rows import (CacheMode, decode_rows, encode_instance, encode_rows, instance_generator,
                                          instance_seed)

@@ -1,5 +1,5 @@
 """tests/tools runs the hand-run utilities under tools/ as a user does: `python tools/X.py ...` from the repository
-root, in a subprocess. The fixture writers they share with the data tests live in tests/data (p3_fixture.py)."""
+root, in a subprocess. The fixture writers they share with the data tests live in tests/data/p3_fixture.py."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "data"))  # p3_fixture
 
 
 def run_py(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

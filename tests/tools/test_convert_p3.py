@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from p3_fixture import T0_HELDOUT_FOLDERS, T0_TRAIN_FOLDERS, read_jsonl, write_p3_release
+from tests.data.p3_fixture import T0_HELDOUT_FOLDERS, T0_TRAIN_FOLDERS, read_jsonl, write_p3_release
 
 
 def test_convert_then_list_tasks_with_the_cli(tmp_path, run):
