@@ -140,7 +140,7 @@ def test_t0_report_from_prompt_results():
 
 def test_one_forward_per_batch_of_instances(t5_tok, llama_tok):
     """All choices of `batch_size` instances go through one forward; an instance's choices are never split."""
-    for arch, model, tok in (("t5", tiny_t5(), t5_tok), ("llama", tiny_llama(), llama_tok)):
+    for arch, model, tok in (("t5", eager_t5(), t5_tok), ("llama", eager_llama(), llama_tok)):
         calls = []
         inner = module_forward(model, arch)
 
@@ -163,7 +163,7 @@ def _p3_task(choices, targets, dataset="rte", prompt="GPT_3_style") -> Task:
 
 @pytest.mark.parametrize("arch", ["t5", "llama"])
 def test_rank_classify_task(arch, t5_tok, llama_tok):
-    model = tiny_t5(seed=2) if arch == "t5" else tiny_llama(seed=2)
+    model = eager_t5(seed=2) if arch == "t5" else eager_llama(seed=2)
     tok = t5_tok if arch == "t5" else llama_tok
     _rig(model, tok.convert_tokens_to_ids("yes"), 8.0)
     task = _p3_task([["no", "yes"], ["yes", "no"], ["maybe", "no", "yes"]], ["yes", " no", "yes"])
