@@ -134,9 +134,20 @@ class TeacherConfig:
 
 @dataclass
 class CacheConfig:
-    top_k: int = f(64, "teacher log-probs kept per label position")
+    mode: Literal["topk", "sampled", "priority"] = f(
+        "topk", "what the cache keeps per label position: topk = the k most likely ids (exact for them, a biased KL: "
+        "the mass outside is lumped or dropped); sampled = num_samples draws from the teacher at T (unbiased); "
+        "priority = priority sampling with top_k slots, exact head + sampled tail (unbiased; bench/kd_signal.py)")
+    top_k: int = f(64, "topk: log-probs kept per label position; priority: slots per position")
+    num_samples: int = f(64, "sampled: draws from the teacher per label position")
     temperature: float = f(2.0, "temperature the cache is written at (must equal finetune.temperature)")
-    missing_mass: Literal["renormalize", "bucket"] = f("bucket", "how the KL treats teacher mass outside the top-k")
+    missing_mass: Literal["renormalize", "bucket"] = f("bucket", "topk: how the KL treats teacher mass outside the top-k")
+    estimator: Literal["distinct", "counts"] = f(
+        "distinct", "sampled: the estimate of p at a drawn id: distinct = Horvitz-Thompson over distinct ids (lower "
+        "variance), counts = count / num_samples (the paper's)")
+    control: Union[Literal["auto"], float] = f(
+        "auto", "sampled / priority: the zero-mean control variate's coefficient (auto = fitted per position from the "
+        "other positions of the micro batch; 0 = off)")
     batch_size: int = f(32, "instances per teacher forward")
 
 

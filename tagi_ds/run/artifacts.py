@@ -86,11 +86,13 @@ def shard_fields(cfg, task: Task, *, arch: str, tokenizer_hash: str, backbone_id
     """The manifest fields one task's shard must carry for this run (the cache stage writes them, the finetune
     passes them as a reader's `expect`)."""
     from ..distill.logit_cache import manifest_fields
+    from ..distill.teacher_rows import CacheMode
 
+    c = cfg.cache
+    mode = CacheMode.of_config(c.mode, top_k=c.top_k, num_samples=c.num_samples, seed=cfg.seed, vocab_size=vocab_size)
     fields = manifest_fields(
         tokenizer_hash=tokenizer_hash, backbone_id=backbone_id,
-        teacher_adapter_hash=sha256_file(Path(teacher_dir) / ADAPTER_WEIGHTS), k=min(cfg.cache.top_k, vocab_size),
-        temperature=cfg.cache.temperature,
+        teacher_adapter_hash=sha256_file(Path(teacher_dir) / ADAPTER_WEIGHTS), mode=mode, temperature=c.temperature,
         prompt_format=f"{PROMPT_FORMAT}:{arch}:pos{settings.num_pos}:def{int(settings.add_definition)}",
         max_source_length=settings.max_source_length, max_target_length=settings.max_target_length,
         vocab_size=vocab_size)

@@ -128,8 +128,9 @@ def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log=print, tas
             for t, fields in todo:
                 shard = write_task_shard(bb, hooks, adapters, t, settings, paths.logit_cache, fields,
                                          cfg.cache.batch_size)
-                log(f"cache-logits {t.name}: wrote {shard} ({len(t.instances)} instances, k={fields['k']}, "
-                    f"T={fields['temperature']})")
+                width = fields.get("k", fields.get("num_samples"))
+                log(f"cache-logits {t.name}: wrote {shard} ({len(t.instances)} instances, {fields['mode']} "
+                    f"{width}, T={fields['temperature']})")
                 written.append(t.name)
         finally:
             hooks.remove()

@@ -17,10 +17,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ..distill.l_ins import delta_w_distance
-from ..distill.losses import distillation_loss, teacher_kl
-from ..distill.sparse_kl import dense_kl
-from ..errors import ArtifactMismatchError
+from ..distill.l_ins import l_ins_per_task
+from ..distill.losses import distillation_loss, signal_kl, teacher_kl
+from ..distill.signal import DenseTeacher
 from ..modeling.label_logits import label_positions
 from ..modeling.tagi import TagiStudent, TaskEncoding
 from ..run.peft_io import read_peft_adapter
@@ -50,11 +49,11 @@ class TeacherAdapters:
 class DistillLoss:
     """The loss callable the loop runs inside the engine's forward (see the module docstring)."""
 
-    def __init__(self, *, lambda_kl: float, lambda_ins: float, temperature: float, missing_mass: str,
-                 online_teacher: bool, signal, teachers: Optional[TeacherAdapters]):
+    def __init__(self, *, lambda_kl: float, lambda_ins: float, temperature: float, online_teacher: bool, signal,
+                 teachers: Optional[TeacherAdapters], kl_options: Optional[dict] = None):
         self.lambda_kl, self.lambda_ins, self.temperature = lambda_kl, lambda_ins, temperature
-        self.missing_mass, self.online_teacher = missing_mass, online_teacher
-        self.signal, self.teachers = signal, teachers
+        self.online_teacher, self.signal, self.teachers = online_teacher, signal, teachers
+        self.kl_options = kl_options or {}  # the cache mode's estimator settings (missing_mass, estimator, control)
 
     def __call__(self, student: TagiStudent, encoding: TaskEncoding, batch):
         adapters = student.generate_adapters(encoding)  # reused by L_ins
@@ -67,22 +66,14 @@ class DistillLoss:
         return total, n, terms
 
     def kl_sum(self, student: TagiStudent, batch, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Σ over label tokens of T²·KL_T(teacher ‖ student) (a token mean × tokens, per task)."""
+        """Σ over label tokens of T²·KL_T(teacher ‖ student): one call for the whole micro batch, whatever the
+        teacher's source (the cache, any mode, or the live teacher as a DenseTeacher): `signal_kl` picks the loss."""
         if self.online_teacher:
-            t_logits = self.online_teacher_logits(student, batch)  # (N, L, V), same label layout
-            if t_logits.shape[:2] != logits.shape[:2]:
-                raise ArtifactMismatchError(f"online teacher: label positions {tuple(t_logits.shape[:2])} differ "
-                                            f"from the student's {tuple(logits.shape[:2])}")
-            return dense_kl(logits, t_logits, mask, self.temperature) * mask.sum()
-        total = logits.new_zeros((), dtype=torch.float32)
-        for j, name in enumerate(batch.task_names):
-            rows = (batch.task_ids == j).nonzero().squeeze(-1)
-            m = mask.index_select(0, rows)
-            ids = [batch.instance_ids[i] for i in rows.tolist()]
-            kl = teacher_kl(logits.index_select(0, rows), m, self.signal, name, ids, self.temperature,
-                            missing_mass=self.missing_mass)
-            total = total + kl.float() * m.sum()
-        return total
+            teacher = DenseTeacher.of(self.online_teacher_logits(student, batch), mask)  # (N, L, V), same layout
+            return signal_kl(logits, mask, teacher, self.temperature).float() * mask.sum()
+        row_tasks = [batch.task_names[j] for j in batch.task_ids.tolist()]
+        kl = teacher_kl(logits, mask, self.signal, row_tasks, batch.instance_ids, self.temperature, **self.kl_options)
+        return kl.float() * mask.sum()
 
     @torch.no_grad()
     def online_teacher_logits(self, student: TagiStudent, batch) -> torch.Tensor:
@@ -111,13 +102,5 @@ class DistillLoss:
         """Σ over the batch's tasks of (label tokens of the task) × mean over target modules of the normalised
         ‖ΔW_gen − ΔW_teacher‖²."""
         tokens = torch.bincount(batch.task_ids, weights=mask.sum(-1).float(), minlength=len(batch.task_names))
-        total = None
-        for j, name in enumerate(batch.task_names):
-            t_adapters, s_t = self.teachers.get(name)
-            dists = []
-            for mt, (A_g, B_g) in adapters.items():
-                A_t, B_t = (x.to(A_g.device) for x in t_adapters[mt])
-                dists.append(delta_w_distance(A_g[j], B_g[j], student.lora_scale, A_t, B_t, s_t))  # (L,)
-            value = torch.cat(dists).float().mean() * tokens[j]
-            total = value if total is None else total + value
-        return total
+        teachers = [self.teachers.get(name) for name in batch.task_names]
+        return (l_ins_per_task(adapters, student.lora_scale, teachers) * tokens.to(mask.device)).sum()

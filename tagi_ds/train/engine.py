@@ -31,6 +31,7 @@ from ..io_utils import atomic_path
 from . import checkpoint as ck
 from .distributed import DistributedFailure, barrier, collective_guard, init_distributed, rank, world_size
 from .logging import TrainLogger
+from .optim import adamw
 from .schedule import Schedule, make_lr_lambda
 
 CKPT_SUBDIR = "checkpoints"
@@ -97,7 +98,7 @@ class Engine:
                     lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(getattr(opt, "optimizer", opt),
                                                                                lr_fn))
             else:
-                client = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                client = adamw(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
                 sched = torch.optim.lr_scheduler.LambdaLR(client, lr_fn)
                 self._ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
                     model=model, optimizer=client, lr_scheduler=sched, config=ds_config, dist_init_required=False)
@@ -107,7 +108,7 @@ class Engine:
                 raise ConfigError("use_deepspeed=False is a one-process loop; launch without torchrun/srun "
                                   "or set distributed.use_deepspeed=true")
             self.grad_accum = grad_accum
-            self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+            self.optimizer = adamw(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
             self._module = model
             self._trainable = trainable

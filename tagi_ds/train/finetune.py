@@ -123,9 +123,11 @@ def build_stage(cfg, variant: str, setup: StudentSetup, record: Optional[dict]) 
     cached = f.lambda_kl > 0 and not f.online_teacher
     signal = CachedTeacherSignal(paths.logit_cache, expect=shard_expect) if cached else None
     check_teacher_artifacts(cfg, tasks, paths, shard_expect)
+    c = cfg.cache
     loss = DistillLoss(lambda_kl=f.lambda_kl, lambda_ins=f.lambda_ins, temperature=f.temperature,
-                       missing_mass=cfg.cache.missing_mass, online_teacher=f.online_teacher, signal=signal,
-                       teachers=TeacherAdapters(teacher_dir, setup.student.specs))
+                       online_teacher=f.online_teacher, signal=signal,
+                       teachers=TeacherAdapters(teacher_dir, setup.student.specs),
+                       kl_options={"missing_mass": c.missing_mass, "estimator": c.estimator, "control": c.control})
     terms = ["ce"] + [n for n, w in (("kl", f.lambda_kl), ("l_ins", f.lambda_ins)) if w > 0]
     return StageSpec(STAGE, paths.finetune(variant), paths.tb(f"{STAGE}/{variant}"), f, record, batches, loss,
                      variant=variant, summary={"init_from": init_from, "tasks": len(tasks), "terms": terms})

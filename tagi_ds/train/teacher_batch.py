@@ -35,6 +35,7 @@ from ..io_utils import atomic_path
 from ..kernels import dispatch
 from ..modeling.backbone import TargetSpec
 from ..modeling.lora import BatchedLoraHooks
+from .optim import adamw
 from .schedule import make_lr_lambda
 
 CKPT_FILE = "state.pt"
@@ -192,7 +193,7 @@ class BatchedTeacherTrainer:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.lora = StackedLora(self.specs, r, [u.seed for u in units]).to(self.device)
         self.params = list(self.lora.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = adamw(self.params, lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, make_lr_lambda(warmup_steps=warmup_steps, total_steps=steps, schedule="linear"))
         self.streams = [UnitStream(len(u.examples), f"teacher:{u.seed}:{u.name}") for u in units]

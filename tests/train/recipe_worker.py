@@ -37,15 +37,15 @@ TINY_FINETUNE_YAML = (
     "distributed: {use_deepspeed: false}\n")
 
 
-def tiny_finetune_run(root: Path) -> tuple[Path, list[str]]:
-    """A one-process, 3-step finetune on 2 synthetic tasks with a tiny LLaMA and random teachers + cache, all under
-    `root`. Returns (config YAML, overrides) for `load_config`."""
+def tiny_finetune_run(root: Path, *extra: str) -> tuple[Path, list[str]]:
+    """A one-process, 3-step finetune on 2 synthetic tasks with a tiny LLaMA and random teachers + cache (in the
+    cache mode `extra` may set), all under `root`. Returns (config YAML, overrides) for `load_config`."""
     from tagi_ds.config import load_config
 
     bb = build_backbone("llama", root / "bb")
     yaml = root / "c.yaml"
     yaml.write_text(TINY_FINETUNE_YAML)
-    sets = [f"runs_dir={root / 'runs'}", "name=r", f"backbone.name_or_path={bb}"]
+    sets = [f"runs_dir={root / 'runs'}", "name=r", f"backbone.name_or_path={bb}", *extra]
     write_teachers_and_cache(load_config(yaml, sets))
     return yaml, sets
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tests.train import recipe_worker as W
 from tagi_ds.config import load_config
 from tagi_ds.data.tasks import Task
-from tagi_ds.errors import ConfigError, DataError, TagiError
+from tagi_ds.errors import ArtifactMismatchError, ConfigError, DataError, TagiError
 from tagi_ds.data.sampler import EpochPositions
 from tagi_ds.run.units import teacher_unit
 from tagi_ds.train import finetune
@@ -150,3 +150,19 @@ def test_a_nan_batch_is_skipped_and_a_run_of_them_stops_with_a_clear_error(llama
     setup, spec = _built(cfg, "nan_always")
     with pytest.raises(TagiError, match=r"non-finite on 5 batches in a row at step 2; lower the lr"):
         train_stage(setup, _poisoned(spec, set(range(1, 100))), show_progress=False)
+
+
+@pytest.mark.parametrize("mode", ["sampled", "priority"])
+def test_a_sampled_cache_drives_the_kl_through_the_same_loss_path(tmp_path, mode):
+    """The cache mode is a config choice end to end: shards written in that mode (the cache stage's writer), the
+    finetune's expected manifest names it, and the KL term trains from it."""
+    extra = ["cache.mode=" + mode, "cache.num_samples=16", "cache.top_k=16"]
+    yaml, sets = W.tiny_finetune_run(tmp_path, *extra)
+    cfg = load_config(yaml, sets)
+    shard = next((cfg.run_dir / "logit_cache").iterdir())
+    assert json.loads((shard / "manifest.json").read_text())["mode"] == mode
+    out = finetune.run(cfg, "sampled_kl", progress=False)
+    recs = [json.loads(x) for x in (out.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3] and all(math.isfinite(r["kl"]) for r in recs)
+    with pytest.raises(ArtifactMismatchError, match="mode"):  # a top-k run refuses the other mode's shards
+        finetune.run(load_config(yaml, sets + ["cache.mode=topk"]), "topk_on_sampled", progress=False)
