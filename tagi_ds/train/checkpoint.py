@@ -151,7 +151,7 @@ def export_trainable(out_dir: str | Path, module: torch.nn.Module, config_dict: 
     writes the folder atomically. Returns the folder on rank 0, None elsewhere. Tensor names are those of
     `module.named_parameters()`; the frozen backbone is never included.
     """
-    from .distributed import barrier, collective_guard, rank
+    from ..run.dist import barrier, collective_guard, rank
 
     named = trainable_named_parameters(module)
     if not named:

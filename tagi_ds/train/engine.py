@@ -29,7 +29,7 @@ import torch
 from ..errors import ArtifactMismatchError, ConfigError
 from ..io_utils import atomic_path
 from . import checkpoint as ck
-from .distributed import DistributedFailure, barrier, collective_guard, init_distributed, rank, world_size
+from ..run.dist import DistributedFailure, barrier, collective_guard, init_distributed, rank, world_size
 from .logging import TrainLogger
 from .optim import adamw
 from .schedule import Schedule, make_lr_lambda

@@ -29,7 +29,7 @@ from ..run.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..run.prompts import prompt_settings
 from ..run.units import teacher_unit
 from .distill_step import DistillLoss, TeacherAdapters
-from .distributed import rank, world_size
+from ..run.dist import rank, world_size
 from .hypernet_loop import StageSpec, StudentSetup, TrainBatch, setup_student, train_stage
 
 STAGE = "finetune"

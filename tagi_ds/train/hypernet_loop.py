@@ -41,8 +41,8 @@ from ..run.export_io import export_config
 from ..run.identity import write_stage_record
 from ..run.paths import EXPORT_SUBDIR
 from .checkpoint import export_trainable
-from .distributed import (all_reduce_mean, collective_guard, ds_config_from_file, global_token_mean,
-                          init_distributed, rank, world_size, zero3_model_context)
+from ..run.dist import all_reduce_mean, collective_guard, init_distributed, rank, world_size
+from .distributed import ds_config_from_file, global_token_mean, zero3_model_context
 from .engine import Engine, seed_everything
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ from ..errors import ConfigError, DataError
 from ..modeling.label_logits import IGNORE
 from ..run.identity import PRETRAIN_DATA_KEYS, check_stage_record, config_identity
 from ..run.paths import RunPaths
-from .distributed import rank, world_size
+from ..run.dist import rank, world_size
 from .hypernet_loop import StageSpec, StudentSetup, TrainBatch, setup_student, train_stage
 from .losses import ce_loss
 

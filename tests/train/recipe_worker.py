@@ -98,7 +98,7 @@ def write_teachers_and_cache(cfg, seed: int = 0) -> list[str]:
 def _stall(step_wanted: int, pid_dir: Path):
     def cb(step: int) -> None:
         if step == step_wanted:
-            from tagi_ds.train.distributed import rank
+            from tagi_ds.run.dist import rank
 
             pid_dir.mkdir(parents=True, exist_ok=True)
             (pid_dir / f"pid_rank{rank()}").write_text(str(os.getpid()))
@@ -112,7 +112,7 @@ def run_phase(ph: dict) -> None:
     from tagi_ds.run.identity import check_stage_record
     from tagi_ds.run.paths import RunPaths
     from tagi_ds.train import finetune, pretrain
-    from tagi_ds.train.distributed import rank
+    from tagi_ds.run.dist import rank
     from tagi_ds.train.hypernet_loop import setup_student, train_stage
 
     if ph.get("reload_export"):
