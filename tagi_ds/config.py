@@ -129,7 +129,11 @@ class TeacherConfig:
     checkpoint_every: int = f(100, "steps between resumable checkpoints")
     resume: Literal["auto", "never"] = f("auto", "resume a teacher batch from its checkpoint when one exists")
     grad_clip: float = f(1.0, "per-teacher gradient clipping norm (0 = off)")
-    array_concurrency: int = f(16, "Slurm array: at most this many teachers at once")
+    array_concurrency: int = f(16, "Slurm array: at most this many array elements at once")
+    units_per_job: int = f(1, "Slurm array: teacher units per array element (e.g. 756 tasks / 16 = 48 elements, each "
+                              "loading the data and the backbone once; far below a cluster's per-user job limit)")
+    write_cache: bool = f(False, "after publishing its units, the teacher stage also writes their logit-cache shards "
+                                 "with the backbone already loaded (one job per units instead of two)")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from .config import dump_yaml
 from .errors import ConfigError
 from .io_utils import atomic_write_json, atomic_write_text, sha256_json
 from .run.methods import baseline_modes, finetune_variants, needs_teachers, variant_config
+from .run.dist import barrier, join_ranks
 from .run.identity import stage_record_hash
 from .run.paths import RunPaths
 
@@ -172,16 +173,22 @@ def run(cfg: Any, from_stage: Optional[str] = None, progress: bool = True, log: 
     ecfg = with_budgets(cfg)
     steps = plan(ecfg)
     paths = RunPaths.of(cfg)
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(paths.config, dump_yaml(ecfg))
+    # Under torchrun / srun every rank runs the pipeline: the stages split their units (teachers, shards) or train
+    # together (DeepSpeed); only rank 0 deletes or writes the pipeline's own files, the others wait at a barrier.
+    r, _ = join_ranks(cfg.distributed.timeout_s)
+    main_rank = r == 0
     markers = Markers(paths)
-    if from_stage is not None:
+    if main_rank:
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths.config, dump_yaml(ecfg))
+    if from_stage is not None and main_rank:
         redo = STAGE_NAMES[STAGE_NAMES.index(from_stage):]
         for name in redo:
             markers.clear(name)
             for p in stage(name).outputs(paths):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         log(f"pipeline: --from {from_stage}: removed the outputs of {', '.join(redo)}")
+    barrier()
     t_all = time.perf_counter()
     record = []
     for st, sub in steps:
@@ -194,19 +201,23 @@ def run(cfg: Any, from_stage: Optional[str] = None, progress: bool = True, log: 
             record.append({"stage": st.name, "sub": sub, "status": "skipped", "seconds": 0.0})
             continue
         log(f"pipeline: {name}: running")
-        if st.name == "evaluate":
+        if st.name == "evaluate" and main_rank:
             archive_report(paths, log)
+        barrier()
         t0 = time.perf_counter()
         run_stage(ecfg, st, sub, progress, log)
+        barrier()
         secs = time.perf_counter() - t0
-        markers.mark(st.name, sub, key_hash, secs)
+        if main_rank:
+            markers.mark(st.name, sub, key_hash, secs)
         budget = cfg.stage_budgets_s.get(st.name)
         over = f" (over its {budget:.0f} s budget)" if budget is not None and secs > 1.25 * budget + 30 else ""
         log(f"pipeline: {name}: done in {secs:.0f} s{over}")
         record.append({"stage": st.name, "sub": sub, "status": "ran", "seconds": round(secs, 2)})
     total = time.perf_counter() - t_all
     summary = {"stages": record, "seconds": round(total, 2), "from": from_stage}
-    atomic_write_json(paths.pipeline_record, summary)
+    if main_rank:
+        atomic_write_json(paths.pipeline_record, summary)
     log(f"pipeline: finished in {total:.0f} s; report: {paths.report}")
     return summary
 

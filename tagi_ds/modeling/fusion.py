@@ -72,3 +72,52 @@ def select_prefix(prefix: PrefixKV | None, index: Sequence[int] | torch.Tensor) 
         return None
     idx = torch.as_tensor(index, dtype=torch.long, device=prefix[0][0].device)
     return tuple((k.index_select(0, idx), v.index_select(0, idx)) for k, v in prefix)
+
+
+def _prefix_layer_class():
+    """PrefixLayer is defined on first use: its base class lives in transformers (imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PrefixLayer(DynamicLayer):
+        """One decoder layer's instruction K/V held per TASK (n_tasks, kv_heads, Li, head_dim), expanded to the
+        batch's rows only inside that layer's attention call, and never stored grown: a teacher-forced forward reads
+        each layer once. So no per-row copy of every layer exists at once (the old DynamicCache held N rows x all
+        layers, then its concatenation with the input again); with activation checkpointing the per-row expansion
+        lives for one block at a time."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, task_ids: torch.Tensor):
+            super().__init__()
+            self.prefix_keys, self.prefix_values, self.task_ids = keys, values, task_ids
+            self.keys, self.values = keys[:0], values[:0]  # typed, empty: what `is_initialized` layers hold
+            self.device, self.is_initialized = keys.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            rows = self.task_ids.to(self.prefix_keys.device)
+            k = self.prefix_keys.index_select(0, rows).to(key_states.device, key_states.dtype)
+            v = self.prefix_values.index_select(0, rows).to(value_states.device, value_states.dtype)
+            return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
+
+        def get_seq_length(self, *args) -> int:
+            return int(self.prefix_keys.shape[-2])
+
+        def get_mask_sizes(self, query, *args) -> tuple[int, int]:
+            # transformers passes the query length (5.2x) or the cache positions (5.0)
+            q = query if isinstance(query, int) else int(query.shape[-1])
+            return self.get_seq_length() + q, 0
+
+    return PrefixLayer
+
+
+_PREFIX_LAYER: list = []
+
+
+def lazy_prefix_cache(prefix: PrefixKV, task_ids: torch.Tensor, config):
+    """A cache for one teacher-forced forward whose row i attends to task task_ids[i]'s instruction prefix, the prefix
+    held per task (see PrefixLayer). Generation grows its cache step by step: it uses `expand_prefix`."""
+    from transformers import DynamicCache
+
+    if not _PREFIX_LAYER:
+        _PREFIX_LAYER.append(_prefix_layer_class())
+    cache = DynamicCache(config=config)
+    cache.layers = [_PREFIX_LAYER[0](k, v, task_ids) for k, v in prefix]
+    return cache

@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput
 from ..errors import ConfigError, TagiError
 from .backbone import TargetSpec, target_specs
 from .checkpointing import enable_block_checkpointing, hf_checkpointing_on
-from .fusion import (PrefixKV, expand_prefix, fuse_encoder_states, llama_instruction_pass,
+from .fusion import (PrefixKV, expand_prefix, fuse_encoder_states, lazy_prefix_cache, llama_instruction_pass,
                      positions_from_mask, prefix_mask_and_positions, select_prefix)
 from .hf_compat import cache_kwargs, output_cache
 from .hypernet import HyperNetwork, masked_mean_pool
@@ -182,7 +182,7 @@ class TagiStudent(nn.Module):
                                     decoder_input_ids=decoder_input_ids, use_cache=False)
                 loss = None if labels is None else masked_lm_loss(out.logits, labels)
                 return Seq2SeqLMOutput(loss=loss, logits=out.logits)
-            mask, positions, cache = self._llama_prefix(encoding, task_ids, attention_mask)
+            mask, positions, cache = self._llama_prefix(encoding, task_ids, attention_mask, lazy=True)
             out = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                 use_cache=False, **cache_kwargs(self.backbone, cache))
             loss = None if labels is None else masked_lm_loss(out.logits[:, :-1], labels[:, 1:])
@@ -196,11 +196,15 @@ class TagiStudent(nn.Module):
             return states, attention_mask
         return fuse_encoder_states(encoding.hidden, encoding.mask, states, attention_mask, task_ids)
 
-    def _llama_prefix(self, encoding: TaskEncoding, task_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """(attention mask, position ids, cache) for the input rows, with the instruction prefix when fusing."""
+    def _llama_prefix(self, encoding: TaskEncoding, task_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      lazy: bool = False):
+        """(attention mask, position ids, cache) for the input rows, with the instruction prefix when fusing.
+        `lazy`: one teacher-forced forward (the prefix stays per task, expanded per layer: fusion.lazy_prefix_cache);
+        otherwise a per-row cache that generation grows step by step."""
         if self.fusion and encoding.prefix is not None:
             mask, positions = prefix_mask_and_positions(encoding.mask, attention_mask, task_ids)
-            return mask, positions, expand_prefix(encoding.prefix, task_ids, self.backbone.config)
+            make = lazy_prefix_cache if lazy else expand_prefix
+            return mask, positions, make(encoding.prefix, task_ids, self.backbone.config)
         if self.fusion:
             raise TagiError("fusion is on but the TaskEncoding has no prefix (encode_instructions with fusion=True)")
         return attention_mask, positions_from_mask(attention_mask), None

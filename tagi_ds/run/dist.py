@@ -159,3 +159,29 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
         with collective_guard("logging all-reduce"):
             dist.all_reduce(t)
     return float(t.item()) / w
+
+
+
+def launched_ranks() -> int:
+    """How many processes the launcher started (torchrun's WORLD_SIZE, srun's SLURM_STEP_NUM_TASKS), before any
+    process group exists; 1 for a plain process."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ:
+        return int(os.environ["SLURM_STEP_NUM_TASKS"])
+    return 1
+
+
+def join_ranks(timeout_s: float = 600.0) -> tuple[int, int]:
+    """(rank, world size) of a stage whose ranks split independent units (teachers, cache shards, evaluation
+    shards): the process group is created (gloo/nccl, no DeepSpeed) only when the launcher started several."""
+    if launched_ranks() > 1 and not dist.is_initialized():
+        init_distributed(timeout_s, use_deepspeed=False)
+    return rank(), world_size()
+
+
+def my_share(items: list, of_rank: int | None = None, of_world: int | None = None) -> list:
+    """This rank's items: every world-size-th one from its rank (a deterministic, disjoint split)."""
+    r = rank() if of_rank is None else of_rank
+    w = world_size() if of_world is None else of_world
+    return items[r::w]

@@ -21,10 +21,13 @@ STAGE_RECORD = "stage.json"
 # run and its rerun / resume. Section "" = top level.
 RUNTIME_KEYS: dict[str, set[str]] = {
     "": {"name", "runs_dir", "threads", "device", "distributed", "stage_budgets_s"},
-    "pretrain": {"enabled", "time_budget_s", "checkpoint_every", "keep_checkpoints", "resume", "log_every"},
-    "finetune": {"enabled", "time_budget_s", "checkpoint_every", "keep_checkpoints", "resume", "log_every"},
+    # grad_accum: how a global batch is laid out over ranks x accumulation (a resume on other ranks keeps it whole)
+    "pretrain": {"enabled", "time_budget_s", "checkpoint_every", "keep_checkpoints", "resume", "log_every",
+                 "grad_accum"},
+    "finetune": {"enabled", "time_budget_s", "checkpoint_every", "keep_checkpoints", "resume", "log_every",
+                 "grad_accum"},
     "baselines": {"time_budget_s", "log_every"},
-    "teacher": {"time_budget_s", "checkpoint_every", "resume", "array_concurrency"},
+    "teacher": {"time_budget_s", "checkpoint_every", "resume", "array_concurrency", "units_per_job", "write_cache"},
     "cache": {"batch_size"},
     "backbone": {"gradient_checkpointing", "attn_implementation"},
     "hypernet": {"kernel"},

@@ -13,9 +13,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ..data.collate import (PromptSettings, TaskInstanceDataset, collate_full, collate_student, instruction_ids)
+from ..data.collate import PromptSettings, TaskInstanceDataset, collate_full, collate_student, pad_id
 from ..data.registry import load_run_tasks_from_config
-from ..data.sampler import TaskGroupedSampler
+from ..data.sampler import EpochPositions, TaskGroupedSampler
 from ..data.tasks import Task
 from ..distill.logit_cache import CacheShardReader, tokenizer_hash
 from ..distill.signal import CachedTeacherSignal
@@ -29,8 +29,7 @@ from ..run.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..run.prompts import prompt_settings
 from ..run.units import teacher_unit
 from .distill_step import DistillLoss, TeacherAdapters
-from ..run.dist import rank, world_size
-from .hypernet_loop import StageSpec, StudentSetup, TrainBatch, setup_student, train_stage
+from .hypernet_loop import StageSpec, StudentSetup, TrainBatch, bucket_instructions, setup_student, train_stage
 
 STAGE = "finetune"
 EXTRA_KEYS = ("variant",)
@@ -51,27 +50,29 @@ def identity(cfg, sub: Optional[str] = None) -> dict:
 
 
 class FinetuneBatches:
-    """The training tasks' instances in task-grouped micro batches; one instruction row per task."""
+    """The training tasks' instances in task-grouped micro batches, by global position; each micro batch carries
+    its own tasks' instructions (tokenized when a batch first needs them, a few hundred ids per task)."""
 
     def __init__(self, tasks: list[Task], tokenizer, settings: PromptSettings, *, tasks_per_batch: int,
                  instances_per_task: int, seed: int, online_teacher: bool):
         self.tasks, self.tokenizer, self.settings = tasks, tokenizer, settings
         self.task_pos = {t.name: i for i, t in enumerate(tasks)}
         self.dataset = TaskInstanceDataset(tasks)
-        self._instr = {t.name: instruction_ids(t, tokenizer, settings) for t in tasks}
-        self.instruction_rows = [self._instr[t.name] for t in tasks]
-        self.sampler = TaskGroupedSampler(self.dataset.task_sizes, tasks_per_batch, instances_per_task, rank=rank(),
-                                          world_size=world_size(), seed=seed)
+        self._instr: dict[str, list[int]] = {}
+        # The global batch list (the same on every rank): rank r takes positions r, r + W, ... (hypernet_loop).
+        self.positions = EpochPositions(TaskGroupedSampler(self.dataset.task_sizes, tasks_per_batch,
+                                                           instances_per_task, seed=seed))
         self.online_teacher = online_teacher
 
-    def make_batch(self, keys: list[tuple[int, int]]) -> TrainBatch:
-        pairs = [self.dataset[k] for k in keys]
+    def batch(self, position: int) -> TrainBatch:
+        pairs = [self.dataset[k] for k in self.positions.keys(position)]
         sb = collate_student(pairs, self.tokenizer, self.settings, instruction_cache=self._instr)
         full = collate_full(pairs, self.tokenizer, self.settings) if self.online_teacher else None
         index = torch.tensor([self.task_pos[n] for n in sb.task_names], dtype=torch.long)
+        instr_ids, instr_mask = bucket_instructions(sb.instr_ids, sb.instr_mask, pad_id(self.tokenizer))
         return TrainBatch(task_index=index, task_ids=sb.task_ids, input_ids=sb.input_ids,
-                          attention_mask=sb.attention_mask, labels=sb.labels, instr_ids=sb.instr_ids,
-                          instr_mask=sb.instr_mask, task_names=sb.task_names, instance_ids=sb.instance_ids, extra=full)
+                          attention_mask=sb.attention_mask, labels=sb.labels, instr_ids=instr_ids,
+                          instr_mask=instr_mask, task_names=sb.task_names, instance_ids=sb.instance_ids, extra=full)
 
 
 def check_teacher_artifacts(cfg, tasks: list[Task], paths: RunPaths, shard_expect) -> None:

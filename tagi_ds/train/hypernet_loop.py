@@ -11,9 +11,12 @@ The loss runs inside the engine's forward (`_StepModule`), so DeepSpeed sees one
 loss returns (weighted sum of token losses, token count, {term: detached sum}) for this rank's micro batch and is
 divided by the global token count (`global_token_mean`), so 1 process and N ranks optimise the same objective.
 
-Instructions are encoded once, before step 1, in one collective pass (`TagiStudent.encode_instruction_rows`): under
-ZeRO-3 every rank must run the same sequence of backbone forwards, and encoding lazily per batch would make ranks
-differ. The encodings live on CPU and are moved per batch.
+Every structure is O(micro batch): each micro batch encodes its own tasks' instructions (one frozen forward per micro
+batch on every rank, so ZeRO-3's parameter gathers stay in lock-step; padded to a 64-token bucket, never to the
+longest instruction of the run), and the data is read by global position (`BatchSource.batch(g)`): rank r of W takes
+positions r, r + W, ... A run whose rank was asked to stop (SIGTERM / SIGUSR1: run/signals.py) checkpoints at the
+next optimizer step and exits 75; it resumes there, on any number of ranks (the engine falls back to the consolidated
+weights when the world size changed: engine.py).
 """
 from __future__ import annotations
 
@@ -31,7 +34,6 @@ from torch import nn
 
 from ..config import LoopConfig, dump_yaml
 from ..data.collate import pad_id
-from ..data.sampler import EpochPositions
 from ..errors import TagiError
 from ..io_utils import atomic_write_json, atomic_write_text
 from ..modeling.tagi import TagiStudent, TaskEncoding, build_student
@@ -39,6 +41,7 @@ from ..run.backbone import resolve_device
 from ..run.backbone_recipe import resolve_backbone_path
 from ..run.export_io import export_config
 from ..run.identity import write_stage_record
+from ..run.signals import StopSignals, Stopped
 from ..run.paths import EXPORT_SUBDIR
 from .checkpoint import export_trainable
 from ..run.dist import all_reduce_mean, collective_guard, init_distributed, rank, world_size
@@ -50,6 +53,17 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MAX_NONFINITE_IN_A_ROW = 5  # skipped nan/inf batches in a row before the run stops with an error
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INSTRUCTION_BUCKET = 64  # instructions are padded to a multiple of this many tokens: few shapes, little padding
+
+
+def bucket_instructions(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_tasks, Li) rows right-padded to the next multiple of INSTRUCTION_BUCKET (the micro batch's own longest,
+    never the run's): a handful of shapes over a run instead of one per batch, and no batch pays the longest task."""
+    width = -(-ids.shape[1] // INSTRUCTION_BUCKET) * INSTRUCTION_BUCKET
+    extra = width - ids.shape[1]
+    if extra == 0:
+        return ids, mask
+    return (torch.nn.functional.pad(ids, (0, extra), value=pad), torch.nn.functional.pad(mask, (0, extra), value=0))
 
 
 @dataclass
@@ -77,12 +91,9 @@ class TrainBatch:
 
 
 class BatchSource(Protocol):
-    """A stage's data: one instruction row per task, a task-grouped sampler, and batches from its keys."""
+    """A stage's data: the micro batch at a global position (a pure function of the seed and the position)."""
 
-    instruction_rows: list[list[int]]
-    sampler: Any  # data.sampler.TaskGroupedSampler
-
-    def make_batch(self, keys: list[tuple[int, int]]) -> TrainBatch: ...
+    def batch(self, position: int) -> TrainBatch: ...
 
 
 LossFn = Callable[[TagiStudent, TaskEncoding, TrainBatch], "tuple[torch.Tensor, torch.Tensor, dict]"]
@@ -102,6 +113,7 @@ class StudentSetup:
     r: int
     alpha: float
     ds_config: Optional[dict]
+    started: float = 0.0  # perf_counter at the start of the setup (time to the first step is measured from here)
 
     @property
     def pad_id(self) -> int:
@@ -130,6 +142,7 @@ def setup_student(cfg, *, micro_batch: int, loop: LoopConfig) -> StudentSetup:
     from ..kernels.dispatch import choose_attn_implementation
     from ..modeling.backbone import detect_arch, load_backbone
 
+    started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     seed_everything(cfg.seed)
@@ -159,7 +172,7 @@ def setup_student(cfg, *, micro_batch: int, loop: LoopConfig) -> StudentSetup:
     student.hypernet.to(DTYPES[b.dtype])  # the engine must not mix dtypes (DEEPSPEED_CPU.md pitfall 4)
     if b.gradient_checkpointing:  # ours, not HF's: the recompute keeps the LoRA terms and the prefix
         student.enable_activation_checkpointing()
-    return StudentSetup(cfg, device, tokenizer, path, arch, student, r, alpha, ds)
+    return StudentSetup(cfg, device, tokenizer, path, arch, student, r, alpha, ds, started)
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -179,22 +192,17 @@ class StageSpec:
 
 
 class _StepModule(nn.Module):
-    """What the engine wraps: the student (trainable hypernetwork, frozen backbone) and the stage's loss step."""
+    """What the engine wraps: the student (trainable hypernetwork, frozen backbone) and the stage's loss step. The
+    micro batch's own instructions are encoded here (no grad unless the instruction encoder trains)."""
 
-    def __init__(self, student: TagiStudent, loss: LossFn, encodings: Optional[TaskEncoding]):
+    def __init__(self, student: TagiStudent, loss: LossFn):
         super().__init__()
         self.student = student
         self._loss = loss
-        self._encodings = encodings
 
     def forward(self, batch: TrainBatch):
-        return self._loss(self.student, self.encoding_for(batch), batch)
-
-    def encoding_for(self, batch: TrainBatch) -> TaskEncoding:
-        """The batch tasks' instruction encodings: precomputed rows, or (trained encoder) encoded now, with grad."""
-        if self._encodings is None:
-            return self.student.encode_instructions(batch.instr_ids, batch.instr_mask)
-        return self._encodings.select(batch.task_index.cpu()).to(batch.input_ids.device)
+        encoding = self.student.encode_instructions(batch.instr_ids, batch.instr_mask)
+        return self._loss(self.student, encoding, batch)
 
 
 def partition_facts(backbone: nn.Module) -> dict[str, Any]:
@@ -242,11 +250,12 @@ def _log(engine: Engine, out_dir: Path, step: int, means: dict[str, float]) -> N
 
 def train_stage(setup: StudentSetup, spec: StageSpec, *, on_checkpoint: Optional[Callable[[int], None]] = None,
                 show_progress: bool = True) -> Optional[Path]:
-    """Run a hypernetwork stage to its last step and write its export; returns the export folder on rank 0."""
+    """Run a hypernetwork stage to its last step and write its export; returns the export folder on rank 0.
+    Raises run.signals.Stopped (after a checkpoint) when the process was asked to stop."""
     cfg, loop, student = setup.cfg, spec.loop, setup.student
-    summary: dict[str, Any] = {"stage": spec.name, "variant": spec.variant, **spec.summary}
-    encodings = None
-    module = _StepModule(student, spec.loss, None)
+    summary: dict[str, Any] = {"stage": spec.name, "variant": spec.variant, **spec.summary,
+                               "instruction_encoding": "per micro batch", "world_size": world_size()}
+    module = _StepModule(student, spec.loss)
     if not cfg.distributed.use_deepspeed:
         module.to(setup.device)
     engine = Engine(module, setup.ds_config, lr=loop.lr, warmup_steps=loop.warmup_steps, total_steps=loop.steps,
@@ -257,24 +266,21 @@ def train_stage(setup: StudentSetup, spec: StageSpec, *, on_checkpoint: Optional
                     lr_scale_of=head_lr_scale_of(cfg.hypernet))
     try:
         summary["backbone_partition"] = partition_facts(student.backbone)
-        if not student.train_encoder:
-            t0 = time.perf_counter()
-            encodings = student.encode_instruction_rows(spec.batches.instruction_rows, setup.pad_id, setup.device)
-            module._encodings = encodings
-            summary["instruction_encoding"] = {"tasks": len(spec.batches.instruction_rows),
-                                               "seconds": time.perf_counter() - t0}
+        position = 0
         if loop.resume == "auto":
             progress = engine.resume_latest()
             if progress is not None:
                 summary["resumed_from"] = int(progress["step"])
+                position = int(progress.get("data_position", engine.global_step * engine.grad_accum))
         spec.out_dir.mkdir(parents=True, exist_ok=True)
         if rank() == 0:
             write_stage_record(spec.out_dir, spec.record)
             atomic_write_text(spec.out_dir / "config.yaml", dump_yaml(cfg))
-        micro = _train(engine, module, spec, setup.device, summary, on_checkpoint)
+        with StopSignals() as stop:
+            position = _train(engine, module, spec, setup, summary, on_checkpoint, stop, position)
         step = engine.global_step
         if step > 0:
-            _checkpoint(engine, spec, step, micro, on_checkpoint)
+            _checkpoint(engine, spec, step, position, on_checkpoint)
         conf = export_config(student, backbone_id=setup.backbone_path, target_kinds=cfg.backbone.target_modules,
                              r=setup.r, alpha=setup.alpha, dtype=cfg.backbone.dtype, tokenizer=cfg.backbone.tokenizer,
                              stage=spec.name, variant=spec.variant, step=step)
@@ -286,20 +292,20 @@ def train_stage(setup: StudentSetup, spec: StageSpec, *, on_checkpoint: Optional
         engine.close()
 
 
-def _checkpoint(engine: Engine, spec: StageSpec, step: int, micro: int,
+def _checkpoint(engine: Engine, spec: StageSpec, step: int, position: int,
                 on_checkpoint: Optional[Callable[[int], None]]) -> None:
-    engine.save(step, {"data_position": micro, "stage": spec.name, "variant": spec.variant})
+    """A resumable checkpoint; `position` is the GLOBAL data position of the next micro batch (any world size)."""
+    engine.save(step, {"data_position": position, "stage": spec.name, "variant": spec.variant})
     if on_checkpoint is not None:
         on_checkpoint(step)
 
 
-def _train(engine: Engine, module: _StepModule, spec: StageSpec, device: torch.device, summary: dict,
-           on_checkpoint: Optional[Callable[[int], None]]) -> int:
-    """The token-weighted loop from the engine's (resumed) step to `loop.steps`; returns the data position."""
+def _train(engine: Engine, module: _StepModule, spec: StageSpec, setup: StudentSetup, summary: dict,
+           on_checkpoint: Optional[Callable[[int], None]], stop: StopSignals, position: int) -> int:
+    """The token-weighted loop from the engine's (resumed) step to `loop.steps`; returns the next global position.
+    Rank r reads global positions position + r, + W, ...: batches are a pure function of (seed, position)."""
     loop = spec.loop
-    positions = EpochPositions(spec.batches.sampler)
-    accum = max(1, engine.grad_accum)
-    micro = engine.global_step * accum  # batches are a pure function of (seed, position): resume continues exactly
+    W, r = world_size(), rank()
     sums: dict[str, float] = {}
     n_tok = 0.0
     t_start = time.perf_counter()
@@ -308,13 +314,13 @@ def _train(engine: Engine, module: _StepModule, spec: StageSpec, device: torch.d
     last: dict[str, float] = {}
     nonfinite_in_a_row = 0
     while engine.global_step < loop.steps:
-        batch = spec.batches.make_batch(positions.keys(micro)).to(device)
+        batch = spec.batches.batch(position + r).to(setup.device)
+        position += W
         total, n, terms = engine(batch)
         loss = global_token_mean(total, n)
         if all_reduce_mean(1.0 if bool(torch.isfinite(loss.detach())) else 0.0) < 1.0:
             # A nan/inf loss on any rank: every rank drops this micro batch (no backward, no step) and moves on to
             # the next one; only a run of them is an error (the weights themselves are then broken).
-            micro += 1
             nonfinite_in_a_row += 1
             summary["skipped_nonfinite_batches"] = summary.get("skipped_nonfinite_batches", 0) + 1
             if rank() == 0:
@@ -328,7 +334,6 @@ def _train(engine: Engine, module: _StepModule, spec: StageSpec, device: torch.d
         nonfinite_in_a_row = 0
         engine.backward(loss)
         n_local = float(n)
-        micro += 1
         n_tok += n_local
         sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
         for k, v in terms.items():
@@ -336,6 +341,8 @@ def _train(engine: Engine, module: _StepModule, spec: StageSpec, device: torch.d
         if not engine.step(tokens=int(n_local)):
             continue
         step = engine.global_step
+        if "time_to_first_step_s" not in summary:
+            summary["time_to_first_step_s"] = round(time.perf_counter() - setup.started, 3)
         if step % max(1, loop.log_every) == 0 or step == loop.steps:
             last = _global_means(sums, n_tok)
             if not math.isfinite(last["loss"]):
@@ -343,12 +350,15 @@ def _train(engine: Engine, module: _StepModule, spec: StageSpec, device: torch.d
                                 f"the data (last checkpoint in {spec.out_dir / 'checkpoints'})")
             _log(engine, spec.out_dir, step, last)
         sums, n_tok = {}, 0.0
+        if step < loop.steps and stop.should_stop():
+            _checkpoint(engine, spec, step, position, on_checkpoint)
+            raise Stopped(f"{spec.name}: {stop.requested or 'another rank asked to stop'}: checkpoint at step {step} "
+                          f"in {spec.out_dir / 'checkpoints'}; rerun the same command to resume from it")
         if loop.checkpoint_every > 0 and step % loop.checkpoint_every == 0 and step < loop.steps:
-            _checkpoint(engine, spec, step, micro, on_checkpoint)
+            _checkpoint(engine, spec, step, position, on_checkpoint)
         if loop.time_budget_s is not None and _out_of_time(t_start, loop.time_budget_s):
             summary["stopped_by_time_budget"] = step
             break
     summary.update(final_step=engine.global_step, last_logged=last, train_seconds=time.perf_counter() - t_start,
                    skipped_nonfinite_updates=getattr(engine, "skipped_updates", 0))
-    return micro
-
+    return position

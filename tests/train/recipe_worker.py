@@ -135,8 +135,9 @@ def run_phase(ph: dict) -> None:
     train_stage(setup, spec, on_checkpoint=cb, show_progress=False)
     if ph.get("dump_adapters"):
         with torch.no_grad():  # collective under ZeRO-3: every rank runs the backbone and the hypernetwork
-            enc = setup.student.encode_instruction_rows(spec.batches.instruction_rows[:2], setup.pad_id, setup.device)
-            ad = setup.student.generate_adapters(enc.to(setup.device))
+            b = spec.batches.batch(0).to(setup.device)
+            enc = setup.student.encode_instructions(b.instr_ids, b.instr_mask).select([0, 1])
+            ad = setup.student.generate_adapters(enc)
         if rank() == 0:
             torch.save({"pooled": enc.pooled, "adapters": {k: (a.cpu(), b.cpu()) for k, (a, b) in ad.items()}},
                        ph["dump_adapters"])

@@ -14,7 +14,6 @@ from tests.train import recipe_worker as W
 from tagi_ds.config import load_config
 from tagi_ds.data.tasks import Task
 from tagi_ds.errors import ArtifactMismatchError, ConfigError, DataError, TagiError
-from tagi_ds.data.sampler import EpochPositions
 from tagi_ds.run.units import teacher_unit
 from tagi_ds.train import finetune
 from tagi_ds.train.hypernet_loop import setup_student, train_stage
@@ -77,7 +76,7 @@ def test_online_teacher_gives_the_dense_kl_of_the_live_teacher(llama_run):
     cfg = load_config(yaml, sets + ["finetune.online_teacher=true"])
     setup, spec = _built(cfg, "online")
     student = setup.student
-    batch = spec.batches.make_batch(EpochPositions(spec.batches.sampler).keys(0))
+    batch = spec.batches.batch(0)
     encoding = student.encode_instructions(batch.instr_ids, batch.instr_mask)
     total, n, terms = spec.loss(student, encoding, batch)
     assert set(terms) == {"ce", "kl"} and float(terms["kl"]) > 0
