@@ -192,6 +192,7 @@ class FinetuneConfig(LoopConfig):
     temperature: float = f(2.0, "distillation temperature T (must equal cache.temperature)")
     online_teacher: bool = f(False, "compute teacher logits live instead of reading the cache")
     init_from_pretrain: bool = f(True, "start from the pretrain export when it exists")
+    teacher_cache_gib: float = f(2.0, "host memory for teacher adapters read ahead of their step (LRU, in GiB)")
 
 
 @dataclass

@@ -4,6 +4,7 @@ evaluate). A folder of another configuration is refused naming both hashes, neve
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -81,10 +82,23 @@ def check_temperatures(cache_temperature: float, finetune_temperature: float) ->
                           f"{finetune_temperature}: the cached top-k was taken at the cache's temperature")
 
 
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a weights file, computed once per process for a given (path, size, mtime): a finetune reads each
+    teacher's hash for its shard check once, not once at start-up and again in epoch 1."""
+    st = Path(path).stat()
+    return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
 def shard_fields(cfg, task: Task, *, arch: str, tokenizer_hash: str, backbone_id: str, teacher_dir: Path,
-                 vocab_size: int, settings: PromptSettings) -> dict[str, Any]:
+                 vocab_size: int, settings: PromptSettings, with_teacher_hash: bool = True) -> dict[str, Any]:
     """The manifest fields one task's shard must carry for this run (the cache stage writes them, the finetune
-    passes them as a reader's `expect`)."""
+    passes them as a reader's `expect`). `with_teacher_hash=False` leaves out the teacher weights' hash: a cheap
+    check of everything else (a finetune's start-up), the full one when the shard is first read."""
     from ..distill.logit_cache import manifest_fields
     from ..distill.teacher_rows import CacheMode
 
@@ -92,8 +106,13 @@ def shard_fields(cfg, task: Task, *, arch: str, tokenizer_hash: str, backbone_id
     mode = CacheMode.of_config(c.mode, top_k=c.top_k, num_samples=c.num_samples, seed=cfg.seed, vocab_size=vocab_size)
     fields = manifest_fields(
         tokenizer_hash=tokenizer_hash, backbone_id=backbone_id,
-        teacher_adapter_hash=sha256_file(Path(teacher_dir) / ADAPTER_WEIGHTS), mode=mode, temperature=c.temperature,
+        teacher_adapter_hash="(deferred)", mode=mode, temperature=c.temperature,
         prompt_format=f"{PROMPT_FORMAT}:{arch}:pos{settings.num_pos}:def{int(settings.add_definition)}",
         max_source_length=settings.max_source_length, max_target_length=settings.max_target_length,
         vocab_size=vocab_size)
-    return {**fields, "instances_sha256": instances_fingerprint([task])}
+    fields = {**fields, "instances_sha256": instances_fingerprint([task])}
+    if with_teacher_hash:
+        fields["teacher_adapter_hash"] = weights_sha256(Path(teacher_dir) / ADAPTER_WEIGHTS)
+    else:
+        fields.pop("teacher_adapter_hash")
+    return fields

@@ -5,13 +5,16 @@
   `cache.missing_mass`), or, with `finetune.online_teacher`, against the teacher's full distribution computed live
   (backbone + the teacher's LoRA through the student's own hooks, full Tk-Instruct prompt, no grad).
 - L_ins: per task, the mean over target modules of ‖ΔW_gen − ΔW_teacher‖²_F / ‖ΔW_teacher‖²_F (`delta_w_distance`);
-  teacher adapters are read lazily per task from their PEFT folders (memory-mapped) and kept in a small LRU.
+  teacher adapters are read ahead of their step from their PEFT folders (TeacherAdapters) into an LRU bounded in bytes.
 A zero weight switches a term off: never computed, never logged. Every term is a sum over label tokens (L_ins: each
 task's value weighted by its label tokens); the loop divides by the global token count.
 """
 from __future__ import annotations
 
+import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,25 +28,60 @@ from ..modeling.tagi import TagiStudent, TaskEncoding
 from ..run.peft_io import read_peft_adapter
 from .losses import ce_sum, student_logits
 
-TEACHER_CACHE_SIZE = 64  # teacher adapters kept in memory (read lazily, memory-mapped)
-
-
 class TeacherAdapters:
-    """Each task's teacher adapter (A, B per module type) and scale, read on first use, least recently used dropped."""
+    """Each task's teacher adapter (A, B per module type) and scale, read AHEAD of the step that needs it by one
+    background thread (`prefetch`: file reads and checksums release the GIL), kept in an LRU bounded in BYTES (a
+    T5-XL teacher is ~75 MB: a count bound says nothing about memory). `get` waits only when a read is late."""
 
-    def __init__(self, teacher_dir_of: Callable[[str], Path], specs, size: int = TEACHER_CACHE_SIZE):
-        self.dir_of, self.specs, self.size = teacher_dir_of, specs, size
-        self._cache: OrderedDict[str, tuple[dict, float]] = OrderedDict()
+    def __init__(self, teacher_dir_of: Callable[[str], Path], specs, max_bytes: int,
+                 also: Optional[Callable[[str], None]] = None, adapters: bool = True):
+        self.dir_of, self.specs, self.max_bytes = teacher_dir_of, specs, int(max_bytes)
+        self.also = also  # more read-ahead per task (the logit-cache shard's open + checksum)
+        self.adapters = adapters  # False: only `also` is read ahead (a KL-only finetune never reads the adapters)
+        self._cache: OrderedDict[str, tuple[dict, float, int]] = OrderedDict()
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-prefetch")
+        self.stats = {"reads": 0, "hits": 0, "waited_s": 0.0}
+
+    def _load(self, task_name: str) -> tuple[dict, float, int]:
+        if self.also is not None:
+            self.also(task_name)
+        if not self.adapters:
+            return {}, 0.0, 0
+        adapters, scale, _ = read_peft_adapter(self.dir_of(task_name), self.specs)
+        size = sum(t.numel() * t.element_size() for pair in adapters.values() for t in pair)
+        return adapters, scale, size
+
+    def prefetch(self, task_names) -> None:
+        with self._lock:
+            for name in task_names:
+                if name not in self._cache and name not in self._pending:
+                    self._pending[name] = self._pool.submit(self._load, name)
 
     def get(self, task_name: str) -> tuple[dict, float]:
         """(adapters {module_type: (A (L, r, d_in), B (L, d_out, r))}, scale) of a task's teacher."""
-        if task_name not in self._cache:
-            adapters, scale, _ = read_peft_adapter(self.dir_of(task_name), self.specs)
-            self._cache[task_name] = (adapters, scale)
-            while len(self._cache) > self.size:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(task_name)
-        return self._cache[task_name]
+        with self._lock:
+            hit = self._cache.get(task_name)
+            fut = self._pending.pop(task_name, None) if hit is None else None
+        if hit is not None:
+            self.stats["hits"] += 1
+        else:
+            t0 = time.perf_counter()
+            hit = fut.result() if fut is not None else self._load(task_name)
+            self.stats["reads"] += 1
+            self.stats["waited_s"] += time.perf_counter() - t0
+        with self._lock:
+            self._cache[task_name] = hit
+            self._cache.move_to_end(task_name)
+            total = sum(size for _, _, size in self._cache.values())
+            while total > self.max_bytes and len(self._cache) > 1:
+                _, (_, _, size) = self._cache.popitem(last=False)
+                total -= size
+        return hit[0], hit[1]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class DistillLoss:

@@ -20,6 +20,7 @@ from ..data.tasks import Task
 from ..distill.logit_cache import CacheShardReader, tokenizer_hash
 from ..distill.signal import CachedTeacherSignal
 from ..errors import ArtifactMismatchError, ConfigError
+from ..run.dist import world_size
 from ..run.artifacts import check_temperatures, shard_fields
 from ..run.backbone import backbone_identity
 from ..run.export_io import EXPORT_CONFIG, load_trainable
@@ -54,7 +55,8 @@ class FinetuneBatches:
     its own tasks' instructions (tokenized when a batch first needs them, a few hundred ids per task)."""
 
     def __init__(self, tasks: list[Task], tokenizer, settings: PromptSettings, *, tasks_per_batch: int,
-                 instances_per_task: int, seed: int, online_teacher: bool):
+                 instances_per_task: int, seed: int, online_teacher: bool,
+                 lookahead: Optional[Callable[[list[str]], None]] = None, stride: int = 1):
         self.tasks, self.tokenizer, self.settings = tasks, tokenizer, settings
         self.task_pos = {t.name: i for i, t in enumerate(tasks)}
         self.dataset = TaskInstanceDataset(tasks)
@@ -63,9 +65,15 @@ class FinetuneBatches:
         self.positions = EpochPositions(TaskGroupedSampler(self.dataset.task_sizes, tasks_per_batch,
                                                            instances_per_task, seed=seed))
         self.online_teacher = online_teacher
+        self.lookahead, self.stride = lookahead, stride  # this rank's next position is position + stride (= W)
+
+    def tasks_at(self, position: int) -> list[str]:
+        return sorted({self.tasks[t].name for t, _ in self.positions.keys(position)})
 
     def batch(self, position: int) -> TrainBatch:
         pairs = [self.dataset[k] for k in self.positions.keys(position)]
+        if self.lookahead is not None:  # the teachers of this rank's NEXT micro batch start loading now
+            self.lookahead(self.tasks_at(position + self.stride))
         sb = collate_student(pairs, self.tokenizer, self.settings, instruction_cache=self._instr)
         full = collate_full(pairs, self.tokenizer, self.settings) if self.online_teacher else None
         index = torch.tensor([self.task_pos[n] for n in sb.task_names], dtype=torch.long)
@@ -76,8 +84,9 @@ class FinetuneBatches:
 
 
 def check_teacher_artifacts(cfg, tasks: list[Task], paths: RunPaths, shard_expect) -> None:
-    """Refuse a missing or mismatched teacher / cache shard now, before anything is written (the full checksums are
-    still verified when a shard is first read)."""
+    """Refuse a missing or mismatched teacher / cache shard now, before anything is written. Cheap: file presence and
+    every shard manifest field but the teacher weights' hash; that hash and the shard's checksums are verified once,
+    when the shard is first read (ahead of its step, in the read-ahead thread)."""
     f = cfg.finetune
     for task in tasks:
         if f.lambda_ins > 0 or f.lambda_kl > 0:  # both need the task's teacher adapter
@@ -91,7 +100,7 @@ def check_teacher_artifacts(cfg, tasks: list[Task], paths: RunPaths, shard_expec
             if not shard.is_dir():
                 raise ArtifactMismatchError(f"{shard}: no logit-cache shard for task '{task.name}'; run "
                                             f"`tagi-ds cache-logits` first")
-            CacheShardReader(shard, shard_expect(task.name), verify=False)  # names a differing field
+            CacheShardReader(shard, shard_expect(task.name, False), verify=False)  # names a differing field
 
 
 def init_from_pretrain(cfg, setup: StudentSetup, paths: RunPaths) -> Optional[str]:
@@ -115,23 +124,33 @@ def build_stage(cfg, variant: str, setup: StudentSetup, record: Optional[dict]) 
     tok_hash, bb_id = tokenizer_hash(setup.tokenizer), backbone_identity(setup.backbone_path)
     vocab = int(setup.student.backbone.config.vocab_size)
 
-    def shard_expect(name: str) -> dict:  # the manifest a shard must carry for this run (the cache stage's own)
+    def shard_expect(name: str, with_teacher_hash: bool = True) -> dict:  # the cache stage's own definition
         return shard_fields(cfg, by_name[name], arch=setup.arch, tokenizer_hash=tok_hash, backbone_id=bb_id,
-                            teacher_dir=teacher_dir(name), vocab_size=vocab, settings=settings)
+                            teacher_dir=teacher_dir(name), vocab_size=vocab, settings=settings,
+                            with_teacher_hash=with_teacher_hash)
 
-    batches = FinetuneBatches(tasks, setup.tokenizer, settings, tasks_per_batch=f.tasks_per_batch,
-                              instances_per_task=f.instances_per_task, seed=cfg.seed, online_teacher=f.online_teacher)
     cached = f.lambda_kl > 0 and not f.online_teacher
     signal = CachedTeacherSignal(paths.logit_cache, expect=shard_expect) if cached else None
     check_teacher_artifacts(cfg, tasks, paths, shard_expect)
+    needs_adapters = f.lambda_ins > 0 or (f.lambda_kl > 0 and f.online_teacher)
+    teachers = TeacherAdapters(teacher_dir, setup.student.specs, int(f.teacher_cache_gib * 2 ** 30),
+                               also=signal.shard if signal is not None else None, adapters=needs_adapters)
+    reads_ahead = needs_adapters or signal is not None
+    batches = FinetuneBatches(tasks, setup.tokenizer, settings, tasks_per_batch=f.tasks_per_batch,
+                              instances_per_task=f.instances_per_task, seed=cfg.seed, online_teacher=f.online_teacher,
+                              lookahead=teachers.prefetch if reads_ahead else None, stride=world_size())
     c = cfg.cache
     loss = DistillLoss(lambda_kl=f.lambda_kl, lambda_ins=f.lambda_ins, temperature=f.temperature,
-                       online_teacher=f.online_teacher, signal=signal,
-                       teachers=TeacherAdapters(teacher_dir, setup.student.specs),
+                       online_teacher=f.online_teacher, signal=signal, teachers=teachers,
                        kl_options={"missing_mass": c.missing_mass, "estimator": c.estimator, "control": c.control})
     terms = ["ce"] + [n for n, w in (("kl", f.lambda_kl), ("l_ins", f.lambda_ins)) if w > 0]
+    def close(summary: dict) -> None:
+        teachers.close()
+        summary["teacher_reads"] = dict(teachers.stats)
+
     return StageSpec(STAGE, paths.finetune(variant), paths.tb(f"{STAGE}/{variant}"), f, record, batches, loss,
-                     variant=variant, summary={"init_from": init_from, "tasks": len(tasks), "terms": terms})
+                     variant=variant, summary={"init_from": init_from, "tasks": len(tasks), "terms": terms},
+                     close=close)
 
 
 def check_config(cfg, variant: str) -> None:

@@ -189,6 +189,7 @@ class StageSpec:
     loss: LossFn
     variant: Optional[str] = None
     summary: dict = field(default_factory=dict)  # stage facts for summary.json (tasks, terms, init_from, ...)
+    close: Optional[Callable[[dict], None]] = None  # releases the stage's helpers (threads); may add to the summary
 
 
 class _StepModule(nn.Module):
@@ -278,6 +279,8 @@ def train_stage(setup: StudentSetup, spec: StageSpec, *, on_checkpoint: Optional
             atomic_write_text(spec.out_dir / "config.yaml", dump_yaml(cfg))
         with StopSignals() as stop:
             position = _train(engine, module, spec, setup, summary, on_checkpoint, stop, position)
+        if spec.close is not None:
+            spec.close(summary)
         step = engine.global_step
         if step > 0:
             _checkpoint(engine, spec, step, position, on_checkpoint)

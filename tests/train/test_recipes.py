@@ -165,3 +165,22 @@ def test_a_sampled_cache_drives_the_kl_through_the_same_loss_path(tmp_path, mode
     assert [r["step"] for r in recs] == [1, 2, 3] and all(math.isfinite(r["kl"]) for r in recs)
     with pytest.raises(ArtifactMismatchError, match="mode"):  # a top-k run refuses the other mode's shards
         finetune.run(load_config(yaml, sets + ["cache.mode=topk"]), "topk_on_sampled", progress=False)
+
+
+def test_teachers_are_read_ahead_hashed_once_and_bounded_in_bytes(llama_run):
+    """Start-up hashes no teacher (the cheap manifest check); each teacher's weights are hashed once per job, when its
+    shard is first read, and read ahead of the step that needs them; the adapter LRU holds at most its byte budget."""
+    from tagi_ds.run import artifacts
+
+    yaml, sets = llama_run
+    cfg = load_config(yaml, sets + ["finetune.lambda_ins=0.5", "finetune.teacher_cache_gib=1e-9"])
+    artifacts._file_sha256.cache_clear()
+    setup, spec = _built(cfg, "read_ahead")
+    assert artifacts._file_sha256.cache_info().misses == 0  # nothing hashed at start-up
+    train_stage(setup, spec, show_progress=False)
+    summary = json.loads((spec.out_dir / "summary.json").read_text())
+    info = artifacts._file_sha256.cache_info()
+    assert info.misses == 2 and info.hits >= 0  # the run's 2 teachers, once each
+    reads = summary["teacher_reads"]
+    assert reads["reads"] >= 3 and reads["waited_s"] < 30  # each step's teachers were read (ahead)
+    assert len(spec.loss.teachers._cache) == 1  # a budget below one adapter keeps just the last one
