@@ -196,14 +196,14 @@ class FinetuneConfig(LoopConfig):
 
 
 @dataclass
-class BaselinesConfig:
-    """The multitask LoRA baselines (tk_instruct: full prompt; no_instruction: instance part alone)."""
+class BaselinesConfig(LoopConfig):
+    """The multitask LoRA baselines (tk_instruct: full prompt; no_instruction: instance part alone), trained on the
+    same engine and sampler as the hypernetwork (bf16, activation checkpointing and ZeRO from backbone.* /
+    distributed.*)."""
 
     steps: int = f(600, "optimizer steps per baseline")
-    lr: float = f(1e-3, "peak learning rate")
-    batch_size: int = f(32, "sequences per step")
-    warmup_steps: int = f(50, "linear warmup steps")
-    time_budget_s: Optional[float] = f(None, "stop a baseline after this many seconds (a safety cap)")
+    tasks_per_batch: int = f(4, "tasks per micro batch (the hypernetwork's task-grouped sampler)")
+    instances_per_task: int = f(8, "instances per task per micro batch")
 
 
 @dataclass
@@ -319,8 +319,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
 
 # Keys that moved: a config written for an older version gets told where the key lives now.
 MOVED_KEYS = {"eval.baseline_steps": "baselines.steps", "eval.baseline_lr": "baselines.lr",
-              "eval.baseline_batch_size": "baselines.batch_size",
-              "eval.baseline_time_budget_s": "baselines.time_budget_s"}
+              "eval.baseline_batch_size": "baselines.tasks_per_batch x baselines.instances_per_task",
+              "eval.baseline_time_budget_s": "baselines.time_budget_s",
+              "baselines.batch_size": "baselines.tasks_per_batch x baselines.instances_per_task"}
 
 
 def _build(cls: type, data: dict, where: str, prefix: str = "") -> Any:

@@ -154,6 +154,16 @@ def zero3_model_context(ds_config: dict, *, keep_alive: bool = True) -> Iterator
             unset_hf_deepspeed_config()
 
 
+def release_zero3_context() -> None:
+    """Forget the ZeRO-3 config a stage registered (at its end): a later stage of the same process (the pipeline's
+    evaluation, a baseline) must load its models whole, not partitioned by a training stage that is over."""
+    if _LIVE_HF_DS_CONFIG:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        _LIVE_HF_DS_CONFIG.clear()
+        unset_hf_deepspeed_config()
+
+
 # ---------------------------------------------------------------------------------------------- losses
 def global_token_mean(loss_sum: torch.Tensor, n_tokens: int | torch.Tensor, *,
                       grads_averaged_over_ranks: bool = True) -> torch.Tensor:

@@ -30,7 +30,8 @@ from ..run.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..run.prompts import prompt_settings
 from ..run.units import teacher_unit
 from .distill_step import DistillLoss, TeacherAdapters
-from .hypernet_loop import StageSpec, StudentSetup, TrainBatch, bucket_instructions, setup_student, train_stage
+from .engine_stage import StageSpec, train_stage
+from .hypernet_loop import StudentSetup, TrainBatch, bucket_instructions, hypernet_stage, setup_student
 
 STAGE = "finetune"
 EXTRA_KEYS = ("variant",)
@@ -148,9 +149,9 @@ def build_stage(cfg, variant: str, setup: StudentSetup, record: Optional[dict]) 
         teachers.close()
         summary["teacher_reads"] = dict(teachers.stats)
 
-    return StageSpec(STAGE, paths.finetune(variant), paths.tb(f"{STAGE}/{variant}"), f, record, batches, loss,
-                     variant=variant, summary={"init_from": init_from, "tasks": len(tasks), "terms": terms},
-                     close=close)
+    return hypernet_stage(setup, name=STAGE, out_dir=paths.finetune(variant), tb_dir=paths.tb(f"{STAGE}/{variant}"),
+                          loop=f, record=record, batches=batches, loss=loss, variant=variant,
+                          summary={"init_from": init_from, "tasks": len(tasks), "terms": terms}, close=close)
 
 
 def check_config(cfg, variant: str) -> None:

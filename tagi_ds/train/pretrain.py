@@ -23,7 +23,8 @@ from ..errors import ConfigError, DataError
 from ..modeling.label_logits import IGNORE
 from ..run.identity import PRETRAIN_DATA_KEYS, check_stage_record, config_identity
 from ..run.paths import RunPaths
-from .hypernet_loop import StageSpec, StudentSetup, TrainBatch, bucket_instructions, setup_student, train_stage
+from .engine_stage import StageSpec, train_stage
+from .hypernet_loop import StudentSetup, TrainBatch, bucket_instructions, hypernet_stage, setup_student
 from .losses import ce_loss
 
 STAGE = "pretrain"
@@ -101,8 +102,9 @@ def build_stage(cfg, setup: StudentSetup, record: Optional[dict]) -> StageSpec:
     paths = RunPaths.of(cfg)
     batches = PretrainBatches(cfg.data, setup.tokenizer, setup.arch, micro_batch_size=cfg.pretrain.micro_batch_size,
                               seed=cfg.seed)
-    return StageSpec(STAGE, paths.pretrain, paths.tb(STAGE), cfg.pretrain, record, batches, ce_loss,
-                     summary={"corpus": str(batches.blocks.corpus.path)})
+    return hypernet_stage(setup, name=STAGE, out_dir=paths.pretrain, tb_dir=paths.tb(STAGE), loop=cfg.pretrain,
+                          record=record, batches=batches, loss=ce_loss,
+                          summary={"corpus": str(batches.blocks.corpus.path)})
 
 
 def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log: Callable[[str], None] = print,

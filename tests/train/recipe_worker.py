@@ -113,7 +113,8 @@ def run_phase(ph: dict) -> None:
     from tagi_ds.run.paths import RunPaths
     from tagi_ds.train import finetune, pretrain
     from tagi_ds.run.dist import rank
-    from tagi_ds.train.hypernet_loop import setup_student, train_stage
+    from tagi_ds.train.engine_stage import train_stage
+    from tagi_ds.train.hypernet_loop import setup_student
 
     if ph.get("reload_export"):
         reload_export(*ph["reload_export"])

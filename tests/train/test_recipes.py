@@ -16,7 +16,8 @@ from tagi_ds.data.tasks import Task
 from tagi_ds.errors import ArtifactMismatchError, ConfigError, DataError, TagiError
 from tagi_ds.run.units import teacher_unit
 from tagi_ds.train import finetune
-from tagi_ds.train.hypernet_loop import setup_student, train_stage
+from tagi_ds.train.engine_stage import train_stage
+from tagi_ds.train.hypernet_loop import setup_student
 from tagi_ds.modeling.label_logits import IGNORE, label_positions
 from tagi_ds.train.losses import ce_sum
 
@@ -78,14 +79,14 @@ def test_online_teacher_gives_the_dense_kl_of_the_live_teacher(llama_run):
     student = setup.student
     batch = spec.batches.batch(0)
     encoding = student.encode_instructions(batch.instr_ids, batch.instr_mask)
-    total, n, terms = spec.loss(student, encoding, batch)
+    total, n, terms = spec.module.loss(student, encoding, batch)
     assert set(terms) == {"ce", "kl"} and float(terms["kl"]) > 0
     # reference: merge task 0's teacher into a copy of the backbone, run its full prompt, dense KL by hand
     from tagi_ds.modeling.lora import merge_into_copy
     from tagi_ds.train.losses import student_logits
 
     name = batch.task_names[0]
-    ad, s_t = spec.loss.teachers.get(name)
+    ad, s_t = spec.module.loss.teachers.get(name)
     merged = merge_into_copy(student.backbone, student.specs, {k: (a[None], b[None]) for k, (a, b) in ad.items()},
                              0, s_t)
     full = batch.extra
@@ -94,7 +95,7 @@ def test_online_teacher_gives_the_dense_kl_of_the_live_teacher(llama_run):
         t_logits = merged(input_ids=full.input_ids[rows], attention_mask=full.attention_mask[rows]).logits
         t_lg, _, t_mask = label_positions(t_logits, full.labels[rows], "llama")
         s_lg, _, s_mask = label_positions(student_logits(student, encoding, batch), batch.labels, "llama")
-        online = spec.loss.online_teacher_logits(student, batch)
+        online = spec.module.loss.online_teacher_logits(student, batch)
     srow = (batch.task_ids == 0).nonzero().squeeze(-1)
     w = t_mask.shape[1]  # the task's own rows may be narrower than the whole batch
     assert torch.equal(t_mask, s_mask[srow][:, :w]) and not s_mask[srow][:, w:].any()
@@ -125,13 +126,13 @@ def _poisoned(spec, poison: set):
     """The spec with its loss replaced by nan on the chosen micro batches (as a bad batch or an overflow would make
     it): the guard must drop exactly those batches and train on."""
     calls = [-1]
-    real = spec.loss
+    real = spec.module.loss
 
     def loss(student, encoding, batch):
         total, n, terms = real(student, encoding, batch)
         calls[0] += 1
         return (total * float("nan") if calls[0] in poison else total), n, terms
-    spec.loss = loss
+    spec.module.loss = loss
     return spec
 
 
@@ -183,4 +184,4 @@ def test_teachers_are_read_ahead_hashed_once_and_bounded_in_bytes(llama_run):
     assert info.misses == 2 and info.hits >= 0  # the run's 2 teachers, once each
     reads = summary["teacher_reads"]
     assert reads["reads"] >= 3 and reads["waited_s"] < 30  # each step's teachers were read (ahead)
-    assert len(spec.loss.teachers._cache) == 1  # a budget below one adapter keeps just the last one
+    assert len(spec.module.loss.teachers._cache) == 1  # a budget below one adapter keeps just the last one
