@@ -99,6 +99,16 @@ def encode_prompt(tokenizer, text: str, max_length: int) -> list[int]:
     return list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
 
 
+def encode_student_input(tokenizer, text: str, max_length: int, arch: Arch) -> list[int]:
+    """The student backbone's input ids (the instance part). T5: text + eos, an encoder sequence of its own, as
+    `encode_prompt`. Causal (LLaMA): the text WITHOUT the tokenizer's bos: the input continues the instruction
+    prefix, whose row already starts with bos, so the backbone reads [bos instruction ; input] (one bos), the
+    sequence Tk-Instruct's prompt would be. Cut to max_length (the start kept)."""
+    if arch != "llama":
+        return encode_prompt(tokenizer, text, max_length)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])[:max_length]
+
+
 def encode_target(tokenizer, text: str, max_length: int) -> list[int]:
     """Target ids + eos, at most `max_length` tokens in all (eos always kept)."""
     if tokenizer.eos_token_id is None:
@@ -186,8 +196,8 @@ def collate_student(pairs: Sequence[Pair], tokenizer, settings: PromptSettings, 
         if task.name not in cache:
             cache[task.name] = instruction_ids(task, tokenizer, settings)
         instr_rows.append(cache[task.name])
-    prompt_rows = [encode_prompt(tokenizer, prompts.build_task_input(inst), settings.max_input_length)
-                   for _, inst in pairs]
+    prompt_rows = [encode_student_input(tokenizer, prompts.build_task_input(inst), settings.max_input_length,
+                                        settings.arch) for _, inst in pairs]
     target_texts = list(targets) if targets is not None else [inst.label for _, inst in pairs]
     input_ids, attention_mask, labels = _encode_pairs(prompt_rows, target_texts, tokenizer, settings.arch,
                                                       settings.max_target_length, for_generation)
