@@ -21,9 +21,10 @@ Methods, per task of n instances (instruction Li tokens, input Lx, greedy output
 
 Numbers: FLOPs analytic (tagi_ds.eval.flops) and counted (torch.utils.flop_counter, eager attention so the
 attention products are counted on every device), wall time. The per-instance part is measured on one batch of
-`--batch` instances of a task (median of `--reps`) and divided by the batch; the once-per-task part is measured
-separately; the cost at n instances per task is once/n + per-instance, EXTRAPOLATED (not run 1000 times). All
-columns are ratios to Tk-Instruct at the same n (Tk-Instruct has no once-per-task part).
+`--batch` instances of a task (median of `--reps`, the methods timed in turn) and divided by the batch; the
+once-per-task part is measured separately; the cost at n instances per task is once/n + per-instance, EXTRAPOLATED
+(not run 1000 times). All columns are ratios to Tk-Instruct at the same n (Tk-Instruct has no once-per-task part).
+The last lines print the analytic ratio at T5-XL shapes (issue 18), priced as `evaluate` prices it.
 """
 from __future__ import annotations
 
@@ -194,6 +195,22 @@ def wall_s(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+def wall_s_round_robin(fns: dict[str, Callable[[], object]], device: torch.device, reps: int) -> dict[str, float]:
+    """Median seconds of each fn(), the fns timed in turn (one warm-up each, then rep after rep), so that a shared
+    machine's load drifting during the run weighs on every method alike rather than on whichever ran last."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def counted_flops(fn: Callable[[], object], models: list) -> int:
     """FlopCounterMode total of one fn() call, with eager attention (its matmuls are counted on CPU and GPU alike;
     the fused SDPA kernels are not counted on every device)."""
@@ -257,13 +274,13 @@ def measure(arch: str, instr_len: int, args, device: torch.device, dtype: torch.
         return fl.per_instance_flops(method, n_instances=n, **a, **kw)
 
     costs: dict[str, Cost] = {}
+    per_runs: dict[str, Callable[[], object]] = {}  # each method's per-instance batch, timed round-robin at the end
 
     # Tk-Instruct and the floor: per instance only.
     for name, ids in (("tk_instruct", full), ("no_instr", inputs)):
-        run = lambda ids=ids: greedy(model, arch, ids, ones(ids), Ly)  # noqa: E731
+        per_runs[name] = run = lambda ids=ids: greedy(model, arch, ids, ones(ids), Ly)  # noqa: E731
         method = "tk_instruct" if name == "tk_instruct" else "no_instruction"
-        costs[name] = Cost(per_flops_a=analytic(method, 1), per_flops_c=counted_flops(run, [model]) / B,
-                           per_s=wall_s(run, device, args.reps) / B)
+        costs[name] = Cost(per_flops_a=analytic(method, 1), per_flops_c=counted_flops(run, [model]) / B)
 
     # TAGI: the real student code for the once-per-task part, then the merged model on the inputs alone.
     def tagi_once(project_kv: bool):
@@ -276,34 +293,38 @@ def measure(arch: str, instr_len: int, args, device: torch.device, dtype: torch.
         return enc, merged, kv
 
     variants = [("tagi", True)] + ([("tagi_concat", False)] if arch == "t5" and args.concat else [])
+    def tagi_run(merged, enc, kv, cached: bool) -> Callable[[], object]:
+        if arch == "llama":
+            return lambda: greedy(merged, arch, inputs, ones(inputs), Ly, llama_prefix=(enc.prefix, enc.mask))
+        if cached:
+            return lambda: greedy(merged, arch, inputs, ones(inputs), Ly, t5_instr_kv=kv)
+        return lambda: greedy(merged, arch, inputs, ones(inputs), Ly, t5_instr=(enc.hidden, enc.mask))
+
     for name, cached in variants:  # cached: T5 instruction K/V once per task (no effect on LLaMA)
         project_kv = arch == "t5" and cached
         once_s = wall_s(lambda: tagi_once(project_kv), device, max(1, args.reps))
         once_c = counted_flops(lambda: tagi_once(project_kv), [model])
         enc, merged, kv = tagi_once(project_kv)
-        if arch == "llama":
-            prefix = (enc.prefix, enc.mask)
-            run = lambda: greedy(merged, arch, inputs, ones(inputs), Ly, llama_prefix=prefix)  # noqa: E731
-        elif cached:
-            run = lambda: greedy(merged, arch, inputs, ones(inputs), Ly, t5_instr_kv=kv)  # noqa: E731
-        else:
-            run = lambda: greedy(merged, arch, inputs, ones(inputs), Ly, t5_instr=(enc.hidden, enc.mask))  # noqa: E731
+        per_runs[name] = run = tagi_run(merged, enc, kv, cached)
         tagi_kw = dict(hypernet_flops=hn_flops, lora_rank=args.r, lora_targets=targets, lora_mode="merged",
                        cache_instruction_kv=cached)
         per_a = analytic("tagi", 10 ** 12, **tagi_kw)  # n → ∞ leaves the per-instance part
         costs[name] = Cost(once_flops_a=analytic("tagi", 1, **tagi_kw) - per_a, per_flops_a=per_a,
-                           once_flops_c=once_c, per_flops_c=counted_flops(run, [merged]) / B, once_s=once_s,
-                           per_s=wall_s(run, device, args.reps) / B)
-        del merged, kv
+                           once_flops_c=once_c, per_flops_c=counted_flops(run, [merged]) / B, once_s=once_s)
 
     if arch == "llama":  # Tk-Instruct with the instruction's KV cache computed once per task
         once = lambda: llama_instruction_pass(model, instr, ones(instr))  # noqa: E731
         prefix = once()
         run = lambda: greedy(model, arch, inputs, ones(inputs), Ly, llama_prefix=(prefix[1], ones(instr)))  # noqa: E731
+        per_runs["tk_kv_reuse"] = run
         per_a = analytic("tk_instruct_kv_reuse", 10 ** 12)
         costs["tk_kv_reuse"] = Cost(once_flops_a=analytic("tk_instruct_kv_reuse", 1) - per_a, per_flops_a=per_a,
                                     once_flops_c=counted_flops(once, [model]), per_flops_c=counted_flops(run, [model]) / B,
-                                    once_s=wall_s(once, device, args.reps), per_s=wall_s(run, device, args.reps) / B)
+                                    once_s=wall_s(once, device, args.reps))
+
+    for name, seconds in wall_s_round_robin(per_runs, device, args.reps).items():
+        costs[name].per_s = seconds / B
+    del per_runs  # the merged copies go with their closures
 
     base = costs["tk_instruct"]
     rows = {}

@@ -46,7 +46,7 @@ def test_fused_llama_student_equals_the_plain_model_on_one_bos_sequence():
 def test_a_second_bos_would_change_the_logits():
     """The check above can fail: the old input (encode_prompt: bos + text) is not the one-bos sequence."""
     tok, student, batch = _student_and_batch()
-    task, inst = _tasks()[0], _tasks()[0].instances[0]
+    inst = _tasks()[0].instances[0]
     old = encode_prompt(tok, build_task_input(inst), 128)
     assert old[0] == tok.bos_token_id
     with torch.no_grad():
