@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..data.collate import encode_prompt, instruction_ids, pad_id
+from ..data.collate import encode_student_input, instruction_ids, pad_id
 from ..data.prompts import build_task_input
 from ..data.tasks import Task
 from ..errors import ArtifactMismatchError, ConfigError
@@ -132,8 +132,8 @@ def student_predict(student, tokenizer, tasks: Sequence[Task], settings, *, devi
     rows = [instruction_ids(t, tokenizer, settings) for t in tasks]
     encoding = student.encode_instruction_rows(rows, pad_id(tokenizer), device).to(device)  # once per task
     adapters = student.generate_adapters(encoding)  # one hypernetwork call for every task of the split
-    inputs = [encode_prompt(tokenizer, build_task_input(inst), settings.max_input_length)
-              for t in tasks for inst in t.instances]
+    inputs = [encode_student_input(tokenizer, build_task_input(inst), settings.max_input_length, student.fusion)
+              for t in tasks for inst in t.instances]  # LLaMA fusion: no second bos after the instruction prefix
     task_of_row = [ti for ti, t in enumerate(tasks) for _ in t.instances]
     return decode_student(student, tokenizer, encoding, adapters, inputs, task_of_row, device=device,
                           max_new_tokens=max_new_tokens, batch_size=batch_size)
