@@ -51,7 +51,7 @@ class PretrainBatches:
     """Global micro batch g = the documents in corpus slots [g * size, (g + 1) * size), streamed (DocumentBlocks),
     each cut into HINT's (a, b, c) with its own seeded generator: segment a is the document's instruction."""
 
-    def __init__(self, data_cfg, tokenizer, arch: str, *, micro_batch_size: int, seed: int):
+    def __init__(self, data_cfg, tokenizer, arch: str, *, micro_batch_size: int, seed: int, after_prefix: bool):
         d = data_cfg
         if len(d.pretrain_segment_lengths) != 3:
             raise ConfigError(f"data.pretrain_segment_lengths: expected 3 lengths (a, b, c), got "
@@ -59,6 +59,9 @@ class PretrainBatches:
         self.blocks = DocumentBlocks(corpus_of(d), micro_batch_size)
         self.tokenizer, self.arch, self.lengths, self.seed = tokenizer, arch, d.pretrain_segment_lengths, d.seed
         self.bos = [tokenizer.bos_token_id] if arch == "llama" and tokenizer.bos_token_id is not None else []
+        # A LLaMA student with fusion reads its input after the instruction's prefix, which already starts with bos:
+        # the input then carries none (one bos in [bos a ; b c], as collate.encode_student_input does for tasks).
+        self.input_bos = [] if after_prefix else self.bos
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         if not self.eos:
             raise DataError("pretraining needs a tokenizer with an eos token (targets end with it)")
@@ -84,8 +87,8 @@ class PretrainBatches:
             targets = [c + self.eos if weight else [IGNORE] * len(c + self.eos) for _, (_, _, c) in ex]
             input_ids, labels, mask_rows = pad_rows(inputs, self.pad), pad_rows(targets, IGNORE), inputs
         else:
-            seqs = [self.bos + b + c + self.eos for _, (_, b, c) in ex]
-            labels = [[IGNORE] * (len(self.bos) + len(b)) + (c + self.eos if weight else [IGNORE] * len(c + self.eos))
+            seqs = [self.input_bos + b + c + self.eos for _, (_, b, c) in ex]
+            labels = [[IGNORE] * (len(self.input_bos) + len(b)) + (c + self.eos if weight else [IGNORE] * len(c + self.eos))
                       for _, (_, b, c) in ex]
             input_ids, labels, mask_rows = pad_rows(seqs, self.pad), pad_rows(labels, IGNORE), seqs
         instr_ids, instr_mask = bucket_instructions(pad_rows(instr, self.pad), pad_rows([[1] * len(r) for r in instr], 0),
@@ -101,7 +104,7 @@ def build_stage(cfg, setup: StudentSetup, record: Optional[dict]) -> StageSpec:
     """Stage 1's description around a set-up student: the documents' batches and the CE loss."""
     paths = RunPaths.of(cfg)
     batches = PretrainBatches(cfg.data, setup.tokenizer, setup.arch, micro_batch_size=cfg.pretrain.micro_batch_size,
-                              seed=cfg.seed)
+                              seed=cfg.seed, after_prefix=cfg.hypernet.fusion)
     return hypernet_stage(setup, name=STAGE, out_dir=paths.pretrain, tb_dir=paths.tb(STAGE), loop=cfg.pretrain,
                           record=record, batches=batches, loss=ce_loss,
                           summary={"corpus": str(batches.blocks.corpus.path)})

@@ -73,3 +73,13 @@ def test_without_fusion_the_input_keeps_its_bos_and_t5_inputs_are_unchanged():
     t5_batch = collate_student(pairs, t5, PromptSettings(arch="t5"))
     m = len(encode_prompt(t5, text, 128))
     assert t5_batch.input_ids[0, :m].tolist() == encode_prompt(t5, text, 128) and t5.bos_token_id is not None
+
+
+def test_the_run_prompt_settings_follow_hypernet_fusion():
+    """Every stage's student inputs come from run.prompts.prompt_settings: one bos after the prefix only with fusion."""
+    from tagi_ds.config import load_config
+    from tagi_ds.run.prompts import prompt_settings
+
+    assert prompt_settings(load_config(None, []), "llama").student_input_after_prefix is True
+    off = load_config(None, ["hypernet.fusion=false"])
+    assert prompt_settings(off, "llama").student_input_after_prefix is False

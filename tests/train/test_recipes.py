@@ -185,3 +185,25 @@ def test_teachers_are_read_ahead_hashed_once_and_bounded_in_bytes(llama_run):
     reads = summary["teacher_reads"]
     assert reads["reads"] >= 3 and reads["waited_s"] < 30  # each step's teachers were read (ahead)
     assert len(spec.module.loss.teachers._cache) == 1  # a budget below one adapter keeps just the last one
+
+
+def test_pretrain_input_has_one_bos_after_the_prefix_and_keeps_it_without_fusion(llama_run):
+    """Issue 18 (minor): stage 1 fed the fused LLaMA student [bos a ; bos b c]. With fusion the input starts at b
+    (the prefix row opens with bos); without fusion it is the whole sequence and opens with bos."""
+    from tagi_ds.train.pretrain import PretrainBatches
+    from transformers import AutoTokenizer
+
+    yaml, sets = llama_run
+    cfg = load_config(yaml, sets)
+    tok = AutoTokenizer.from_pretrained(cfg.backbone.tokenizer or cfg.backbone.name_or_path)
+    fused = PretrainBatches(cfg.data, tok, "llama", micro_batch_size=2, seed=0, after_prefix=True).batch(0)
+    alone = PretrainBatches(cfg.data, tok, "llama", micro_batch_size=2, seed=0, after_prefix=False).batch(0)
+    bos = tok.bos_token_id
+    for row in range(fused.input_ids.shape[0]):
+        instr = fused.instr_ids[row][fused.instr_mask[row].bool()]
+        x = fused.input_ids[row][fused.attention_mask[row].bool()]
+        assert instr[0] == bos and int((torch.cat([instr, x]) == bos).sum()) == 1
+        y = alone.input_ids[row][alone.attention_mask[row].bool()]
+        assert y[0] == bos and torch.equal(y[1:], x)
+        # the labels move with the input: the same target tokens, one column earlier
+        assert torch.equal(alone.labels[row][1:len(x) + 1], fused.labels[row][:len(x)])
