@@ -12,18 +12,12 @@ import subprocess
 import sys
 import time
 
-import pytest
-from tests.eval.eval_helpers import build_micro_run, metrics_numbers, predictions, snapshot
+from tests.eval.eval_helpers import metrics_numbers, predictions, snapshot
 from tests.proc_helpers import REPO, free_port, worker_env
 
 from tagi_ds.cli import main as cli_main
 from tagi_ds.eval import evaluate
 from tagi_ds.eval.shards import Shard
-
-
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    return build_micro_run(tmp_path_factory.mktemp("sharded"))
 
 
 def _shard_files(run_dir, count: int) -> dict[str, dict]:
