@@ -200,13 +200,15 @@ def _throughput(stats: dict[str, float]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-def _process_group(cfg) -> tuple[int, int]:
-    """(rank, world size): joins the process group when launched with several processes (torchrun, srun)."""
+def _process_group(cfg) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the group): joins the process group when launched with several
+    processes (torchrun, srun), or uses the caller's."""
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
     if launched or torch.distributed.is_initialized():
+        created = not torch.distributed.is_initialized()
         info = dist.init_distributed(cfg.distributed.timeout_s, use_deepspeed=False)
-        return info.rank, info.world_size
-    return 0, 1
+        return info.rank, info.world_size, created
+    return 0, 1, False
 
 
 def run(cfg: Any, sub: Optional[str] = None, *, progress: bool = True, log: Log = print,
@@ -220,7 +222,7 @@ def run(cfg: Any, sub: Optional[str] = None, *, progress: bool = True, log: Log 
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     methods = check_methods(methods if methods is not None else cfg.eval.methods)
-    rank, world = _process_group(cfg)
+    rank, world, own_group = _process_group(cfg)
     mine = process_shard(shard, rank, world)
     paths = RunPaths.of(cfg)
     # Before anything is written: a report of another configuration is never overwritten (pipeline --from evaluate
@@ -238,6 +240,8 @@ def run(cfg: Any, sub: Optional[str] = None, *, progress: bool = True, log: Log 
             answer_jobs(cfg, objs[name], plan_jobs(cfg, objs[name], splits, [mine], ident_hash), splits, bb,
                         progress=progress, log=log)
     dist.barrier()  # every rank's shards are published
+    if own_group:  # the merge needs no collective: the group this stage created ends here, on every rank
+        torch.distributed.destroy_process_group()
     if rank != 0:
         return None
     merged, missing = {}, []

@@ -200,3 +200,47 @@ def test_tiny_p3_pipeline_report(p3_run):
             logp = torch.log_softmax(model(input_ids=torch.tensor([src + c])).logits[0].float(), -1)
         want = sum(logp[len(src) - 1 + k, c[k]].item() for k in range(len(c))) / len(c)
         assert stored == pytest.approx(want, abs=1e-4)
+
+
+def test_t5_student_rank_classification_is_its_teacher_forced_likelihood(unseen):
+    """The TAGI student's forward closure (its task's adapter and instruction states, T5 decoder inputs from the
+    labels) scores each answer choice as the student's own forward with those labels, one pair at a time."""
+    from pathlib import Path
+
+    from tests.tiny import make_student, randomize_b_heads
+
+    from tagi_ds.data.collate import encode_prompt, instruction_ids
+    from tagi_ds.data.prompts import build_task_input
+
+    tok = bpe_tokenizer("t5")
+    backbone = tiny_backbone("t5", vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             decoder_start_token_id=tok.pad_token_id)
+    student = make_student("t5", backbone)
+    randomize_b_heads(student, std=0.2)
+    cfg = load_config(None, ["data.source=p3", "data.p3_num_demonstrations=1", "data.max_source_length=512",
+                             "data.max_input_length=128"])
+    bb = LoadedBackbone(tok, backbone.config, "t5", student.specs, "s", "s", "x", torch.device("cpu"),
+                        _model=backbone)
+    tasks = unseen[:2]
+    with M.Hypernet(cfg, bb, "tagi", Path("unused"), student=student).unit(tasks) as ans:
+        rows = M.answer_unit(ans, tasks, bb, reduction="sum", rank_batch_size=4, stats=M.UnitStats())
+    settings = prompt_settings(cfg, "t5")
+    enc = student.encode_instruction_rows([instruction_ids(t, tok, settings) for t in tasks], pad_id(tok), "cpu")
+    k = 0
+    for ti, t in enumerate(tasks):
+        for inst in t.instances:
+            src = encode_prompt(tok, build_task_input(inst), settings.max_input_length)
+            for j, c in enumerate(inst.answer_choices):
+                lab = tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id]
+                with torch.no_grad():
+                    out = student(enc, torch.tensor([ti]), torch.tensor([src]),
+                                  torch.ones(1, len(src), dtype=torch.long), labels=torch.tensor([lab]))
+                assert rows[k]["scores"][j] == pytest.approx(-out.loss.item() * len(lab), abs=1e-4)
+            k += 1
+    # the check can fail: the other task's adapter and instruction states score the same pair differently
+    inst = tasks[1].instances[0]
+    src = torch.tensor([encode_prompt(tok, build_task_input(inst), settings.max_input_length)])
+    lab = torch.tensor([tok(inst.answer_choices[0], add_special_tokens=False).input_ids + [tok.eos_token_id]])
+    with torch.no_grad():
+        other = -student(enc, torch.tensor([0]), src, torch.ones_like(src), labels=lab).loss.item() * lab.shape[1]
+    assert abs(other - rows[len(tasks[0].instances)]["scores"][0]) > 1e-3
