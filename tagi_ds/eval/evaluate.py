@@ -51,17 +51,24 @@ from ..run.paths import RunPaths
 from .costs import cost_lengths, relative_costs, training_curves
 from .methods import Method, UnitStats, answer_tasks, build_method, method_units
 from .rank_classification import HELDOUT_DATASETS
-from .scoring import (POOLED, demo_output_scores, echo_scores, eval_splits, pooled_splits,  # noqa: F401 (API)
+from .scoring import (POOLED, demo_output_scores, echo_scores, eval_splits, pooled_splits,
                       rank_classification_report, read_predictions, score_split, seen_source, write_predictions)
 from .shards import (Shard, artifact_fingerprint, parse_shard, process_shard, read_shard, shard_key, shard_path,
                      shard_tasks, write_shard)
 
+# The stage, and the scoring helpers tests and tools have always imported from here.
+__all__ = ["STAGE", "EXTRA_KEYS", "identity", "run", "main", "list_shards", "POOLED", "eval_splits", "pooled_splits",
+           "score_split", "echo_scores", "demo_output_scores", "read_predictions", "write_predictions"]
 STAGE = "evaluate"
 EXTRA_KEYS = ("shard",)
 # eval keys that change how the work is cut and batched, not what is computed: outside the identity (a report is
 # not refused over them), inside each shard file's key (a shard is reused only under the same plan).
 EXECUTION_KEYS = ("batch_size", "rank_batch_size", "tasks_per_batch", "teacher_group_bytes")
 Log = Callable[[str], None]
+# The one collective is the barrier before the merge, and ranks reach it hours apart when their shards' lengths
+# differ; a rank that dies takes the step down anyway (torchrun's agent, srun --kill-on-bad-exit), so the wait is
+# bounded by the job's time limit rather than by distributed.timeout_s.
+BARRIER_TIMEOUT_S = 48 * 3600.0
 
 
 def identity(cfg, sub: Optional[str] = None) -> dict:
@@ -206,7 +213,7 @@ def _process_group(cfg) -> tuple[int, int, bool]:
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
     if launched or torch.distributed.is_initialized():
         created = not torch.distributed.is_initialized()
-        info = dist.init_distributed(cfg.distributed.timeout_s, use_deepspeed=False)
+        info = dist.init_distributed(max(cfg.distributed.timeout_s, BARRIER_TIMEOUT_S), use_deepspeed=False)
         return info.rank, info.world_size, created
     return 0, 1, False
 
