@@ -219,8 +219,19 @@ class DistributedConfig:
 class EvalConfig:
     methods: list = f(["no_ft", "no_instruction", "tk_instruct", "teacher", "hint", "tagi"], "methods in the report")
     max_new_tokens: int = f(32, "greedy decoding length")
-    batch_size: int = f(64, "instances per generation batch")
-    rank_classification: Literal["sum", "mean"] = f("sum", "P3 answer-choice scoring")
+    batch_size: int = f(64, "instances per generation batch (rows of similar length decoded together)")
+    rank_classification: Literal["sum", "mean"] = f(
+        "mean", "P3 answer-choice scoring (tasks whose instances carry answer_choices): the choice with the highest "
+        "log-likelihood wins; mean = per-token mean, as TAGI's and HINT's P3 scorer (average='instance'); sum = the "
+        "summed log-likelihood, as bigscience/t-zero's evaluation. They disagree when choices differ in length")
+    rank_batch_size: int = f(8, "rank classification: instances per forward (all their answer choices together)")
+    tasks_per_batch: int = f(
+        16, "tasks answered together, the evaluation's unit of work: a hypernetwork method holds the instruction "
+        "states and generated adapters of this many tasks at once, a teacher group at most this many tasks; shards "
+        "split a split's units across ranks, so predictions do not depend on the number of ranks")
+    teacher_group_bytes: int = f(
+        4 * 2 ** 30, "method teacher: most bytes of teacher adapters (file sizes) on the device at once; units are "
+        "loaded group by group, never all together (a single larger unit is loaded alone)")
 
 
 @dataclass

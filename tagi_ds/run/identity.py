@@ -33,7 +33,7 @@ RUNTIME_KEYS: dict[str, set[str]] = {
     "backbone": {"gradient_checkpointing", "attn_implementation"},
     "hypernet": {"kernel"},
     "data": {"max_eval_instances_per_task"},
-    "eval": {"batch_size"},
+    "eval": {"batch_size", "rank_batch_size", "tasks_per_batch", "teacher_group_bytes"},
 }
 # The data keys only stage 1 reads (plain text); every other stage reads the task keys (all the others).
 PRETRAIN_DATA_KEYS = ("pretrain_text", "pretrain_segment_lengths", "pretrain_offline_docs", "pretrain_offline_corpus")

@@ -210,3 +210,33 @@ def test_t5_xl_tagi_flops_as_it_runs():
     assert t5_xl_relative(300, 80, 12, cached=False) == pytest.approx(0.351, abs=0.001)
     assert t5_xl_relative(500, 60, 8) == pytest.approx(0.126, abs=0.001)
     assert t5_xl_relative(500, 60, 8, cached=False) == pytest.approx(0.252, abs=0.001)
+
+
+def test_decode_student_projects_each_tasks_instruction_kv_once_per_call():
+    """The evaluation's decoding (run.decode.decode_student) pays the T5 instruction K/V once per task however its
+    rows fall into batches: counted FLOPs of 3 batches of 2 rows (both tasks in every batch) equal those of one
+    batch of 6, and the answers are the same. Before, each batch projected the K/V of its tasks again."""
+    from tagi_ds.run.decode import decode_student
+    from tests.tiny import bpe_tokenizer, randomize_b_heads, tiny_backbone
+
+    tok = bpe_tokenizer("t5")
+    student = make_student("t5", tiny_backbone("t5", vocab_size=len(tok)), kinds=["q", "v"], backend="reference")
+    randomize_b_heads(student)
+    student.backbone.set_attn_implementation("eager")
+    student.backbone.config.eos_token_id = None  # every batch runs all steps: FLOPs independent of early stops
+    instr = rand_ids((2, 20), 5, high=len(tok) - 1)
+    inputs = rand_ids((6, 7), 6, high=len(tok) - 1).tolist()
+    task_of_row = [0, 1, 0, 1, 0, 1]
+    with torch.no_grad():
+        enc = student.encode_instructions(instr, torch.ones_like(instr))
+        adapters = student.generate_adapters(enc)
+    counted, answers = {}, {}
+    for bs in (2, 6):
+        with FlopCounterMode(display=False) as fc:
+            answers[bs] = decode_student(student, tok, enc, adapters, inputs, task_of_row, device="cpu",
+                                         max_new_tokens=4, batch_size=bs)
+        counted[bs] = fc.get_total_flops()
+    assert answers[2] == answers[6]
+    assert counted[2] == counted[6]
+    kv_two_tasks = F.t5_cross_kv_flops(student.backbone.config.to_dict(), 20, 4, ["q", "v"]) * 2
+    assert kv_two_tasks > 0.01 * counted[6]  # what a per-batch projection would add is not lost in rounding

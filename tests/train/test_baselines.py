@@ -13,6 +13,7 @@ from tagi_ds.config import load_config
 from tagi_ds.data.collate import IGNORE, assemble
 from tagi_ds.errors import ArtifactMismatchError, ConfigError
 from tagi_ds.eval.methods import predict_baseline
+from tagi_ds.run.paths import RunPaths
 from tagi_ds.run.backbone import load_run_backbone
 from tagi_ds.run.backbone_recipe import ASSET_DIR
 from tagi_ds.run.prompts import prompt_ids, prompt_settings
@@ -71,6 +72,9 @@ def test_a_baseline_trains_publishes_and_is_read_by_the_evaluation(run):
     first, last = sum(stats["losses"][:5]) / 5, sum(stats["losses"][-5:]) / 5
     assert stats["steps"] == 30 and len(stats["losses"]) == 30 and last < first - 0.3, stats
     assert (folder / "adapter_model.safetensors").is_file() and (folder / "stage.json").is_file()
+    from tagi_ds.eval.costs import training_curves  # the report's curve is the logged one, step by step
+    curve = training_curves(RunPaths.of(cfg), [])["baseline no_instruction loss"]
+    assert [s for s, _ in curve] == list(range(1, 31)) and [v for _, v in curve] == stats["losses"]
     mtime = (folder / "adapter_model.safetensors").stat().st_mtime_ns
     baselines.run(cfg, "no_instruction", progress=False)  # same identity: skipped, nothing rewritten
     assert (folder / "adapter_model.safetensors").stat().st_mtime_ns == mtime
