@@ -172,6 +172,12 @@ def run(cfg: Any, from_stage: Optional[str] = None, progress: bool = True, log: 
         torch.set_num_threads(int(cfg.threads))
     ecfg = with_budgets(cfg)
     steps = plan(ecfg)
+    # Each recipe's cheap checks (a missing corpus, say) before anything runs or is deleted: a scale run must not
+    # learn of a bad path hours in, after the teachers.
+    for st in {st.name: st for st, _ in steps}.values():
+        check = getattr(st.recipe(), "preflight", None)
+        if check is not None:
+            check(ecfg)
     paths = RunPaths.of(cfg)
     # Under torchrun / srun every rank runs the pipeline: the stages split their units (teachers, shards) or train
     # together (DeepSpeed); only rank 0 deletes or writes the pipeline's own files, the others wait at a barrier.

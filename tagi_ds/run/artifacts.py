@@ -94,6 +94,18 @@ def weights_sha256(path: Path) -> str:
     return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
+# A shard's manifest also records the size and mtime of the teacher weights it was made from. Not part of what a
+# reader expects (a copy to another filesystem changes the mtime): when the stat still matches, the finetune's
+# start-up trusts it and the full hash is checked when the shard is first read; when it differs, the start-up hashes
+# the weights at once, so a retrained teacher is refused before anything is written.
+TEACHER_STAT = "teacher_adapter_stat"
+
+
+def weights_stat(path: Path) -> list[int]:
+    st = Path(path).stat()
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
 def shard_fields(cfg, task: Task, *, arch: str, tokenizer_hash: str, backbone_id: str, teacher_dir: Path,
                  vocab_size: int, settings: PromptSettings, with_teacher_hash: bool = True) -> dict[str, Any]:
     """The manifest fields one task's shard must carry for this run (the cache stage writes them, the finetune

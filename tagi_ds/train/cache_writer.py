@@ -22,10 +22,10 @@ from ..distill.logit_cache import CacheShardReader, CacheShardWriter, shard_is_c
 from ..errors import ArtifactMismatchError
 from ..modeling.label_logits import align_label_logits
 from ..modeling.lora import BatchedLoraHooks
-from ..run.artifacts import shard_fields
+from ..run.artifacts import TEACHER_STAT, shard_fields, weights_stat
 from ..run.backbone import LoadedBackbone
 from ..run.paths import RunPaths
-from ..run.peft_io import read_peft_adapter
+from ..run.peft_io import ADAPTER_WEIGHTS, read_peft_adapter
 from ..run.prompts import encode_examples, prompt_settings
 from ..run.units import RunUnits
 
@@ -83,7 +83,7 @@ def write_unit_shards(cfg, ru: RunUnits, unit: str, bb: LoadedBackbone, paths: R
         if shard.exists():
             CacheShardReader(shard, fields)  # raises ArtifactMismatchError naming the differing field
             raise ArtifactMismatchError(f"{shard}: existing shard does not match this run; remove it to rebuild")
-        todo.append((t, fields))
+        todo.append((t, {**fields, TEACHER_STAT: weights_stat(paths.teacher(unit) / ADAPTER_WEIGHTS)}))
     if not todo:
         return written, skipped
     settings = prompt_settings(cfg, bb.arch)
