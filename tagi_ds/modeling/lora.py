@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,8 +34,9 @@ class _LoraHook:
         state = self.owner._state
         if state is None:
             return None  # outside `apply`: the plain linear
-        adapters, task_ids, groups = state
-        A, B = adapters[self.spec.module_type]
+        A, B = state.layers[self.spec.module_type]
+        A, B = A[self.spec.layer], B[self.spec.layer]  # (n_tasks, r, d_in), (n_tasks, d_out, r)
+        task_ids, groups = state.task_ids, state.groups
         x = inputs[0]
         squeeze = x.dim() == 2  # (N, d_in): one token per row
         if squeeze:
@@ -44,11 +45,20 @@ class _LoraHook:
             raise TagiError(
                 f"LoRA hook on {self.spec.name}: the batch has {x.shape[0]} rows but task_ids has "
                 f"{task_ids.shape[0]}; every row needs one task id (greedy decoding only: no beam expansion)")
-        delta = dispatch.segmented_lora(x, A[:, self.spec.layer], B[:, self.spec.layer], task_ids,
-                                        self.owner.scale, backend=self.owner.backend, groups=groups)  # (N, T, d_out)
+        delta = dispatch.segmented_lora(x, A, B, task_ids, self.owner.scale, backend=self.owner.backend, groups=groups)  # (N, T, d_out)
         if squeeze:
             delta = delta.squeeze(1)
         return output + delta.to(output.dtype)
+
+
+class HookState(NamedTuple):
+    """What the hooks read inside `apply`. `layers` holds each module type's A and B unbound along the layer axis,
+    once per forward: a hook that indexed A[:, layer] itself would make autograd build a zero tensor the size of all
+    layers for each layer's gradient (SelectBackward), O(layers^2) bytes per step; unbind's backward stacks once."""
+    adapters: Adapters
+    task_ids: torch.Tensor
+    groups: Optional[TaskGroups]
+    layers: dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
 
 
 class BatchedLoraHooks:
@@ -58,7 +68,7 @@ class BatchedLoraHooks:
         self.specs = list(specs)
         self.scale = float(scale)
         self.backend = backend
-        self._state: tuple[Adapters, torch.Tensor, TaskGroups | None] | None = None
+        self._state: HookState | None = None
         self._handles = []
         self._shapes: dict[str, tuple[int, int, int]] = {}  # module_type → (n_layers, d_in, d_out)
         for spec in self.specs:
@@ -99,19 +109,19 @@ class BatchedLoraHooks:
         # task_ids itself, and grouping costs a device-to-host copy of them)
         ref = dispatch.resolve_backend(self.backend, task_ids.device) == "reference"
         groups = TaskGroups.of(task_ids) if ref and task_ids.numel() else None
-        self._state = (adapters, task_ids, groups)
+        layers = {mt: (A.unbind(1), B.unbind(1)) for mt, (A, B) in adapters.items()}
+        self._state = HookState(adapters, task_ids, groups, layers)
         try:
             yield
         finally:
             self._state = None
 
-    def current_state(self) -> tuple[Adapters, torch.Tensor, TaskGroups | None] | None:
-        """The (adapters, task_ids, task groups) active now, or None outside `apply` (opaque: give it back to
-        `use_state`)."""
+    def current_state(self) -> HookState | None:
+        """The HookState active now, or None outside `apply` (give it back to `use_state`)."""
         return self._state
 
     @contextlib.contextmanager
-    def use_state(self, state: tuple[Adapters, torch.Tensor, TaskGroups | None] | None) -> Iterator[None]:
+    def use_state(self, state: HookState | None) -> Iterator[None]:
         """Re-install a state taken by `current_state()` (activation checkpointing: the recompute in backward runs
         after `apply` has ended and must add the same LoRA terms); the previous state comes back on exit."""
         prev, self._state = self._state, state

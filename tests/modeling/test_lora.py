@@ -64,10 +64,10 @@ def test_grouped_hooks_equal_the_per_row_reference(arch):
         adapters = {mt: (A.detach().requires_grad_(True), B.detach().requires_grad_(True))
                     for mt, (A, B) in student.hypernet(pooled).items()}
         with student.hooks.apply(adapters, task_ids):
-            a, t, groups = student.hooks.current_state()
-            assert groups is not None and groups.uniform
+            state = student.hooks.current_state()
+            assert state.groups is not None and state.groups.uniform
             # the same forward without the groups: dispatch falls back to the per-row gather
-            with student.hooks.use_state((a, t, groups if grouped else None)):
+            with student.hooks.use_state(state if grouped else state._replace(groups=None)):
                 logits = _plain_logits(bb, arch, ids, mask, dec)
         leaves = [x for ab in adapters.values() for x in ab]
         outs.append((logits, torch.autograd.grad(logits.square().mean(), leaves)))
@@ -128,3 +128,35 @@ def test_apply_validates_inputs():
     bad = {"self.q": (A, torch.full_like(B, float("inf")))}
     with pytest.raises(ArtifactMismatchError, match="non-finite"):
         merge_into_copy(student.backbone, student.specs, bad, 0, 1.0)
+
+
+def test_each_adapter_reaches_the_hooks_through_one_unbind(arch):
+    """Issue 20: the hooks indexed A[:, layer] per layer, so the backward built, for every hooked linear, a zero tensor
+    the size of ALL layers' A (SelectBackward): O(layers^2) bytes written per step. Now each module type's A and B
+    are unbound once per forward: the only autograd node between a generated adapter and the hooks is one
+    UnbindBackward, and every layer's slice still gets its gradient (values: the grouped/merged tests above)."""
+    student = make_student(arch)
+    randomize_b_heads(student)
+    pooled = torch.randn(3, student.hypernet.input_dim, generator=torch.Generator().manual_seed(2))
+    ids, dec = rand_ids((3, 5), 5), rand_ids((3, 3), 6)
+    mask = torch.ones_like(ids)
+    adapters = {mt: (A.detach().requires_grad_(True), B.detach().requires_grad_(True))
+                for mt, (A, B) in student.hypernet(pooled).items()}
+    with student.hooks.apply(adapters, torch.tensor([0, 1, 2])):
+        logits = _plain_logits(student.backbone, arch, ids, mask, dec)
+    leaves = {id(x): x for ab in adapters.values() for x in ab}
+    consumers: dict[int, list[str]] = {k: [] for k in leaves}  # leaf -> names of the nodes reading it
+    seen, stack = set(), [logits.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            var = getattr(nxt, "variable", None)
+            if var is not None and id(var) in leaves:
+                consumers[id(var)].append(type(node).__name__)
+            stack.append(nxt)
+    assert all(names == ["UnbindBackward0"] for names in consumers.values()), consumers
+    grads = torch.autograd.grad(logits.square().mean(), list(leaves.values()))
+    assert all(bool((g.flatten(2).abs().sum(-1) > 0).all()) for g in grads)  # every (task, layer) slice
