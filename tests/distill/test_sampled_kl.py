@@ -18,7 +18,7 @@ T = 2.0
 V = 120
 
 
-def setup(seed: int = 0, N: int = 3, L: int = 4, noise: float = 1.0):
+def student_and_teacher(seed: int = 0, N: int = 3, L: int = 4, noise: float = 1.0):
     t = zipf_logits(seed, (N, L), V, a=1.2)  # (N, L, V): a flat teacher at T = 2, top-8 holds well under 90%
     g = torch.Generator().manual_seed(seed + 7)
     s = t + noise * torch.randn(N, L, V, generator=g)
@@ -48,7 +48,7 @@ CASES = [  # (mode, estimator, control); each its own seed: independent checks
 
 @functools.lru_cache(maxsize=None)
 def many_draws(mode, estimator, control, draws: int):
-    s, t, mask, lengths = setup()
+    s, t, mask, lengths = student_and_teacher()
     values, grads = [], []
     for d in range(draws):
         tb = draw(mode, t, lengths, d)
@@ -80,7 +80,7 @@ def test_mean_over_draws_is_the_dense_kl_and_its_gradient(mode, estimator, contr
 
 
 def test_the_same_checks_reject_the_biased_top_k_cache():
-    s, t, mask, lengths = setup()
+    s, t, mask, lengths = student_and_teacher()
     values, grads, _, _ = many_draws(CacheMode.make("priority", k=8, seed=5), None, "auto", DRAWS)
     se = float(values.std() / values.numel() ** 0.5)
     leaf = s.clone().requires_grad_(True)
@@ -98,7 +98,7 @@ def test_the_same_checks_reject_the_biased_top_k_cache():
 
 @pytest.mark.parametrize("control", [0.0, 1.0, 0.4, "auto"])
 def test_hand_written_backward_matches_autograd(control):
-    s, t, mask, lengths = setup(seed=3, noise=2.0)
+    s, t, mask, lengths = student_and_teacher(seed=3, noise=2.0)
     for mode in (CacheMode.make("sampled", num_samples=10, seed=1), CacheMode.make("priority", k=6, seed=1)):
         tb = draw(mode, t, lengths, 0)
         w = tb.weights("distinct") if isinstance(tb, SampledTeacher) else tb.weights()
@@ -115,7 +115,7 @@ def test_hand_written_backward_matches_autograd(control):
 
 
 def test_chunking_padding_and_zero_probability_ids_change_nothing():
-    s, t, mask, lengths = setup(seed=5)
+    s, t, mask, lengths = student_and_teacher(seed=5)
     t[0, 0, :5] = -1e4  # five ids the teacher never picks: log p = -inf after float16 storage
     tb = draw(CacheMode.make("priority", k=V, seed=2), t, lengths, 0)  # k = V: every id kept, even p = 0 ones
     w = tb.weights()
@@ -151,7 +151,7 @@ def test_auto_coefficient_ignores_the_tokens_own_draws_and_tracks_the_student():
 
 
 def test_dispatch_by_teacher_kind_and_checks():
-    s, t, mask, lengths = setup()
+    s, t, mask, lengths = student_and_teacher()
     with pytest.raises(ValueError, match="estimator must be 'counts' or 'distinct'"):
         signal_kl(s, mask, draw(CacheMode.make("sampled", num_samples=4, seed=0), t, lengths, 0), T, estimator="x")
     pt = draw(CacheMode.make("priority", k=4, seed=0), t, lengths, 0)

@@ -18,14 +18,14 @@ from tagi_ds.run.paths import RunPaths
 
 
 @pytest.fixture(scope="module")
-def setup(micro):
+def eval_setup(micro):
     cfg = micro.cfg()
     bb = load_run_backbone(cfg)
     return cfg, bb, eval_splits(cfg), micro
 
 
-def test_baseline_merged_in_place_equals_peft_and_is_restored(setup):
-    cfg, bb, splits, micro = setup
+def test_baseline_merged_in_place_equals_peft_and_is_restored(eval_setup):
+    cfg, bb, splits, micro = eval_setup
     model = bb.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
@@ -42,8 +42,8 @@ def test_baseline_merged_in_place_equals_peft_and_is_restored(setup):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # bit for bit
 
 
-def test_teachers_in_byte_bounded_groups(setup, monkeypatch):
-    cfg, bb, splits, micro = setup
+def test_teachers_in_byte_bounded_groups(eval_setup, monkeypatch):
+    cfg, bb, splits, micro = eval_setup
     paths = RunPaths.of(cfg)
     one = max((paths.teacher(u) / "adapter_model.safetensors").stat().st_size for u in paths.published_teachers())
     loads: list[list[str]] = []
@@ -65,8 +65,8 @@ def test_teachers_in_byte_bounded_groups(setup, monkeypatch):
     assert all(v is None for k, v in small.by_split.items() if k != "seen")
 
 
-def test_hypernet_encodes_instructions_per_unit_on_the_run_backbone(setup, monkeypatch):
-    cfg, bb, splits, micro = setup
+def test_hypernet_encodes_instructions_per_unit_on_the_run_backbone(eval_setup, monkeypatch):
+    cfg, bb, splits, micro = eval_setup
     sizes: list[int] = []
     real = TagiStudent.encode_instruction_rows
 
