@@ -47,6 +47,10 @@ def _check_refs(refs: Sequence[str], where: str) -> None:
         raise DataError(f"{where}: references must be a list of strings, got {type(refs).__name__}")
     if len(refs) == 0:
         raise DataError(f"{where}: an instance has no references; every evaluated instance needs at least one")
+    if all(isinstance(r, str) and not r.strip() for r in refs):
+        # An empty reference cannot be scored: an empty prediction would get EM 100 and ROUGE-L 0 at once.
+        raise DataError(f"{where}: every reference of the instance is empty ({list(refs)!r}); an empty reference "
+                        f"cannot be scored (EM would call an empty prediction right, ROUGE-L wrong)")
 
 
 def rouge_l(pred: str, refs: Sequence[str], tokenizer: Any = None) -> float:

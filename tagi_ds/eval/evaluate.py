@@ -36,6 +36,7 @@ from ..run.identity import check_stage_record, config_identity, write_stage_reco
 from ..run.methods import HYPERNET_METHODS, check_methods
 from ..run.paths import RunPaths
 from ..run.prompts import prompt_settings
+from ..run.stage_lock import stage_locked
 from .methods import MethodPredictions, predict_method
 
 STAGE = "evaluate"
@@ -222,6 +223,7 @@ def training_curves(paths: RunPaths, methods: Sequence[str]) -> dict[str, list[t
 
 
 # ------------------------------------------------------------------------------------------------ the stage
+@stage_locked("evaluate")  # one writer per stage folder (run/stage_lock.py)
 def run(cfg: Any, sub: Optional[str] = None, *, progress: bool = True, log: Callable[[str], None] = print,
         methods: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Evaluate `methods` (default cfg.eval.methods), write predictions, metrics and the report; returns the

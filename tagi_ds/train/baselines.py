@@ -36,6 +36,7 @@ from ..run.identity import STAGE_RECORD, check_stage_record, config_identity, st
 from ..run.methods import BASELINES, baseline_modes
 from ..run.paths import RunPaths
 from ..run.prompts import encode_examples, prompt_settings
+from ..run.stage_lock import stage_locked
 from .logging import TrainLogger
 from .loop import train_loop
 
@@ -133,6 +134,7 @@ def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else math.nan
 
 
+@stage_locked("baselines")  # one writer per stage folder (run/stage_lock.py)
 def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log: Callable[[str], None] = print) -> list[Path]:
     """Train the baselines of eval.methods (or mode `sub` alone) that are not trained yet; returns their folders."""
     modes = [sub] if sub is not None else baseline_modes(cfg)

@@ -23,16 +23,18 @@ import torch
 
 from ..data.collate import PromptSettings, assemble, pad_id
 from ..data.tasks import Task
-from ..distill.logit_cache import CacheShardReader, CacheShardWriter, shard_is_complete
+from ..distill.logit_cache import CacheShardWriter, shard_is_complete
 from ..errors import ArtifactMismatchError
 from ..modeling.label_logits import align_label_logits
 from ..modeling.lora import BatchedLoraHooks
-from ..run.artifacts import check_temperatures, published_state, shard_fields, teacher_manifest, teachers_identity
+from ..run.artifacts import (check_shard_to_rebuild, check_temperatures, published_state, shard_fields,
+                             teacher_manifest, teachers_identity)
 from ..run.backbone import LoadedBackbone, load_run_backbone
 from ..run.paths import RunPaths
 from ..run.peft_io import read_peft_adapter
 from ..run.prompts import encode_examples, prompt_settings
 from ..run.units import RunUnits, load_run_units
+from ..run.stage_lock import stage_locked
 
 EXTRA_KEYS = ("task", "array_index")
 
@@ -86,6 +88,7 @@ def _teacher_ready(cfg, ru: RunUnits, unit: str, bb: LoadedBackbone, paths: RunP
     return published_state(paths.teacher(unit), m["hash"]) == "done"
 
 
+@stage_locked("cache-logits")  # one writer per stage folder (run/stage_lock.py)
 def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log=print, task: Optional[str] = None,
         array_index: Optional[str] = None) -> dict[str, list[str]]:
     """Write the shards of the selected units. Returns {"written": tasks, "skipped": tasks, "no_teacher": units}."""
@@ -116,8 +119,7 @@ def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log=print, tas
                 skipped.append(t.name)
                 continue
             if shard.exists():
-                CacheShardReader(shard, fields)  # raises ArtifactMismatchError naming the differing field
-                raise ArtifactMismatchError(f"{shard}: existing shard does not match this run; remove it to rebuild")
+                check_shard_to_rebuild(shard, fields, log)  # damaged / stale teacher: rebuilt; other config: refused
             todo.append((t, fields))
         if not todo:
             continue
