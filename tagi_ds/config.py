@@ -98,7 +98,8 @@ def check_field(value: Any, fl: dataclasses.Field, key: str, where: str) -> None
             value >= rng.get("ge", -math.inf), value > rng.get("gt", -math.inf),
             value <= rng.get("le", math.inf), value < rng.get("lt", math.inf)))
         if not ok:
-            raise ConfigError(f"{where}: key '{key}' must be {describe_range(rng)} (a finite number), got {value!r}")
+            finite = "" if math.isfinite(value) else "a finite number "
+            raise ConfigError(f"{where}: key '{key}' must be {finite}{describe_range(rng)}, got {value!r}")
     check = fl.metadata.get("check")
     if check is not None:
         expected = check(value)

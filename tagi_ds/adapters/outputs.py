@@ -78,8 +78,9 @@ def check_output(out: str | os.PathLike, inputs: Iterable[Optional[str | os.Path
                             f"reads: choose another path")
     owner = run_artifact_root(real if real.exists() else real.parent)
     if owner is not None:
-        raise TagiError(f"{flag} {out}: lies inside {owner}, a run folder or adapter cache whose files are stage "
-                        f"artifacts; write the output outside it")
+        where = "is" if owner == real else f"lies inside {owner}, which is"
+        raise TagiError(f"{flag} {out}: {where} a run's artifact (a run folder, teacher, cache shard, stage folder, "
+                        f"export or adapter-cache entry); write the output outside every run folder")
     if folder:
         if real.exists() and not real.is_dir():
             raise TagiError(f"{flag} {out}: exists and is a file; give a directory path for the adapter")

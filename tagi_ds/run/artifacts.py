@@ -125,7 +125,8 @@ def published_state(teacher_dir: Path, want_hash: str, *, damaged: Literal["refu
     if have != want_hash:
         raise ArtifactMismatchError(
             f"{teacher_dir}: an existing teacher was trained for another configuration (manifest hash {have!r} in "
-            f"{mpath}; this run expects {want_hash!r}); remove that folder to retrain it, or use another run name")
+            f"{mpath}; this run expects {want_hash!r}); it is kept: use another run name, or redo the teachers and every "
+            f"later stage with `pipeline --from teacher` (or remove that folder)")
     problem = weights_problem(teacher_dir, manifest)
     if problem is None:
         return "done"
@@ -156,7 +157,8 @@ def check_shard_to_rebuild(shard: Path, fields: dict, log: Callable[[str], None]
             CacheShardReader(shard, fields, verify=True)
             return  # intact after all (a concurrent writer finished it): the stage skips or rewrites the same bytes
         except ArtifactMismatchError as e:
-            why = str(e)
+            why = ("it was made from an earlier version of its teacher's weights" if "teacher_adapter_hash" in str(e)
+                   else str(e).split("; rebuild the cache")[0])
     log(f"cache-logits: {shard}: {why}; rebuilding it")
 
 

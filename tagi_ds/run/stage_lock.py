@@ -40,7 +40,7 @@ def stage_lock(cfg: Any, stage: str, unit: Optional[str] = None,
         yield
         return
     paths = RunPaths.of(cfg)
-    existed = paths.run_dir.exists()
+    created = [d for d in [paths.run_dir, *paths.run_dir.parents] if not d.exists()]  # what the lock file creates
     if unit is None:
         locks = file_lock(exclusive=[paths.lock(stage)], stage=stage, log=log)
     else:
@@ -50,9 +50,11 @@ def stage_lock(cfg: Any, stage: str, unit: Optional[str] = None,
         with locks:
             yield
     finally:
-        if not existed:  # a refused first run leaves no empty run folder behind
-            with contextlib.suppress(OSError):
-                paths.run_dir.rmdir()
+        for d in created:  # a refused first run leaves no empty run folder (or runs_dir) behind
+            try:
+                d.rmdir()
+            except OSError:
+                break  # not empty: the stage wrote something
 
 
 def _unit_of(stage: str, arguments: dict) -> Optional[str]:
