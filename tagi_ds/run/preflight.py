@@ -28,10 +28,11 @@ def check_model_source(value: str, key: str, *, tokenizer: bool = False) -> None
     p = Path(value).expanduser()
     want = "a tokenizer folder" if tokenizer else "a model folder (config.json + weights)"
     if p.is_dir():
-        marker_ok = any((p / n).is_file() for n in _TOKENIZER_FILES) if tokenizer else (p / "config.json").is_file()
-        if not marker_ok:
-            raise ConfigError(f"{key}={value}: this folder is not {want}"
-                              + ("" if tokenizer else " (no config.json in it)"))
+        if tokenizer and not any((p / n).is_file() for n in _TOKENIZER_FILES):
+            raise ConfigError(f"{key}={value}: this folder is not a tokenizer folder (no {_TOKENIZER_FILES[0]}, "
+                              f"{_TOKENIZER_FILES[1]} or sentencepiece model in it)")
+        if not tokenizer and not (p / "config.json").is_file():
+            raise ConfigError(f"{key}={value}: this folder is not a model folder (no config.json in it)")
         return
     if p.exists():
         raise ConfigError(f"{key}={value}: is a file; expected {want} or a hub id like org/name")
