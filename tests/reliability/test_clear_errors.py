@@ -98,7 +98,11 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
 
 
 def _umount(where: Path) -> None:
-    subprocess.run(["umount", str(where)], capture_output=True)
+    """Detach the test's tmpfs even while this process still maps a file of it (a cache shard's memmap)."""
+    import gc
+
+    gc.collect()
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 @pytest.fixture()

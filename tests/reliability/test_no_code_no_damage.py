@@ -68,9 +68,12 @@ def test_pickle_planted_in_a_hypernetwork_checkpoint_does_not_run(rel_run, capsy
     f = run / "finetune" / "tagi" / "checkpoints" / "step00000002" / victim
     sentinel = tmp_path / "PWNED_hypernet"
     plant(f, sentinel)
-    refused(capsys, ["finetune", *rel_run.args(f"runs_dir={tmp_path / 'runs'}")], run,
-            match=[str(f), "cannot be read as a checkpoint file", "never unpickled"])
+    before = tree_sha(run)
+    rc, _, err = cli_run(capsys, ["finetune", *rel_run.args(f"runs_dir={tmp_path / 'runs'}")])
     assert not sentinel.exists(), "the planted checkpoint ran its payload"
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"tagi-ds finetune: error: {f}: cannot be read as a checkpoint file" in err and "never unpickled" in err
+    assert tree_sha(run) == before
 
 
 def test_deepspeed_checkpoint_loads_only_with_this_users_signature(tmp_path, monkeypatch):
@@ -136,13 +139,14 @@ def test_damaged_teacher_is_refused_by_readers_and_retrained(rel_pipeline, capsy
     run = copy_run(rp.run_dir, runs)
     w = run / "teachers" / "synth_first" / "adapter_model.safetensors"
     manifest = json.loads((w.parent / "manifest.json").read_text())
-    assert manifest["weights_sha256"]["adapter_model.safetensors"] == sha256_file(w)  # recorded at publication
+    published = sha256_file(w)
     _damage(w, how)
     refused(capsys, ["cache-logits", *rp.args(runs_dir=runs)], run, match=[str(w), "rerun `tagi-ds teacher`"])
     rc, out, err = cli_run(capsys, ["teacher", *rp.args(runs_dir=runs)])
     assert rc == 0, err
     assert f"teacher synth_first: {w}" in out and "retraining it" in out, out
     assert "teacher synth_second: skipped" in out
+    assert manifest["weights_sha256"]["adapter_model.safetensors"] == published  # recorded at publication
     new = json.loads((w.parent / "manifest.json").read_text())
     assert new["weights_sha256"]["adapter_model.safetensors"] == sha256_file(w) and new["hash"] == manifest["hash"]
     # the shard made from the old weights is rebuilt; the other task's shard is kept as it is
@@ -174,15 +178,15 @@ def test_damaged_adapter_cache_entry_is_regenerated(rel_run, capsys, tmp_path):
     rc, _, err = cli_run(capsys, base + ["--out", str(tmp_path / "a1")])
     assert rc == 0, err
     entry = next(cache.rglob("tagi_cache.json")).parent
-    assert json.loads((entry / "tagi_cache.json").read_text())["weights_sha256"] == \
-        sha256_file(entry / "adapter_model.safetensors")
     _damage(entry / "adapter_model.safetensors", "zeroed")
     rc, out, err = cli_run(capsys, base + ["--out", str(tmp_path / "a2")])
     assert rc == 0, err
     assert f"adapter cache entry {entry}" in err and "regenerating it" in err, err
     assert "(generated;" in out
     w1, w2 = (tmp_path / "a1" / "adapter_model.safetensors"), (tmp_path / "a2" / "adapter_model.safetensors")
-    assert w1.read_bytes() == w2.read_bytes()
+    assert w1.read_bytes() == w2.read_bytes()  # the old code used the zeroed entry
+    assert json.loads((entry / "tagi_cache.json").read_text())["weights_sha256"] == \
+        sha256_file(entry / "adapter_model.safetensors")  # rewritten, and recorded
 
 
 def test_teacher_manifest_hash_is_the_published_files_hash(tmp_path):
