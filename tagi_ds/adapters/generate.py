@@ -259,8 +259,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     device = default_device(args.device)
-    check_out_dir(out, [args.hypernet, args.backbone, args.tokenizer, args.task_file, cache_root(args)])
     task = read_task_file(args.task_file) if args.task_file else None  # bad file: fail before loading anything
+    check_out_dir(out, [args.hypernet, args.backbone, args.tokenizer, args.task_file, cache_root(args)])
     if task is None and not args.instruction.strip():
         raise DataError("--instruction is empty; give the task instruction as text")
     loaded = load_export(args.hypernet, args.backbone, args.tokenizer, device)

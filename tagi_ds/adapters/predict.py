@@ -181,14 +181,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     device = default_device(args.device)
-    # The predictions never replace an input (--inputs, a task file, the export, the backbone, the adapter cache)
-    # nor a run's artifact (eval/predictions/...).
-    check_output(out, [args.inputs, *args.task_file, args.hypernet, args.backbone, args.tokenizer, cache_root(args)],
-                 folder=False)
     # Everything about the inputs is checked before any model loads, and nothing is written until the end.
     tasks = [read_task_file(f) for f in args.task_file]
     rows = read_inputs(args.inputs) if args.inputs else None
     plan = plan_tasks(rows, args.instruction, tasks, args.inputs or "inputs")
+    # The predictions never replace an input (--inputs, a task file, the export, the backbone, the adapter cache)
+    # nor a run's artifact (eval/predictions/...).
+    check_output(out, [args.inputs, *args.task_file, args.hypernet, args.backbone, args.tokenizer, cache_root(args)],
+                 folder=False)
     loaded = load_export(args.hypernet, args.backbone, args.tokenizer, device)
     check_output(out, [loaded.backbone_id, loaded.config.get("tokenizer")], folder=False)
     texts = [s if isinstance(s, str) else task_instruction(s, loaded.tokenizer, args.max_instruction_length,
