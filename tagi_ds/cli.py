@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except TagiError as e:
         if debug:
             raise
-        print(f"tagi-ds {args.command}: error: {e}", file=sys.stderr)
+        kind = "stopped" if e.exit_code == 75 else "error"  # 75: run.signals.Stopped, state saved for a resume
+        print(f"tagi-ds {args.command}: {kind}: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
         if debug:

@@ -75,6 +75,10 @@ def _positive_seconds(value: dict) -> Optional[str]:
     return None if ok else "a mapping of stage name to a number of seconds > 0"
 
 
+def _auto_or_finite(value: Any) -> Optional[str]:
+    return None  # "auto", or a number (whose finiteness check_field checks)
+
+
 def describe_range(rng: dict) -> str:
     """'>= 1', '> 0', 'in [0, 1)': the allowed values of a numeric field."""
     lo = ("[", rng["ge"]) if "ge" in rng else (("(", rng["gt"]) if "gt" in rng else None)
@@ -209,14 +213,29 @@ class TeacherConfig:
     checkpoint_every: int = f(100, "steps between resumable checkpoints", ge=0)
     resume: Literal["auto", "never"] = f("auto", "resume a teacher batch from its checkpoint when one exists")
     grad_clip: float = f(1.0, "per-teacher gradient clipping norm (0 = off)", ge=0)
-    array_concurrency: int = f(16, "Slurm array: at most this many teachers at once", ge=1)
+    array_concurrency: int = f(16, "Slurm array: at most this many array elements at once", ge=1)
+    units_per_job: int = f(1, "Slurm array: teacher units per array element (e.g. 756 tasks / 16 = 48 elements, each "
+                              "loading the data and the backbone once; far below a cluster's per-user job limit)", ge=1)
+    write_cache: bool = f(False, "after publishing its units, the teacher stage also writes their logit-cache shards "
+                                 "with the backbone already loaded (one job per units instead of two)")
 
 
 @dataclass
 class CacheConfig:
-    top_k: int = f(64, "teacher log-probs kept per label position", ge=1)
+    mode: Literal["topk", "sampled", "priority"] = f(
+        "topk", "what the cache keeps per label position: topk = the k most likely ids (exact for them, a biased KL: "
+        "the mass outside is lumped or dropped); sampled = num_samples draws from the teacher at T (unbiased); "
+        "priority = priority sampling with top_k slots, exact head + sampled tail (unbiased; bench/kd_signal.py)")
+    top_k: int = f(64, "topk: log-probs kept per label position; priority: slots per position", ge=1)
+    num_samples: int = f(64, "sampled: draws from the teacher per label position", ge=1)
     temperature: float = f(2.0, "temperature the cache is written at (must equal finetune.temperature)", gt=0)
-    missing_mass: Literal["renormalize", "bucket"] = f("bucket", "how the KL treats teacher mass outside the top-k")
+    missing_mass: Literal["renormalize", "bucket"] = f("bucket", "topk: how the KL treats teacher mass outside the top-k")
+    estimator: Literal["distinct", "counts"] = f(
+        "distinct", "sampled: the estimate of p at a drawn id: distinct = Horvitz-Thompson over distinct ids (lower "
+        "variance), counts = count / num_samples (the paper's)")
+    control: Union[Literal["auto"], float] = f(
+        "auto", "sampled / priority: the zero-mean control variate's coefficient (auto = fitted per position from the "
+        "other positions of the micro batch; 0 = off)", check=_auto_or_finite)
     batch_size: int = f(32, "instances per teacher forward", ge=1)
 
 
@@ -257,17 +276,18 @@ class FinetuneConfig(LoopConfig):
     temperature: float = f(2.0, "distillation temperature T (must equal cache.temperature)", gt=0)
     online_teacher: bool = f(False, "compute teacher logits live instead of reading the cache")
     init_from_pretrain: bool = f(True, "start from the pretrain export when it exists")
+    teacher_cache_gib: float = f(2.0, "host memory for teacher adapters read ahead of their step (LRU, in GiB)", gt=0)
 
 
 @dataclass
-class BaselinesConfig:
-    """The multitask LoRA baselines (tk_instruct: full prompt; no_instruction: instance part alone)."""
+class BaselinesConfig(LoopConfig):
+    """The multitask LoRA baselines (tk_instruct: full prompt; no_instruction: instance part alone), trained on the
+    same engine and sampler as the hypernetwork (bf16, activation checkpointing and ZeRO from backbone.* /
+    distributed.*)."""
 
     steps: int = f(600, "optimizer steps per baseline", ge=1)
-    lr: float = f(1e-3, "peak learning rate", gt=0)
-    batch_size: int = f(32, "sequences per step", ge=1)
-    warmup_steps: int = f(50, "linear warmup steps", ge=0)
-    time_budget_s: Optional[float] = f(None, "stop a baseline after this many seconds (a safety cap)", ge=0)
+    tasks_per_batch: int = f(4, "tasks per micro batch (the hypernetwork's task-grouped sampler)", ge=1)
+    instances_per_task: int = f(8, "instances per task per micro batch", ge=1)
 
 
 @dataclass
@@ -284,8 +304,20 @@ class EvalConfig:
     methods: list = f(["no_ft", "no_instruction", "tk_instruct", "teacher", "hint", "tagi"], "methods in the report",
                       check=_non_empty_strings)
     max_new_tokens: int = f(32, "greedy decoding length", ge=1)
-    batch_size: int = f(64, "instances per generation batch", ge=1)
-    rank_classification: Literal["sum", "mean"] = f("sum", "P3 answer-choice scoring")
+    batch_size: int = f(64, "instances per generation batch (rows of similar length decoded together)", ge=1)
+    rank_classification: Literal["sum", "mean"] = f(
+        "mean", "P3 answer-choice scoring (tasks whose instances carry answer_choices): the choice with the highest "
+        "log-likelihood wins; mean = per-token mean, as TAGI's and HINT's P3 scorer (average='instance'); sum = the "
+        "summed log-likelihood, as bigscience/t-zero's evaluation. They disagree when choices differ in length")
+    rank_batch_size: int = f(8, "rank classification: instances per forward (all their answer choices together)",
+                             ge=1)
+    tasks_per_batch: int = f(
+        16, "tasks answered together, the evaluation's unit of work: a hypernetwork method holds the instruction "
+        "states and generated adapters of this many tasks at once, a teacher group at most this many tasks; shards "
+        "split a split's units across ranks, so predictions do not depend on the number of ranks", ge=1)
+    teacher_group_bytes: int = f(
+        4 * 2 ** 30, "method teacher: most bytes of teacher adapters (file sizes) on the device at once; units are "
+        "loaded group by group, never all together (a single larger unit is loaded alone)", ge=1)
 
 
 @dataclass
@@ -385,8 +417,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
 
 # Keys that moved: a config written for an older version gets told where the key lives now.
 MOVED_KEYS = {"eval.baseline_steps": "baselines.steps", "eval.baseline_lr": "baselines.lr",
-              "eval.baseline_batch_size": "baselines.batch_size",
-              "eval.baseline_time_budget_s": "baselines.time_budget_s"}
+              "eval.baseline_batch_size": "baselines.tasks_per_batch x baselines.instances_per_task",
+              "eval.baseline_time_budget_s": "baselines.time_budget_s",
+              "baselines.batch_size": "baselines.tasks_per_batch x baselines.instances_per_task"}
 
 
 def _build(cls: type, data: dict, where: str, prefix: str = "") -> Any:

@@ -39,6 +39,7 @@ from .errors import ConfigError
 from .io_utils import LockHeldError, atomic_write_json, atomic_write_text, lock_holders, sha256_json
 from .run.identity import check_stage_record, stage_record_hash
 from .run.methods import baseline_modes, finetune_variants, needs_teachers, variant_config
+from .run.dist import barrier, join_ranks
 from .run.paths import RunPaths
 from .run.stage_lock import stage_lock
 
@@ -251,16 +252,22 @@ def run(cfg: Any, from_stage: Optional[str] = None, progress: bool = True, log: 
         raise ConfigError(f"--from {from_stage!r}: expected one of {', '.join(STAGE_NAMES)}")
     ecfg = with_budgets(cfg)
     paths = RunPaths.of(cfg)
+    # Under torchrun / srun every rank runs the pipeline: the stages split their units (teachers, shards) or train
+    # together (DeepSpeed); only rank 0 deletes or writes the pipeline's own files, the others wait at a barrier.
+    r, _ = join_ranks(cfg.distributed.timeout_s)
+    main_rank = r == 0
     markers = Markers(paths)
-    with stage_lock(cfg, "pipeline", log=log):  # one pipeline per run folder
-        steps = validate(cfg, ecfg, paths, markers, from_stage)
+    with stage_lock(cfg, "pipeline", log=log):  # one pipeline per run folder (rank 0 holds it)
+        steps = validate(cfg, ecfg, paths, markers, from_stage)  # every rank: the same inputs, the same verdict
         # Validated: from here on the run writes.
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
-        paths.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(paths.config, dump_yaml(ecfg))
-        if from_stage is not None:
-            _remove_outputs(paths, markers, from_stage, log)
+        if main_rank:
+            paths.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(paths.config, dump_yaml(ecfg))
+            if from_stage is not None:
+                _remove_outputs(paths, markers, from_stage, log)
+        barrier()
         t_all = time.perf_counter()
         record = []
         for step in steps:
@@ -270,19 +277,23 @@ def run(cfg: Any, from_stage: Optional[str] = None, progress: bool = True, log: 
                 record.append({"stage": st.name, "sub": sub, "status": "skipped", "seconds": 0.0})
                 continue
             log(f"pipeline: {step.label}: running")
-            if st.name == "evaluate":
+            if st.name == "evaluate" and main_rank:
                 archive_report(paths, log)
+            barrier()
             t0 = time.perf_counter()
             run_stage(ecfg, st, sub, progress, log)
+            barrier()
             secs = time.perf_counter() - t0
-            markers.mark(st.name, sub, key_hash, secs)
+            if main_rank:
+                markers.mark(st.name, sub, key_hash, secs)
             budget = cfg.stage_budgets_s.get(st.name)
             over = f" (over its {budget:.0f} s budget)" if budget is not None and secs > 1.25 * budget + 30 else ""
             log(f"pipeline: {step.label}: done in {secs:.0f} s{over}")
             record.append({"stage": st.name, "sub": sub, "status": "ran", "seconds": round(secs, 2)})
         total = time.perf_counter() - t_all
         summary = {"stages": record, "seconds": round(total, 2), "from": from_stage}
-        atomic_write_json(paths.pipeline_record, summary)
+        if main_rank:
+            atomic_write_json(paths.pipeline_record, summary)
     log(f"pipeline: finished in {total:.0f} s; report: {paths.report}")
     return summary
 

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -50,3 +51,18 @@ def sigkill_when_ready(launcher: subprocess.Popen, pid_files: Sequence[Path], ti
         os.killpg(int(p.read_text()), signal.SIGKILL)
     launcher.wait(timeout=30)
     return launcher.returncode
+
+
+_PEAK_RSS = ("import atexit, resource, sys\n"
+             "atexit.register(lambda: print(f'PEAK_RSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', "
+             "file=sys.stderr))\n"
+             "from tagi_ds.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+
+
+def cli_peak_rss(args: Sequence[str], timeout: float = 600, **env: str) -> tuple[int, int, str]:
+    """Run `tagi-ds ARGS` in a fresh process; (return code, its own peak RSS in KiB, stderr)."""
+    r = subprocess.run([sys.executable, "-c", _PEAK_RSS, *args], env=worker_env(**env), capture_output=True,
+                       text=True, timeout=timeout, cwd=REPO)
+    peak = [int(line.split("=", 1)[1]) for line in r.stderr.splitlines() if line.startswith("PEAK_RSS_KB=")]
+    return r.returncode, (peak[-1] if peak else -1), r.stderr

@@ -51,7 +51,7 @@ finetune: {steps: 2, tasks_per_batch: 2, instances_per_task: 2, warmup_steps: 1,
            temperature: 2.0, lambda_ins: 0.5}
 distributed: {use_deepspeed: false}
 eval: {max_new_tokens: 3, batch_size: 32}
-baselines: {steps: 2, batch_size: 4}
+baselines: {steps: 2, tasks_per_batch: 2, instances_per_task: 2}
 stage_budgets_s: {teacher: 10, pretrain: 10, finetune: 10, baselines: 10}
 """
 

@@ -161,3 +161,17 @@ def backbone_dir(out: Path, arch: str = "llama", *, hidden: int = 64, heads: int
 def small_backbone_dir(out: Path, arch: str = "llama", seed: int = 0) -> Path:
     """The recipes' and reliability tests' backbone: hidden 32, 2 heads, vocab 400 (fast enough for DeepSpeed runs)."""
     return backbone_dir(out, arch, hidden=32, heads=2, ffn=64, vocab=400, suite_size=(12, 2), seed=seed)
+
+
+def nopad_llama_dir(out: Path, hidden: int = 32) -> Path:
+    """A LLaMA backbone folder whose tokenizer has NO pad token (as Llama-2's): bpe_tokenizer("llama") + a seeded
+    2-layer model with pad_token_id None."""
+    tok = bpe_tokenizer("llama")
+    assert tok.pad_token_id is None
+    cfg = tiny_llama_config(vocab_size=len(tok), hidden_size=hidden, num_layers=2, num_heads=2, intermediate_size=64,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg.pad_token_id = None
+    model = build_from_config(cfg, seed=0)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

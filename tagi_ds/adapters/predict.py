@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ..data.collate import encode_prompt
+from ..data.collate import encode_student_input
 from ..data.prompts import build_task_input
 from ..data.tasks import Instance, Task
 from ..data.jsonl import iter_jsonl_objects
@@ -149,7 +149,8 @@ def predict(student: TagiStudent, tokenizer, instructions: Sequence[str], inputs
                                     need_encoding=student.fusion, r=r, alpha=alpha, overflow=overflow)
     device = next(student.backbone.parameters()).device
     encoding = gen.encoding if gen.encoding is not None else _no_fusion_encoding(len(instructions), device)
-    rows = [encode_prompt(tokenizer, build_task_input(Instance("", t, ("",), "")), max_input_length) for t in inputs]
+    rows = [encode_student_input(tokenizer, build_task_input(Instance("", t, ("",), "")), max_input_length,
+                                 student.fusion) for t in inputs]  # LLaMA fusion: no second bos after the prefix
     ctx = merged_backbone(student, gen.adapters) if merge and len(instructions) == 1 else contextlib.nullcontext()
     with ctx:
         return decode_student(student, tokenizer, encoding, gen.adapters, rows, task_of_row, device=device,

@@ -108,8 +108,10 @@ class TaskGroupedSampler:
 
 
 class EpochPositions:
-    """A global micro-batch position → this rank's batch keys, as a pure function of (seed, position): a resumed
-    run continues with exactly the batches the uninterrupted run would have seen.
+    """A GLOBAL micro-batch position → its batch keys, as a pure function of (seed, position). Rank r of W takes
+    positions r, r + W, r + 2W, ... in its local steps, so a position is a property of the data, not of the world
+    size: a resumed run (on any number of ranks) continues with exactly the batches the uninterrupted run would see,
+    and every rank runs the same number of steps (ZeRO-3) without padding.
 
     Epochs may hold different numbers of batches (the task-grouped sampler packs leftovers differently each epoch),
     so positions are walked epoch by epoch from the start (the last epoch found is cached), never divided by one
@@ -118,19 +120,16 @@ class EpochPositions:
     def __init__(self, sampler: TaskGroupedSampler) -> None:
         self.sampler = sampler
         self._epoch, self._first = 0, 0  # the epoch holding the last position asked for, and its first position
-        self._batches: tuple[int, list[Batch]] = (-1, [])
 
     def keys(self, position: int) -> Batch:
         epoch, first = (self._epoch, self._first) if position >= self._first else (0, 0)
         while True:
             self.sampler.set_epoch(epoch)
-            n = len(self.sampler)
+            n = len(self.sampler.global_batches())
             if n == 0:
                 raise DataError("the training data gives no batch (no tasks or no instances)")
             if position < first + n:
                 break
             epoch, first = epoch + 1, first + n
         self._epoch, self._first = epoch, first
-        if self._batches[0] != epoch:
-            self._batches = (epoch, list(self.sampler))
-        return self._batches[1][position - first]
+        return list(self.sampler.global_batches()[position - first])

@@ -18,8 +18,9 @@ its prompts; overall the mean of the dataset means and the *median of the datase
 
 The core is model-agnostic: `make_score_fn(forward, arch)` turns any `forward(input_ids, attention_mask, labels) ->
 logits` (a HF model, or the TAGI student with its generated adapter) into a `score_fn(batch) -> (token_logprobs,
-mask)`; `choice_logliks` only encodes, batches and reduces. The evaluation stage calls `rank_classify_task` once per
-task (with that task's forward and source strings) and `t0_report` on the results.
+mask)`; `choice_logliks` only encodes, batches and reduces. The evaluation stage (eval/methods.py) calls
+`rank_classify_ids` once per task with that task's forward and the source ids of the run's one prompt encoder (the
+tokens the method also generates from), and `t0_report` on the merged results.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from tagi_ds.data.collate import pad_id as tokenizer_pad_id
 from tagi_ds.data.p3 import T0_HELDOUT
 from tagi_ds.data.tasks import Instance, Task
 from tagi_ds.errors import ConfigError, DataError
@@ -100,14 +102,9 @@ def encode_pairs(arch: Arch, tokenizer: Any, sources: Sequence[str], choices: Se
     _check_arch(arch)
     if len(sources) != len(choices):
         raise DataError(f"rank classification: {len(sources)} sources but {len(choices)} answer-choice lists")
-    add_eos = (arch == "t5") if add_eos is None else add_eos
     eos = tokenizer.eos_token_id
-    if add_eos and eos is None:
-        raise ConfigError("rank classification: add_eos needs a tokenizer with an eos token")
-    out = []
-    for i, (src, chs) in enumerate(zip(sources, choices)):
-        if not chs:
-            raise DataError(f"rank classification: instance {i} has no answer choices")
+    source_ids = []
+    for src in sources:
         if arch == "t5":
             s_ids = list(tokenizer(src).input_ids)  # ends with </s>
             if max_source_len and len(s_ids) > max_source_len:  # keep the head, and the closing </s> if any
@@ -117,6 +114,27 @@ def encode_pairs(arch: Arch, tokenizer: Any, sources: Sequence[str], choices: Se
             s_ids = list(tokenizer(src).input_ids)  # starts with <s> when the tokenizer adds it
             if max_source_len and len(s_ids) > max_source_len:
                 s_ids = s_ids[-max_source_len:]
+        source_ids.append(s_ids)
+    return encode_choices(arch, tokenizer, source_ids, choices, add_eos)
+
+
+def encode_choices(arch: Arch, tokenizer: Any, source_ids: Sequence[Sequence[int]],
+                   choices: Sequence[Sequence[str]], add_eos: Optional[bool] = None
+                   ) -> list[list[tuple[list[int], list[int]]]]:
+    """Like `encode_pairs` for sources already tokenized (the evaluation passes the ids of the run's one prompt
+    encoder, so a method scores choices after exactly the tokens it generates from); only the choices are encoded
+    here, apart from the source (a choice's tokens never depend on its source)."""
+    _check_arch(arch)
+    if len(source_ids) != len(choices):
+        raise DataError(f"rank classification: {len(source_ids)} sources but {len(choices)} answer-choice lists")
+    add_eos = (arch == "t5") if add_eos is None else add_eos
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is None:
+        raise ConfigError("rank classification: add_eos needs a tokenizer with an eos token")
+    out = []
+    for i, (s_ids, chs) in enumerate(zip(source_ids, choices)):
+        if not chs:
+            raise DataError(f"rank classification: instance {i} has no answer choices")
         pairs = []
         for c in chs:
             c_ids = list(tokenizer(c, add_special_tokens=False).input_ids)
@@ -124,7 +142,7 @@ def encode_pairs(arch: Arch, tokenizer: Any, sources: Sequence[str], choices: Se
                 c_ids.append(eos)
             if not c_ids:
                 raise DataError(f"rank classification: instance {i} answer choice {c!r} encodes to no tokens")
-            pairs.append((s_ids, c_ids))
+            pairs.append((list(s_ids), c_ids))
         out.append(pairs)
     return out
 
@@ -161,9 +179,10 @@ def collate_pairs(arch: Arch, pairs: Sequence[tuple[list[int], list[int]]], pad_
 @torch.no_grad()
 def score_encoded(score_fn: ScoreFn, arch: Arch, encoded: Sequence[Sequence[tuple[list[int], list[int]]]],
                   pad_id: int, reduction: Reduction = "mean", batch_size: int = 8,
-                  device: Any = "cpu") -> list[list[float]]:
+                  device: Any = "cpu", on_batch: Optional[Callable[[int], None]] = None) -> list[list[float]]:
     """Log-likelihood of every (source, choice) pair; same nesting as `encoded`. One forward per `batch_size`
-    instances, holding all their choices (an instance's choices are never split across forwards)."""
+    instances, holding all their choices (an instance's choices are never split across forwards); `on_batch(n)`
+    after each forward of n instances (progress)."""
     if reduction not in ("sum", "mean"):
         raise ConfigError(f"rank classification: reduction must be 'sum' or 'mean', got {reduction!r}")
     if batch_size < 1:
@@ -179,6 +198,8 @@ def score_encoded(score_fn: ScoreFn, arch: Arch, encoded: Sequence[Sequence[tupl
         for pairs in group:
             out.append(flat[: len(pairs)])
             flat = flat[len(pairs):]
+        if on_batch is not None:
+            on_batch(len(group))
     return out
 
 
@@ -212,9 +233,8 @@ def choice_logliks(model: torch.nn.Module | ForwardFn, arch: Arch, tokenizer: An
         model.eval()  # dropout would make the scores random
     try:
         encoded = encode_pairs(arch, tokenizer, sources, choices, max_source_len, add_eos)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        return score_encoded(make_score_fn(forward, arch), arch, encoded, pad_id, reduction, batch_size,
-                             _device_of(model, device))
+        return score_encoded(make_score_fn(forward, arch), arch, encoded, tokenizer_pad_id(tokenizer), reduction,
+                             batch_size, _device_of(model, device))
     finally:
         if was_training:
             model.train()
@@ -242,6 +262,7 @@ class PromptResult:
     predictions: list[int]
     labels: list[int]
     scores: list[list[float]] = field(default_factory=list, repr=False)
+    forwarded_tokens: int = 0  # source + choice tokens of every (instance, choice) row scored (throughput)
 
     @property
     def accuracy(self) -> float:
@@ -273,6 +294,28 @@ def rank_classify_task(model: torch.nn.Module | ForwardFn, arch: Arch, tokenizer
                             reduction, batch_size, max_source_len, add_eos, device)
     return PromptResult(task.name, str(task.meta.get("dataset", task.name)), str(task.meta.get("prompt", task.name)),
                         argmax_choices(scores), labels, scores)
+
+
+def rank_classify_ids(forward: ForwardFn, arch: Arch, tokenizer: Any, task: Task, source_ids: Sequence[Sequence[int]],
+                      pad_id: int, reduction: Reduction = "mean", batch_size: int = 8, add_eos: Optional[bool] = None,
+                      device: Any = "cpu", on_batch: Optional[Callable[[int], None]] = None) -> PromptResult:
+    """`rank_classify_task` for sources already tokenized (`source_ids[i]`: what the model reads for instance i) and
+    a forward callable: the evaluation's one path for every method (a HF model through `module_forward`, a teacher
+    through its hooks, the TAGI student through a closure holding its task's adapter and instruction states)."""
+    if len(source_ids) != len(task.instances):
+        raise DataError(f"task '{task.name}': {len(source_ids)} sources for {len(task.instances)} instances")
+    labels = [answer_index(task.name, inst) for inst in task.instances]
+    encoded = encode_choices(arch, tokenizer, source_ids, [list(i.answer_choices) for i in task.instances], add_eos)
+    scores = score_encoded(make_score_fn(forward, arch), arch, encoded, pad_id, reduction, batch_size, device,
+                           on_batch)
+    tokens = sum(len(s) + len(c) for pairs in encoded for s, c in pairs)
+    return PromptResult(task.name, str(task.meta.get("dataset", task.name)), str(task.meta.get("prompt", task.name)),
+                        argmax_choices(scores), labels, scores, tokens)
+
+
+def has_answer_choices(task: Task) -> bool:
+    """A task is rank-classified when every instance carries answer choices (P3's classification prompts)."""
+    return bool(task.instances) and all(inst.answer_choices for inst in task.instances)
 
 
 def aggregate_prompt_accuracies(accuracy: Mapping[tuple[str, str], float]) -> dict[str, Any]:

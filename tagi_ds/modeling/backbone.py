@@ -52,6 +52,12 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+# The frozen backbone never drops out: with HF activation checkpointing (teachers, baselines) it must sit in train()
+# mode for the recompute, which used to switch T5's dropout (0.1) on exactly when checkpointing was on. Dropout is a
+# property of what trains (the LoRA's own `lora.dropout`), not of the frozen weights.
+NO_DROPOUT = {"t5": {"dropout_rate": 0.0}, "llama": {"attention_dropout": 0.0}}
+
+
 def load_backbone(name_or_path: str, arch: str = "auto", dtype: str = "float32",
                   attn_implementation: str | None = None) -> tuple[nn.Module, Arch]:
     """from_pretrained the backbone (T5ForConditionalGeneration or AutoModelForCausalLM), frozen, in eval mode."""
@@ -64,7 +70,7 @@ def load_backbone(name_or_path: str, arch: str = "auto", dtype: str = "float32",
         arch = detect_arch(AutoConfig.from_pretrained(name_or_path))
     if arch not in ("t5", "llama"):
         raise ConfigError(f"backbone.arch: expected auto/t5/llama, got {arch!r}")
-    kw = {"dtype": torch_dtype}
+    kw = {"dtype": torch_dtype, **NO_DROPOUT[arch]}
     if attn_implementation is not None:
         kw["attn_implementation"] = attn_implementation
     cls = T5ForConditionalGeneration if arch == "t5" else AutoModelForCausalLM

@@ -61,8 +61,16 @@ def tasks_for_unit(unit: str, task_names: Iterable[str], categories_by_task: Map
     return out
 
 
-def resolve_array_index(units: Sequence[str], index: int | str) -> str:
-    """The unit at `index`; an index outside 0..len-1 is a ConfigError naming the index and the valid range."""
+def n_jobs(n_units: int, units_per_job: int) -> int:
+    """Array elements needed for `n_units` at `units_per_job` each (the last may hold fewer)."""
+    if units_per_job < 1:
+        raise ConfigError(f"teacher.units_per_job must be >= 1, got {units_per_job}")
+    return -(-n_units // units_per_job)
+
+
+def resolve_array_index(units: Sequence[str], index: int | str, units_per_job: int = 1) -> list[str]:
+    """The units of array element `index`: units[index * k : (index + 1) * k] with k = units_per_job; an index
+    outside 0..jobs-1 is a ConfigError naming the index and the valid range."""
     try:
         i = int(index)
     except (TypeError, ValueError):
@@ -70,10 +78,11 @@ def resolve_array_index(units: Sequence[str], index: int | str) -> str:
     n = len(units)
     if n == 0:
         raise ConfigError(f"array_index={i}: this run has no array units (no training tasks)")
-    if not 0 <= i < n:
-        raise ConfigError(f"array_index={i} is out of range: valid indices are 0-{n - 1} ({n} units); "
-                          f"submit with --array=0-{n - 1}")
-    return units[i]
+    jobs = n_jobs(n, units_per_job)
+    if not 0 <= i < jobs:
+        raise ConfigError(f"array_index={i} is out of range: valid indices are 0-{jobs - 1} ({n} units, "
+                          f"{units_per_job} per job); submit with --array=0-{jobs - 1}")
+    return list(units[i * units_per_job:(i + 1) * units_per_job])
 
 
 def sbatch_line(script: str, n: int, concurrency: int | None, config: str) -> str:

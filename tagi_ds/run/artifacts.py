@@ -9,6 +9,7 @@ whose teacher was retrained, is rebuilt; one of another configuration is refused
 """
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
@@ -102,7 +103,7 @@ def weights_problem(teacher_dir: Path, manifest: dict) -> Optional[str]:
     want = (manifest.get(WEIGHTS_KEY) or {}).get(ADAPTER_WEIGHTS) if isinstance(manifest, dict) else None
     if want is None:  # written before manifests recorded the weights: check the framing at least
         return safetensors_problem(path)
-    have = sha256_file(path)
+    have = weights_sha256(path)
     if have != want:
         return (f"{path}: sha256 {have[:16]}… differs from the {want[:16]}… recorded in "
                 f"{Path(teacher_dir) / 'manifest.json'} (damaged or replaced)")
@@ -169,18 +170,37 @@ def check_temperatures(cache_temperature: float, finetune_temperature: float) ->
                           f"{finetune_temperature}: the cached top-k was taken at the cache's temperature")
 
 
-def shard_fields(cfg, task: Task, *, arch: str, tokenizer_hash: str, backbone_id: str, teacher_dir: Path,
-                 vocab_size: int, settings: PromptSettings, teacher_hash: Optional[str] = None) -> dict[str, Any]:
-    """The manifest fields one task's shard must carry for this run (the cache stage writes them, the finetune
-    passes them as a reader's `expect`). `teacher_hash`: the teacher weights' sha256 when already known."""
-    from ..distill.logit_cache import manifest_fields
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
 
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a weights file, computed once per process for a given (path, size, mtime): a finetune reads each
+    teacher's hash for its shard check once, not once at start-up and again in epoch 1."""
+    st = Path(path).stat()
+    return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+def shard_fields(cfg, task: Task, *, arch: str, tokenizer_hash: str, backbone_id: str, teacher_dir: Path,
+                 vocab_size: int, settings: PromptSettings, with_teacher_hash: bool = True) -> dict[str, Any]:
+    """The manifest fields one task's shard must carry for this run (the cache stage writes them, the finetune
+    passes them as a reader's `expect`). `with_teacher_hash=False` leaves out the teacher weights' hash: a cheap
+    check of everything else (a finetune's start-up), the full one when the shard is first read."""
+    from ..distill.logit_cache import manifest_fields
+    from ..distill.teacher_rows import CacheMode
+
+    c = cfg.cache
+    mode = CacheMode.of_config(c.mode, top_k=c.top_k, num_samples=c.num_samples, seed=cfg.seed, vocab_size=vocab_size)
     fields = manifest_fields(
         tokenizer_hash=tokenizer_hash, backbone_id=backbone_id,
-        teacher_adapter_hash=teacher_hash or sha256_file(Path(teacher_dir) / ADAPTER_WEIGHTS),
-        k=min(cfg.cache.top_k, vocab_size),
-        temperature=cfg.cache.temperature,
+        teacher_adapter_hash="(deferred)", mode=mode, temperature=c.temperature,
         prompt_format=f"{PROMPT_FORMAT}:{arch}:pos{settings.num_pos}:def{int(settings.add_definition)}",
         max_source_length=settings.max_source_length, max_target_length=settings.max_target_length,
         vocab_size=vocab_size)
-    return {**fields, "instances_sha256": instances_fingerprint([task])}
+    fields = {**fields, "instances_sha256": instances_fingerprint([task])}
+    if with_teacher_hash:
+        fields["teacher_adapter_hash"] = weights_sha256(Path(teacher_dir) / ADAPTER_WEIGHTS)
+    else:
+        fields.pop("teacher_adapter_hash")
+    return fields

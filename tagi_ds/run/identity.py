@@ -21,15 +21,19 @@ STAGE_RECORD = "stage.json"
 # run and its rerun / resume. Section "" = top level.
 RUNTIME_KEYS: dict[str, set[str]] = {
     "": {"name", "runs_dir", "threads", "device", "distributed", "stage_budgets_s"},
-    "pretrain": {"enabled", "time_budget_s", "checkpoint_every", "keep_checkpoints", "resume", "log_every"},
-    "finetune": {"enabled", "time_budget_s", "checkpoint_every", "keep_checkpoints", "resume", "log_every"},
-    "baselines": {"time_budget_s", "log_every"},
-    "teacher": {"time_budget_s", "checkpoint_every", "resume", "array_concurrency"},
+    # grad_accum: how a global batch is laid out over ranks x accumulation (a resume on other ranks keeps it whole)
+    "pretrain": {"enabled", "time_budget_s", "checkpoint_every", "keep_checkpoints", "resume", "log_every",
+                 "grad_accum"},
+    "finetune": {"enabled", "time_budget_s", "checkpoint_every", "keep_checkpoints", "resume", "log_every",
+                 "grad_accum", "teacher_cache_gib"},
+    "baselines": {"enabled", "time_budget_s", "checkpoint_every", "keep_checkpoints", "resume", "log_every",
+                  "grad_accum"},
+    "teacher": {"time_budget_s", "checkpoint_every", "resume", "array_concurrency", "units_per_job", "write_cache"},
     "cache": {"batch_size"},
     "backbone": {"gradient_checkpointing", "attn_implementation"},
     "hypernet": {"kernel"},
     "data": {"max_eval_instances_per_task"},
-    "eval": {"batch_size"},
+    "eval": {"batch_size", "rank_batch_size", "tasks_per_batch", "teacher_group_bytes"},
 }
 # The data keys only stage 1 reads (plain text); every other stage reads the task keys (all the others).
 PRETRAIN_DATA_KEYS = ("pretrain_text", "pretrain_segment_lengths", "pretrain_offline_docs", "pretrain_offline_corpus")

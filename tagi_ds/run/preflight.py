@@ -113,6 +113,5 @@ def check_cache_state(cfg: Any) -> None:
                 continue
             fields = shard_fields(cfg, t, arch=bb.arch, tokenizer_hash=bb.tokenizer_hash, backbone_id=bb.identity,
                                   teacher_dir=paths.teacher(unit), vocab_size=bb.vocab_size, settings=settings,
-                                  teacher_hash="-")
-            fields.pop("teacher_adapter_hash")
+                                  with_teacher_hash=False)
             check_expect({"mode": "topk", **manifest}, fields, str(mpath))

@@ -20,7 +20,8 @@ def prompt_settings(cfg, arch: str) -> PromptSettings:
     d = cfg.data
     return PromptSettings(arch=arch, num_pos=num_demonstrations(d), add_definition=d.add_task_definition,
                           max_source_length=d.max_source_length, max_input_length=d.max_input_length,
-                          max_target_length=d.max_target_length, instruction_overflow=d.instruction_overflow)
+                          max_target_length=d.max_target_length, instruction_overflow=d.instruction_overflow,
+                          student_input_after_prefix=cfg.hypernet.fusion)
 
 
 def encode_examples(task: Task, tokenizer, settings: PromptSettings, with_instruction: bool = True

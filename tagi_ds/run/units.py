@@ -12,7 +12,7 @@ from typing import Optional
 
 from ..data.tasks import Task
 from ..errors import ConfigError, TagiError
-from .array import array_units, resolve_array_index, sbatch_line, tasks_for_unit
+from .array import array_units, n_jobs, resolve_array_index, sbatch_line, tasks_for_unit
 
 
 def teacher_unit(task: Task, group_by: str) -> str:
@@ -38,12 +38,14 @@ class RunUnits:
     tasks: dict[str, list[Task]]   # unit → its training tasks (sorted by name)
     seen: dict[str, Task]          # task name → held-back instances of that task
 
-    def select(self, task: Optional[str] = None, array_index: Optional[str] = None) -> list[str]:
-        """All units, or the one that `task=` (a unit name, or a task of that unit) or `array_index=` names."""
+    def select(self, task: Optional[str] = None, array_index: Optional[str] = None,
+               units_per_job: int = 1) -> list[str]:
+        """All units, or the one that `task=` (a unit name, or a task of that unit) names, or array element
+        `array_index`'s `units_per_job` units."""
         if task is not None and array_index is not None:
             raise ConfigError("give task=NAME or array_index=N, not both")
         if array_index is not None:
-            return [resolve_array_index(self.units, array_index)]
+            return resolve_array_index(self.units, array_index, units_per_job)
         if task is not None:
             if task in self.tasks:
                 return [task]
@@ -82,14 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        units = load_run_units(cfg).units
-        if args.index is not None:
-            print(f"{int(args.index)}\t{resolve_array_index(units, args.index)}")
-        else:
-            for i, u in enumerate(units):
-                print(f"{i}\t{u}")
+        units, k = load_run_units(cfg).units, cfg.teacher.units_per_job
+        indices = [int(args.index)] if args.index is not None else range(n_jobs(len(units), k))
+        for i in indices:
+            print(f"{i}\t{' '.join(resolve_array_index(units, i, k))}")
         if args.sbatch:
-            print(sbatch_line(args.sbatch, len(units), cfg.teacher.array_concurrency, args.config))
+            print(sbatch_line(args.sbatch, n_jobs(len(units), k), cfg.teacher.array_concurrency, args.config))
     except TagiError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

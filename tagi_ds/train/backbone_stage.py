@@ -49,8 +49,10 @@ from ..data.tasks import Example, Instance, Task
 from ..io_utils import atomic_dir, atomic_write_json
 from ..run.backbone import resolve_device, run_backbone_identity
 from ..run.backbone_recipe import (ASSET_DIR, INIT_STD, LM_HELDOUT_FRACTION, LM_SEQ_LEN, RECIPE_FILE,
-                                   TOKENIZER_INSTANCES, recipe, recipe_hash_at, sni_dirs, sni_init_std)
+                                   TOKENIZER_INSTANCES, recipe, recipe_hash_at, resolve_backbone_path, sni_dirs,
+                                   sni_init_std)
 from ..run.decode import decode_prompts
+from ..run.dist import barrier, rank, world_size
 from ..run.paths import RunPaths
 from ..run.stage_lock import stage_locked
 from .loop import train_loop
@@ -353,7 +355,19 @@ def build_tiny_backbone(out_dir: Path, *, seed: int, hidden: int, layers: int, h
 @stage_locked("backbone")  # one writer per stage folder (run/stage_lock.py)
 def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log: Callable[[str], None] = print,
         use_asset: bool = True, max_steps: int = 100_000) -> Path:
-    """Build (or find) the backbone of this config; returns its folder."""
+    """Build (or find) the backbone of this config; returns its folder. One process builds it (rank 0 under a
+    launcher; the others wait for it at a barrier)."""
+    if world_size() > 1:
+        path = build(cfg, progress=progress, log=log, use_asset=use_asset, max_steps=max_steps) if rank() == 0 \
+            else None
+        barrier()
+        return path if path is not None else resolve_backbone_path(cfg)
+    return build(cfg, progress=progress, log=log, use_asset=use_asset, max_steps=max_steps)
+
+
+def build(cfg, *, progress: bool = True, log: Callable[[str], None] = print, use_asset: bool = True,
+          max_steps: int = 100_000) -> Path:
+    """The backbone stage's work in this process."""
     rec = recipe(cfg)
     if cfg.backbone.name_or_path != "auto":
         log(f"backbone: name_or_path={cfg.backbone.name_or_path!r} is given; nothing to build")

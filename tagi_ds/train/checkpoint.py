@@ -36,7 +36,7 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 _TAG_RE = re.compile(r"^step(\d{8})$")
 # Files read with torch.load(weights_only=True) by our own code: safe without a signature.
-SAFE_FILES = re.compile(r"^(trainable\.pt|optimizer\.pt|progress_rank\d+\.pt)$")
+SAFE_FILES = re.compile(r"^(trainable\.pt|optimizer\.pt|progress_rank\d+\.pt|.*\.safetensors|.*\.json)$")
 KEY_ENV = "TAGI_DS_CHECKPOINT_KEY"
 
 
@@ -231,7 +231,7 @@ def export_trainable(out_dir: str | Path, module: torch.nn.Module, config_dict: 
     writes the folder atomically. Returns the folder on rank 0, None elsewhere. Tensor names are those of
     `module.named_parameters()`; the frozen backbone is never included.
     """
-    from .distributed import barrier, collective_guard, rank
+    from ..run.dist import barrier, collective_guard, rank
 
     named = trainable_named_parameters(module)
     if not named:
@@ -251,6 +251,61 @@ def export_trainable(out_dir: str | Path, module: torch.nn.Module, config_dict: 
     barrier()
     return final
 
+
+# -------------------------------------------------------------------------------------- consolidated weights
+CONSOLIDATED = "consolidated.safetensors"  # the trainable weights, whole: what a resume on another world size loads
+
+
+def _gathered(named: list, zero3: bool):
+    import contextlib
+
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+
+
+def save_consolidated(tag_dir: Path, module: torch.nn.Module) -> None:
+    """Collective: the trainable weights gathered whole, written by rank 0 into the checkpoint folder."""
+    from safetensors.torch import save_file
+
+    from ..run.dist import collective_guard, rank
+
+    named = trainable_named_parameters(module)
+    zero3 = any(hasattr(p, "ds_id") for _, p in named)
+    with collective_guard("consolidated-weights gather"), _gathered(named, zero3):
+        if rank() == 0:
+            tensors = {n: p.detach().float().cpu().clone().contiguous() for n, p in named}
+            with atomic_path(Path(tag_dir) / CONSOLIDATED) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
+def load_consolidated(tag_dir: Path, module: torch.nn.Module) -> None:
+    """Copy a checkpoint's consolidated weights into `module`'s trainable parameters, on every rank (ZeRO-3: into the
+    gathered parameters, re-partitioned on exit). Names and shapes must match."""
+    from safetensors.torch import load_file
+
+    path = Path(tag_dir) / CONSOLIDATED
+    if not path.is_file():
+        raise ArtifactMismatchError(f"{path}: missing; this checkpoint predates elastic resume: resume it with the "
+                                    f"world size it was written with")
+    tensors = load_file(str(path))
+    named = trainable_named_parameters(module)
+    if set(tensors) != {n for n, _ in named}:
+        raise ArtifactMismatchError(f"{path}: trainable parameter names differ from the model's")
+    zero3 = any(hasattr(p, "ds_id") for _, p in named)
+    if zero3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0)
+    else:
+        import contextlib
+
+        ctx = contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        for n, p in named:
+            p.copy_(tensors[n].to(p.dtype))
 
 def main(argv: Optional[list[str]] = None) -> int:
     """`python -m tagi_ds.train.checkpoint --sign DIR`: trust a checkpoint folder (re-sign its manifest)."""

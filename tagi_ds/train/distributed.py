@@ -1,20 +1,14 @@
-"""Process-group setup, DeepSpeed config filling, ZeRO-3 model construction and token-weighted losses.
+"""DeepSpeed config filling, ZeRO-3 model construction and the token-weighted loss of the training engine.
 
-Works under torchrun, the deepspeed launcher, Slurm `srun`, and as one plain process with no launcher.
+The process group itself (rank, barrier, init, collective guards) lives in run/dist.py, below train and eval.
 DeepSpeed is imported lazily so a plain torch run (use_deepspeed=False) and export loading never need it.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import json
 import os
-import re
-import socket
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -22,37 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
-
-
-class DistributedFailure(RuntimeError):
-    """A collective failed or timed out: another rank died, hung, or the network broke. Not a user error."""
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    backend: str
-    launcher: str  # "torchrun" (also the deepspeed launcher), "slurm" or "single"
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        with collective_guard("barrier"):
-            dist.barrier()
+from ..run.dist import collective_guard, world_size
 
 
 # ----------------------------------------------------------------------------------------------- DS config
@@ -163,103 +127,6 @@ def ds_config_from_file(path: str | os.PathLike, *, micro_batch: int, grad_accum
     return cfg
 
 
-# ------------------------------------------------------------------------------------------ process group
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm nodelist ("gpu[03-05,07],cpu1" → "gpu03"); `scontrol` when present, else parsed."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.split()
-        if out:
-            return out[0]
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        return nodelist
-    prefix, ranges = m.group(1), m.group(2)
-    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
-
-
-def _environment_from_slurm() -> bool:
-    """Translate an `srun` step's variables into the RANK/WORLD_SIZE/... that torch.distributed reads."""
-    if "SLURM_PROCID" not in os.environ:
-        return False
-    # SLURM_STEP_NUM_TASKS is set by srun only; a process started directly in a batch script sees SLURM_NTASKS of the
-    # whole allocation and must not wait for peers that will never come.
-    ntasks = os.environ.get("SLURM_STEP_NUM_TASKS")
-    if ntasks is None:
-        return False
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = ntasks
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in os.environ:
-        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-        os.environ["MASTER_ADDR"] = _first_slurm_host(nodes)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
-    return True
-
-
-def init_distributed(timeout_s: float = 600.0, *, use_deepspeed: bool = True) -> DistInfo:
-    """Create the process group once (idempotent) and return this process's place in it.
-
-    torchrun / deepspeed launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* are already set. Slurm srun: derived from
-    SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID. No launcher: one process, RANK=0 WORLD_SIZE=1 and a free
-    port (else DeepSpeed falls back to MPI discovery and fails on a missing mpi4py). Backend: nccl on CUDA, gloo on
-    CPU. `timeout_s` bounds every collective, so a rank whose peer died fails instead of hanging.
-    """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        launcher = "torchrun"
-    elif _environment_from_slurm():
-        launcher = "slurm"
-    else:
-        launcher = "single"
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("LOCAL_RANK", "0")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    on_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-    backend = "nccl" if on_cuda else "gloo"
-    if on_cuda:
-        torch.cuda.set_device(local_rank)
-    timeout = datetime.timedelta(seconds=float(timeout_s))
-    if not dist.is_initialized():
-        if use_deepspeed:
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
-        else:
-            dist.init_process_group(backend=backend, timeout=timeout)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                    backend=dist.get_backend(), launcher=launcher)
-
-
-_PEER_SIGNS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "gloo", "nccl",
-               "socket", "peer", "connection refused", "distbackenderror")
-
-
-@contextlib.contextmanager
-def collective_guard(what: str) -> Iterator[None]:
-    """Turn a failed collective into DistributedFailure with a message that says what most likely happened."""
-    try:
-        yield
-    except DistributedFailure:
-        raise
-    except (RuntimeError, OSError) as e:  # torch.distributed.DistBackendError is a RuntimeError
-        text = f"{type(e).__name__}: {e}"
-        if world_size() <= 1 or not any(s in text.lower() for s in _PEER_SIGNS):
-            raise
-        msg = (f"rank {rank()}/{world_size()}: a collective failed during {what}; another rank most likely died "
-               f"or hung (see its log), or the collective timeout passed. Cause: {text.splitlines()[0][:500]}")
-        print(f"[tagi-ds] {msg}", file=sys.stderr, flush=True)
-        raise DistributedFailure(msg) from e
-
-
 # ------------------------------------------------------------------------------------------------ ZeRO-3
 _LIVE_HF_DS_CONFIG: list = []  # transformers keeps only a weakref; this keeps the object alive
 
@@ -287,6 +154,16 @@ def zero3_model_context(ds_config: dict, *, keep_alive: bool = True) -> Iterator
             unset_hf_deepspeed_config()
 
 
+def release_zero3_context() -> None:
+    """Forget the ZeRO-3 config a stage registered (at its end): a later stage of the same process (the pipeline's
+    evaluation, a baseline) must load its models whole, not partitioned by a training stage that is over."""
+    if _LIVE_HF_DS_CONFIG:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        _LIVE_HF_DS_CONFIG.clear()
+        unset_hf_deepspeed_config()
+
+
 # ---------------------------------------------------------------------------------------------- losses
 def global_token_mean(loss_sum: torch.Tensor, n_tokens: int | torch.Tensor, *,
                       grads_averaged_over_ranks: bool = True) -> torch.Tensor:
@@ -307,15 +184,3 @@ def global_token_mean(loss_sum: torch.Tensor, n_tokens: int | torch.Tensor, *,
             dist.all_reduce(n)
     scale = float(w) if grads_averaged_over_ranks else 1.0
     return loss_sum * (scale / n.clamp_min(1.0))
-
-
-def all_reduce_mean(value: float | torch.Tensor) -> float:
-    """Mean of a scalar over ranks (for logging); the value itself on one process."""
-    t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(()).clone()
-    w = world_size()
-    if w > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        with collective_guard("logging all-reduce"):
-            dist.all_reduce(t)
-    return float(t.item()) / w

@@ -13,13 +13,14 @@ from typing import Callable, Optional
 
 import torch
 
-from ..data.collate import (PromptSettings, TaskInstanceDataset, collate_full, collate_student, instruction_ids)
+from ..data.collate import PromptSettings, TaskInstanceDataset, collate_full, collate_student, pad_id
 from ..data.registry import load_run_tasks_from_config
-from ..data.sampler import TaskGroupedSampler
+from ..data.sampler import EpochPositions, TaskGroupedSampler
 from ..data.tasks import Task
 from ..distill.logit_cache import CacheShardReader, tokenizer_hash
 from ..distill.signal import CachedTeacherSignal
 from ..errors import ArtifactMismatchError, ConfigError
+from ..run.dist import world_size
 from ..run.artifacts import check_temperatures, shard_fields
 from ..run.backbone import backbone_identity
 from ..run.export_io import EXPORT_CONFIG, load_trainable
@@ -30,8 +31,8 @@ from ..run.prompts import prompt_settings
 from ..run.units import teacher_unit
 from ..run.stage_lock import stage_locked
 from .distill_step import DistillLoss, TeacherAdapters
-from .distributed import rank, world_size
-from .hypernet_loop import StageSpec, StudentSetup, TrainBatch, setup_student, train_stage
+from .engine_stage import StageSpec, train_stage
+from .hypernet_loop import StudentSetup, TrainBatch, bucket_instructions, hypernet_stage, setup_student
 
 STAGE = "finetune"
 EXTRA_KEYS = ("variant",)
@@ -52,32 +53,42 @@ def identity(cfg, sub: Optional[str] = None) -> dict:
 
 
 class FinetuneBatches:
-    """The training tasks' instances in task-grouped micro batches; one instruction row per task."""
+    """The training tasks' instances in task-grouped micro batches, by global position; each micro batch carries
+    its own tasks' instructions (tokenized when a batch first needs them, a few hundred ids per task)."""
 
     def __init__(self, tasks: list[Task], tokenizer, settings: PromptSettings, *, tasks_per_batch: int,
-                 instances_per_task: int, seed: int, online_teacher: bool):
+                 instances_per_task: int, seed: int, online_teacher: bool,
+                 lookahead: Optional[Callable[[list[str]], None]] = None, stride: int = 1):
         self.tasks, self.tokenizer, self.settings = tasks, tokenizer, settings
         self.task_pos = {t.name: i for i, t in enumerate(tasks)}
         self.dataset = TaskInstanceDataset(tasks)
-        self._instr = {t.name: instruction_ids(t, tokenizer, settings) for t in tasks}
-        self.instruction_rows = [self._instr[t.name] for t in tasks]
-        self.sampler = TaskGroupedSampler(self.dataset.task_sizes, tasks_per_batch, instances_per_task, rank=rank(),
-                                          world_size=world_size(), seed=seed)
+        self._instr: dict[str, list[int]] = {}
+        # The global batch list (the same on every rank): rank r takes positions r, r + W, ... (hypernet_loop).
+        self.positions = EpochPositions(TaskGroupedSampler(self.dataset.task_sizes, tasks_per_batch,
+                                                           instances_per_task, seed=seed))
         self.online_teacher = online_teacher
+        self.lookahead, self.stride = lookahead, stride  # this rank's next position is position + stride (= W)
 
-    def make_batch(self, keys: list[tuple[int, int]]) -> TrainBatch:
-        pairs = [self.dataset[k] for k in keys]
+    def tasks_at(self, position: int) -> list[str]:
+        return sorted({self.tasks[t].name for t, _ in self.positions.keys(position)})
+
+    def batch(self, position: int) -> TrainBatch:
+        pairs = [self.dataset[k] for k in self.positions.keys(position)]
+        if self.lookahead is not None:  # the teachers of this rank's NEXT micro batch start loading now
+            self.lookahead(self.tasks_at(position + self.stride))
         sb = collate_student(pairs, self.tokenizer, self.settings, instruction_cache=self._instr)
         full = collate_full(pairs, self.tokenizer, self.settings) if self.online_teacher else None
         index = torch.tensor([self.task_pos[n] for n in sb.task_names], dtype=torch.long)
+        instr_ids, instr_mask = bucket_instructions(sb.instr_ids, sb.instr_mask, pad_id(self.tokenizer))
         return TrainBatch(task_index=index, task_ids=sb.task_ids, input_ids=sb.input_ids,
-                          attention_mask=sb.attention_mask, labels=sb.labels, instr_ids=sb.instr_ids,
-                          instr_mask=sb.instr_mask, task_names=sb.task_names, instance_ids=sb.instance_ids, extra=full)
+                          attention_mask=sb.attention_mask, labels=sb.labels, instr_ids=instr_ids,
+                          instr_mask=instr_mask, task_names=sb.task_names, instance_ids=sb.instance_ids, extra=full)
 
 
 def check_teacher_artifacts(cfg, tasks: list[Task], paths: RunPaths, shard_expect) -> None:
-    """Refuse a missing or mismatched teacher / cache shard now, before anything is written (the full checksums are
-    still verified when a shard is first read)."""
+    """Refuse a missing or mismatched teacher / cache shard now, before anything is written. Cheap: file presence and
+    every shard manifest field but the teacher weights' hash; that hash and the shard's checksums are verified once,
+    when the shard is first read (ahead of its step, in the read-ahead thread)."""
     f = cfg.finetune
     for task in tasks:
         if f.lambda_ins > 0 or f.lambda_kl > 0:  # both need the task's teacher adapter
@@ -91,7 +102,7 @@ def check_teacher_artifacts(cfg, tasks: list[Task], paths: RunPaths, shard_expec
             if not shard.is_dir():
                 raise ArtifactMismatchError(f"{shard}: no logit-cache shard for task '{task.name}'; run "
                                             f"`tagi-ds cache-logits` first")
-            CacheShardReader(shard, shard_expect(task.name), verify=False)  # names a differing field
+            CacheShardReader(shard, shard_expect(task.name, False), verify=False)  # names a differing field
 
 
 def init_from_pretrain(cfg, setup: StudentSetup, paths: RunPaths) -> Optional[str]:
@@ -115,21 +126,33 @@ def build_stage(cfg, variant: str, setup: StudentSetup, record: Optional[dict]) 
     tok_hash, bb_id = tokenizer_hash(setup.tokenizer), backbone_identity(setup.backbone_path)
     vocab = int(setup.student.backbone.config.vocab_size)
 
-    def shard_expect(name: str) -> dict:  # the manifest a shard must carry for this run (the cache stage's own)
+    def shard_expect(name: str, with_teacher_hash: bool = True) -> dict:  # the cache stage's own definition
         return shard_fields(cfg, by_name[name], arch=setup.arch, tokenizer_hash=tok_hash, backbone_id=bb_id,
-                            teacher_dir=teacher_dir(name), vocab_size=vocab, settings=settings)
+                            teacher_dir=teacher_dir(name), vocab_size=vocab, settings=settings,
+                            with_teacher_hash=with_teacher_hash)
 
-    batches = FinetuneBatches(tasks, setup.tokenizer, settings, tasks_per_batch=f.tasks_per_batch,
-                              instances_per_task=f.instances_per_task, seed=cfg.seed, online_teacher=f.online_teacher)
     cached = f.lambda_kl > 0 and not f.online_teacher
     signal = CachedTeacherSignal(paths.logit_cache, expect=shard_expect) if cached else None
     check_teacher_artifacts(cfg, tasks, paths, shard_expect)
+    needs_adapters = f.lambda_ins > 0 or (f.lambda_kl > 0 and f.online_teacher)
+    teachers = TeacherAdapters(teacher_dir, setup.student.specs, int(f.teacher_cache_gib * 2 ** 30),
+                               also=signal.shard if signal is not None else None, adapters=needs_adapters)
+    reads_ahead = needs_adapters or signal is not None
+    batches = FinetuneBatches(tasks, setup.tokenizer, settings, tasks_per_batch=f.tasks_per_batch,
+                              instances_per_task=f.instances_per_task, seed=cfg.seed, online_teacher=f.online_teacher,
+                              lookahead=teachers.prefetch if reads_ahead else None, stride=world_size())
+    c = cfg.cache
     loss = DistillLoss(lambda_kl=f.lambda_kl, lambda_ins=f.lambda_ins, temperature=f.temperature,
-                       missing_mass=cfg.cache.missing_mass, online_teacher=f.online_teacher, signal=signal,
-                       teachers=TeacherAdapters(teacher_dir, setup.student.specs))
+                       online_teacher=f.online_teacher, signal=signal, teachers=teachers,
+                       kl_options={"missing_mass": c.missing_mass, "estimator": c.estimator, "control": c.control})
     terms = ["ce"] + [n for n, w in (("kl", f.lambda_kl), ("l_ins", f.lambda_ins)) if w > 0]
-    return StageSpec(STAGE, paths.finetune(variant), paths.tb(f"{STAGE}/{variant}"), f, record, batches, loss,
-                     variant=variant, summary={"init_from": init_from, "tasks": len(tasks), "terms": terms})
+    def close(summary: dict) -> None:
+        teachers.close()
+        summary["teacher_reads"] = dict(teachers.stats)
+
+    return hypernet_stage(setup, name=STAGE, out_dir=paths.finetune(variant), tb_dir=paths.tb(f"{STAGE}/{variant}"),
+                          loop=f, record=record, batches=batches, loss=loss, variant=variant,
+                          summary={"init_from": init_from, "tasks": len(tasks), "terms": terms}, close=close)
 
 
 def check_config(cfg, variant: str) -> None:

@@ -1,55 +1,29 @@
-"""The one loop both hypernetwork stages run, by composition: a stage builds a `StageSpec` (its data, its loss, its
-folders and identity) around a `StudentSetup`, and `train_stage` runs it, top to bottom:
+"""What the hypernetwork stages (pretrain, finetune) put on the engine loop (engine_stage.py): the student built
+on the set-up backbone, its micro batch, its step module and its export.
 
-    setup = setup_student(cfg, micro_batch=…)          # distributed init, tokenizer, backbone (ZeRO-3 partitioned
-                                                        # at construction), seeded student, activation checkpointing
-    spec = StageSpec(name="finetune", …, batches=…, loss=…)
-    export_dir = train_stage(setup, spec)               # identity check, instruction encodings, engine, resume,
-                                                        # token-weighted loop, checkpoints, export, summary
-
-The loss runs inside the engine's forward (`_StepModule`), so DeepSpeed sees one module call per micro batch; a
-loss returns (weighted sum of token losses, token count, {term: detached sum}) for this rank's micro batch and is
-divided by the global token count (`global_token_mean`), so 1 process and N ranks optimise the same objective.
-
-Instructions are encoded once, before step 1, in one collective pass (`TagiStudent.encode_instruction_rows`): under
-ZeRO-3 every rank must run the same sequence of backbone forwards, and encoding lazily per batch would make ranks
-differ. The encodings live on CPU and are moved per batch.
+Every structure is O(micro batch): each micro batch encodes its own tasks' instructions (one frozen forward per micro
+batch on every rank, so ZeRO-3's parameter gathers stay in lock-step), padded to a 64-token bucket, never to the
+longest instruction of the run.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ..config import LoopConfig, dump_yaml
-from ..data.collate import pad_id
-from ..data.sampler import EpochPositions
-from ..errors import TagiError
-from ..io_utils import atomic_write_json, atomic_write_text
+from ..config import LoopConfig
 from ..modeling.tagi import TagiStudent, TaskEncoding, build_student
-from ..run.backbone import resolve_device
-from ..run.backbone_recipe import resolve_backbone_path
 from ..run.export_io import export_config
-from ..run.identity import write_stage_record
 from ..run.paths import EXPORT_SUBDIR
 from .checkpoint import export_trainable
-from .distributed import (all_reduce_mean, collective_guard, ds_config_from_file, global_token_mean,
-                          init_distributed, rank, world_size, zero3_model_context)
-from .engine import Engine, seed_everything
+from .engine import seed_everything
+from .engine_stage import EngineSetup, StageSpec, setup_backbone
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-MAX_NONFINITE_IN_A_ROW = 5  # skipped nan/inf batches in a row before the run stops with an error
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INSTRUCTION_BUCKET = 64  # instructions are padded to a multiple of this many tokens: few shapes, little padding
 
 
 @dataclass
@@ -76,44 +50,26 @@ class TrainBatch:
         return self
 
 
-class BatchSource(Protocol):
-    """A stage's data: one instruction row per task, a task-grouped sampler, and batches from its keys."""
-
-    instruction_rows: list[list[int]]
-    sampler: Any  # data.sampler.TaskGroupedSampler
-
-    def make_batch(self, keys: list[tuple[int, int]]) -> TrainBatch: ...
-
-
 LossFn = Callable[[TagiStudent, TaskEncoding, TrainBatch], "tuple[torch.Tensor, torch.Tensor, dict]"]
 
 
-# ------------------------------------------------------------------------------------------------ setup
+def bucket_instructions(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_tasks, Li) rows right-padded to the next multiple of INSTRUCTION_BUCKET (the micro batch's own longest,
+    never the run's): a handful of shapes over a run instead of one per batch, and no batch pays the longest task."""
+    width = -(-ids.shape[1] // INSTRUCTION_BUCKET) * INSTRUCTION_BUCKET
+    extra = width - ids.shape[1]
+    if extra == 0:
+        return ids, mask
+    return (torch.nn.functional.pad(ids, (0, extra), value=pad), torch.nn.functional.pad(mask, (0, extra), value=0))
+
+
 @dataclass
-class StudentSetup:
-    """The pieces every hypernetwork stage starts from."""
+class StudentSetup(EngineSetup):
+    """The engine setup plus the TAGI student built on its backbone."""
 
-    cfg: Any
-    device: torch.device
-    tokenizer: Any
-    backbone_path: str
-    arch: str
-    student: TagiStudent
-    r: int
-    alpha: float
-    ds_config: Optional[dict]
-
-    @property
-    def pad_id(self) -> int:
-        return pad_id(self.tokenizer)
-
-
-def resolve_ds_config(path: str) -> Path:
-    """A relative ds config path is looked up in the working directory, then in the repository."""
-    p = Path(path)
-    if p.is_absolute() or p.is_file():
-        return p
-    return REPO_ROOT / p if (REPO_ROOT / p).is_file() else p
+    student: Optional[TagiStudent] = None
+    r: int = 0
+    alpha: float = 0.0
 
 
 def head_lr_scale_of(hcfg) -> Callable[[str], float]:
@@ -124,231 +80,50 @@ def head_lr_scale_of(hcfg) -> Callable[[str], float]:
 
 
 def setup_student(cfg, *, micro_batch: int, loop: LoopConfig) -> StudentSetup:
-    """Distributed init and the DeepSpeed config, tokenizer, frozen backbone, a freshly seeded student."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from ..kernels.dispatch import choose_attn_implementation
-    from ..modeling.backbone import detect_arch, load_backbone
-
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    seed_everything(cfg.seed)
-    ds = None
-    if cfg.distributed.use_deepspeed:
-        info = init_distributed(cfg.distributed.timeout_s)
-        ds = ds_config_from_file(resolve_ds_config(cfg.distributed.ds_config), micro_batch=micro_batch,
-                                 grad_accum=loop.grad_accum, lr=loop.lr, weight_decay=loop.weight_decay,
-                                 grad_clip=loop.grad_clip, dtype=cfg.backbone.dtype,
-                                 zero_stage=cfg.distributed.zero_stage,
-                                 param_persistence_threshold=cfg.distributed.param_persistence_threshold,
-                                 world_size=info.world_size)
-    device = resolve_device(cfg.device)
-    b = cfg.backbone
-    path = str(resolve_backbone_path(cfg))
-    tokenizer = AutoTokenizer.from_pretrained(b.tokenizer or path)
-    arch = b.arch if b.arch != "auto" else detect_arch(AutoConfig.from_pretrained(path))
-    attn = b.attn_implementation or choose_attn_implementation(arch, device)
-    with zero3_model_context(ds) if ds is not None else contextlib.nullcontext():
-        backbone, arch = load_backbone(path, arch, b.dtype, attn)  # ZeRO-3: partitioned at construction
+    """The engine setup, then a freshly seeded student on its backbone (ours activation checkpointing: the recompute
+    keeps the LoRA terms and the LLaMA prefix)."""
+    base = setup_backbone(cfg, micro_batch=micro_batch, loop=loop)
     seed_everything(cfg.seed)  # the hypernetwork's init must not depend on what loading the backbone drew
-    h, lora = cfg.hypernet, cfg.lora
+    b, h, lora = cfg.backbone, cfg.hypernet, cfg.lora
     r = h.r or lora.r
     alpha = h.alpha if h.alpha is not None else lora.alpha
-    student = build_student(backbone, arch, b.target_modules, r, alpha, hidden=h.hidden, trunk_layers=h.trunk_layers,
-                            embed_dim=h.embed_dim, fusion=h.fusion, train_encoder=h.train_encoder, backend=h.kernel)
+    student = build_student(base.backbone, base.arch, b.target_modules, r, alpha, hidden=h.hidden,
+                            trunk_layers=h.trunk_layers, embed_dim=h.embed_dim, fusion=h.fusion,
+                            train_encoder=h.train_encoder, backend=h.kernel)
     student.hypernet.to(DTYPES[b.dtype])  # the engine must not mix dtypes (DEEPSPEED_CPU.md pitfall 4)
-    if b.gradient_checkpointing:  # ours, not HF's: the recompute keeps the LoRA terms and the prefix
+    if b.gradient_checkpointing:
         student.enable_activation_checkpointing()
-    return StudentSetup(cfg, device, tokenizer, path, arch, student, r, alpha, ds)
+    return StudentSetup(**{f.name: getattr(base, f.name) for f in fields(EngineSetup)}, student=student, r=r,
+                        alpha=alpha)
 
 
-# ------------------------------------------------------------------------------------------------ the stage
-@dataclass
-class StageSpec:
-    """What one hypernetwork stage gives the loop."""
+class StudentStep(nn.Module):
+    """What the engine wraps for a hypernetwork stage: the student (trainable hypernetwork, frozen backbone) and the
+    stage's loss. The micro batch's own instructions are encoded here (no grad unless the instruction encoder
+    trains)."""
 
-    name: str                       # "pretrain" / "finetune"
-    out_dir: Path
-    tb_dir: Path
-    loop: LoopConfig
-    record: Optional[dict]          # run.identity.check_stage_record's result, checked before anything loaded
-    batches: BatchSource
-    loss: LossFn
-    variant: Optional[str] = None
-    summary: dict = field(default_factory=dict)  # stage facts for summary.json (tasks, terms, init_from, ...)
-
-
-class _StepModule(nn.Module):
-    """What the engine wraps: the student (trainable hypernetwork, frozen backbone) and the stage's loss step."""
-
-    def __init__(self, student: TagiStudent, loss: LossFn, encodings: Optional[TaskEncoding]):
+    def __init__(self, student: TagiStudent, loss: LossFn):
         super().__init__()
         self.student = student
-        self._loss = loss
-        self._encodings = encodings
+        self.loss = loss
 
     def forward(self, batch: TrainBatch):
-        return self._loss(self.student, self.encoding_for(batch), batch)
-
-    def encoding_for(self, batch: TrainBatch) -> TaskEncoding:
-        """The batch tasks' instruction encodings: precomputed rows, or (trained encoder) encoded now, with grad."""
-        if self._encodings is None:
-            return self.student.encode_instructions(batch.instr_ids, batch.instr_mask)
-        return self._encodings.select(batch.task_index.cpu()).to(batch.input_ids.device)
+        encoding = self.student.encode_instructions(batch.instr_ids, batch.instr_mask)
+        return self.loss(self.student, encoding, batch)
 
 
-def partition_facts(backbone: nn.Module) -> dict[str, Any]:
-    """ZeRO-3 state of the frozen backbone's parameters (rank-local; no collectives)."""
-    params = list(backbone.named_parameters())
-    if not params or not hasattr(params[0][1], "ds_numel"):
-        return {"partitioned": False, "n_params": len(params)}
-    w = world_size()
-    name, big = max(params, key=lambda kv: kv[1].ds_numel)
-    return {"partitioned": all(p.numel() == 0 for _, p in params), "n_params": len(params),
-            "shards_ok": all(p.ds_tensor.numel() == math.ceil(p.ds_numel / w) for _, p in params),
-            "example": {"name": name, "ds_numel": int(big.ds_numel), "numel": int(big.numel()),
-                        "shard": int(big.ds_tensor.numel()), "status": str(big.ds_status)}}
+def hypernet_stage(setup: StudentSetup, *, name: str, out_dir: Path, tb_dir: Path, loop: LoopConfig,
+                   record: Optional[dict], batches: Any, loss: LossFn, variant: Optional[str] = None,
+                   summary: Optional[dict] = None, close: Optional[Callable[[dict], None]] = None) -> StageSpec:
+    """A hypernetwork stage's description: its step module, and the export of the hypernetwork alone."""
+    cfg = setup.cfg
 
-
-def _global_means(sums: dict[str, float], n_tokens: float) -> dict[str, float]:
-    """Token means over all ranks of each term (one all-reduce of [n, sums...])."""
-    names = sorted(sums)
-    t = torch.tensor([n_tokens] + [sums[k] for k in names], dtype=torch.float64)
-    if world_size() > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        with collective_guard("loss-term all-reduce"):
-            dist.all_reduce(t)
-        t = t.cpu()
-    n = max(float(t[0]), 1.0)
-    return {"tokens": float(t[0]), **{k: float(v) / n for k, v in zip(names, t[1:].tolist())}}
-
-
-def _out_of_time(t_start: float, budget: float) -> bool:
-    # Every rank must stop at the same step (ZeRO-3 collectives): rank 0's clock decides.
-    flag = torch.tensor([1.0 if time.perf_counter() - t_start >= budget else 0.0])
-    if world_size() > 1:
-        with collective_guard("time-budget broadcast"):
-            dist.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
-def _log(engine: Engine, out_dir: Path, step: int, means: dict[str, float]) -> None:
-    engine.log_scalars(step, {k: v for k, v in means.items() if k != "tokens"})
-    if rank() == 0:
-        with open(out_dir / METRICS_FILE, "a", encoding="utf-8") as fh:  # a log stream, appended
-            fh.write(json.dumps({"step": step, "lr": engine.lr, **means}) + "\n")
-
-
-def train_stage(setup: StudentSetup, spec: StageSpec, *, on_checkpoint: Optional[Callable[[int], None]] = None,
-                show_progress: bool = True) -> Optional[Path]:
-    """Run a hypernetwork stage to its last step and write its export; returns the export folder on rank 0."""
-    cfg, loop, student = setup.cfg, spec.loop, setup.student
-    summary: dict[str, Any] = {"stage": spec.name, "variant": spec.variant, **spec.summary}
-    encodings = None
-    module = _StepModule(student, spec.loss, None)
-    if not cfg.distributed.use_deepspeed:
-        module.to(setup.device)
-    engine = Engine(module, setup.ds_config, lr=loop.lr, warmup_steps=loop.warmup_steps, total_steps=loop.steps,
-                    schedule=loop.schedule, weight_decay=loop.weight_decay, grad_clip=loop.grad_clip,
-                    use_deepspeed=cfg.distributed.use_deepspeed, out_dir=spec.out_dir, seed=cfg.seed,
-                    log_dir=spec.tb_dir, grad_accum=loop.grad_accum, keep_checkpoints=loop.keep_checkpoints,
-                    timeout_s=cfg.distributed.timeout_s, show_progress=show_progress,
-                    lr_scale_of=head_lr_scale_of(cfg.hypernet))
-    try:
-        summary["backbone_partition"] = partition_facts(student.backbone)
-        if not student.train_encoder:
-            t0 = time.perf_counter()
-            encodings = student.encode_instruction_rows(spec.batches.instruction_rows, setup.pad_id, setup.device)
-            module._encodings = encodings
-            summary["instruction_encoding"] = {"tasks": len(spec.batches.instruction_rows),
-                                               "seconds": time.perf_counter() - t0}
-        if loop.resume == "auto":
-            progress = engine.resume_latest()
-            if progress is not None:
-                summary["resumed_from"] = int(progress["step"])
-        spec.out_dir.mkdir(parents=True, exist_ok=True)
-        if rank() == 0:
-            write_stage_record(spec.out_dir, spec.record)
-            atomic_write_text(spec.out_dir / "config.yaml", dump_yaml(cfg))
-        micro = _train(engine, module, spec, setup.device, summary, on_checkpoint)
-        step = engine.global_step
-        if step > 0:
-            _checkpoint(engine, spec, step, micro, on_checkpoint)
-        conf = export_config(student, backbone_id=setup.backbone_path, target_kinds=cfg.backbone.target_modules,
+    def export(module: nn.Module, step: int) -> Optional[Path]:
+        conf = export_config(module.student, backbone_id=setup.backbone_path, target_kinds=cfg.backbone.target_modules,
                              r=setup.r, alpha=setup.alpha, dtype=cfg.backbone.dtype, tokenizer=cfg.backbone.tokenizer,
-                             stage=spec.name, variant=spec.variant, step=step)
-        out = export_trainable(spec.out_dir / EXPORT_SUBDIR, module.student, conf)
-        if rank() == 0:
-            atomic_write_json(spec.out_dir / SUMMARY_FILE, summary)
-        return out
-    finally:
-        engine.close()
+                             stage=name, variant=variant, step=step)
+        return export_trainable(out_dir / EXPORT_SUBDIR, module.student, conf)
 
-
-def _checkpoint(engine: Engine, spec: StageSpec, step: int, micro: int,
-                on_checkpoint: Optional[Callable[[int], None]]) -> None:
-    engine.save(step, {"data_position": micro, "stage": spec.name, "variant": spec.variant})
-    if on_checkpoint is not None:
-        on_checkpoint(step)
-
-
-def _train(engine: Engine, module: _StepModule, spec: StageSpec, device: torch.device, summary: dict,
-           on_checkpoint: Optional[Callable[[int], None]]) -> int:
-    """The token-weighted loop from the engine's (resumed) step to `loop.steps`; returns the data position."""
-    loop = spec.loop
-    positions = EpochPositions(spec.batches.sampler)
-    accum = max(1, engine.grad_accum)
-    micro = engine.global_step * accum  # batches are a pure function of (seed, position): resume continues exactly
-    sums: dict[str, float] = {}
-    n_tok = 0.0
-    t_start = time.perf_counter()
-    module.train()
-    _ = engine.logger  # create the bar / writer now, so it starts at the (resumed) step, not one step late
-    last: dict[str, float] = {}
-    nonfinite_in_a_row = 0
-    while engine.global_step < loop.steps:
-        batch = spec.batches.make_batch(positions.keys(micro)).to(device)
-        total, n, terms = engine(batch)
-        loss = global_token_mean(total, n)
-        if all_reduce_mean(1.0 if bool(torch.isfinite(loss.detach())) else 0.0) < 1.0:
-            # A nan/inf loss on any rank: every rank drops this micro batch (no backward, no step) and moves on to
-            # the next one; only a run of them is an error (the weights themselves are then broken).
-            micro += 1
-            nonfinite_in_a_row += 1
-            summary["skipped_nonfinite_batches"] = summary.get("skipped_nonfinite_batches", 0) + 1
-            if rank() == 0:
-                print(f"{spec.name}: non-finite loss ({float(loss.detach())}) at step {engine.global_step + 1}; "
-                      f"batch skipped ({nonfinite_in_a_row} in a row)", flush=True)
-            if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                raise TagiError(f"{spec.name}: the loss was non-finite on {nonfinite_in_a_row} batches in a row at "
-                                f"step {engine.global_step + 1}; lower the lr (now {loop.lr}) or check the data "
-                                f"(last checkpoint in {spec.out_dir / 'checkpoints'})")
-            continue
-        nonfinite_in_a_row = 0
-        engine.backward(loss)
-        n_local = float(n)
-        micro += 1
-        n_tok += n_local
-        sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        if not engine.step(tokens=int(n_local)):
-            continue
-        step = engine.global_step
-        if step % max(1, loop.log_every) == 0 or step == loop.steps:
-            last = _global_means(sums, n_tok)
-            if not math.isfinite(last["loss"]):
-                raise TagiError(f"{spec.name}: the loss became {last['loss']} at step {step}; lower the lr or check "
-                                f"the data (last checkpoint in {spec.out_dir / 'checkpoints'})")
-            _log(engine, spec.out_dir, step, last)
-        sums, n_tok = {}, 0.0
-        if loop.checkpoint_every > 0 and step % loop.checkpoint_every == 0 and step < loop.steps:
-            _checkpoint(engine, spec, step, micro, on_checkpoint)
-        if loop.time_budget_s is not None and _out_of_time(t_start, loop.time_budget_s):
-            summary["stopped_by_time_budget"] = step
-            break
-    summary.update(final_step=engine.global_step, last_logged=last, train_seconds=time.perf_counter() - t_start,
-                   skipped_nonfinite_updates=getattr(engine, "skipped_updates", 0))
-    return micro
-
+    return StageSpec(name, out_dir, tb_dir, loop, record, batches, StudentStep(setup.student, loss), export,
+                     variant=variant, summary={"instruction_encoding": "per micro batch", **(summary or {})},
+                     close=close, lr_scale_of=head_lr_scale_of(cfg.hypernet))

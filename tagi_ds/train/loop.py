@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import ConfigError
+from .optim import adamw
 from .schedule import lr_multiplier
 
 
@@ -32,7 +33,7 @@ def train_loop(model: torch.nn.Module, next_batch: Callable[[int], dict[str, tor
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("train_loop: the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    opt = adamw(params, lr=lr, betas=betas, weight_decay=weight_decay)
     model.train()
     losses: list[float] = []
     t0 = time.perf_counter()

@@ -1,8 +1,9 @@
 """Stage 1 `tagi-ds pretrain`: the hypernetwork learns on plain text, split as HINT does (CE only).
 
-Each document is cut once (seeded) into (a, b, c): a is the "instruction" the hypernetwork sees (encoded once, like
-every instruction, before training), b the backbone's input, c the target. Each document is its own task, so a
-micro batch of `pretrain.micro_batch_size` documents is that many tasks with one instance each.
+Each document is cut (seeded by its position) into (a, b, c): a is the "instruction" the hypernetwork sees, b the
+backbone's input, c the target. Each document is its own task, so a micro batch of `pretrain.micro_batch_size`
+documents is that many tasks with one instance each. The text streams (data/document_blocks.py): memory holds one
+micro batch of documents, never the corpus, and nothing is read or encoded before the first step.
 
     torchrun --nproc_per_node 2 -m tagi_ds.cli pretrain --config configs/tiny.yaml pretrain.steps=200
 Outputs: <run_dir>/pretrain/{checkpoints/, export/, metrics.jsonl, summary.json, stage.json, config.yaml},
@@ -16,15 +17,15 @@ from typing import Callable, Optional
 import torch
 
 from ..data.collate import pad_id, pad_rows
-from ..data.pretrain_text import OFFLINE_CORPORA, hint_split, load_documents
-from ..data.sampler import TaskGroupedSampler
+from ..data.document_blocks import DocumentBlocks, ListCorpus
+from ..data.pretrain_text import OFFLINE_CORPORA, TextCorpus, hint_split
 from ..errors import ConfigError, DataError
 from ..modeling.label_logits import IGNORE
 from ..run.identity import PRETRAIN_DATA_KEYS, check_stage_record, config_identity
 from ..run.paths import RunPaths
 from ..run.stage_lock import stage_locked
-from .distributed import rank, world_size
-from .hypernet_loop import StageSpec, StudentSetup, TrainBatch, setup_student, train_stage
+from .engine_stage import StageSpec, train_stage
+from .hypernet_loop import StudentSetup, TrainBatch, bucket_instructions, hypernet_stage, setup_student
 from .losses import ce_loss
 
 STAGE = "pretrain"
@@ -37,62 +38,77 @@ def identity(cfg, sub: Optional[str] = None) -> dict:
     return ident
 
 
-class PretrainBatches:
-    """Documents cut once into HINT's (a, b, c); segment a is each document's instruction row."""
+def corpus_of(data_cfg):
+    """The stage-1 corpus: `data.pretrain_text` streamed (a file, shard folder or C4 index), or, only when the config
+    says so explicitly (`pretrain_text: null`), the offline generated corpus of the tiny demo."""
+    d = data_cfg
+    if d.pretrain_text:
+        return TextCorpus(d.pretrain_text)
+    docs = OFFLINE_CORPORA[d.pretrain_offline_corpus](d.pretrain_offline_docs, seed=d.seed)
+    return ListCorpus(docs, f"offline corpus '{d.pretrain_offline_corpus}' ({d.pretrain_offline_docs} documents)")
 
-    def __init__(self, data_cfg, tokenizer, arch: str, *, micro_batch_size: int, seed: int):
+
+class PretrainBatches:
+    """Global micro batch g = the documents in corpus slots [g * size, (g + 1) * size), streamed (DocumentBlocks),
+    each cut into HINT's (a, b, c) with its own seeded generator: segment a is the document's instruction."""
+
+    def __init__(self, data_cfg, tokenizer, arch: str, *, micro_batch_size: int, seed: int, after_prefix: bool):
         d = data_cfg
         if len(d.pretrain_segment_lengths) != 3:
             raise ConfigError(f"data.pretrain_segment_lengths: expected 3 lengths (a, b, c), got "
                               f"{d.pretrain_segment_lengths}")
-        docs = (load_documents(d.pretrain_text) if d.pretrain_text
-                else OFFLINE_CORPORA[d.pretrain_offline_corpus](d.pretrain_offline_docs, seed=d.seed))
-        rng = random.Random(f"pretrain_split:{d.seed}")
-        self.examples = []
-        for doc in docs:
-            ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-            if len(ids) >= 3:
-                self.examples.append(hint_split(ids, d.pretrain_segment_lengths, rng))
-        if not self.examples:
-            raise DataError(f"{d.pretrain_text or 'offline corpus'}: no document has 3 or more tokens")
+        self.blocks = DocumentBlocks(corpus_of(d), micro_batch_size)
+        self.tokenizer, self.arch, self.lengths, self.seed = tokenizer, arch, d.pretrain_segment_lengths, d.seed
         self.bos = [tokenizer.bos_token_id] if arch == "llama" and tokenizer.bos_token_id is not None else []
+        # A LLaMA student with fusion reads its input after the instruction's prefix, which already starts with bos:
+        # the input then carries none (one bos in [bos a ; b c], as collate.encode_student_input does for tasks).
+        self.input_bos = [] if after_prefix else self.bos
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         if not self.eos:
             raise DataError("pretraining needs a tokenizer with an eos token (targets end with it)")
-        self.arch, self.pad = arch, pad_id(tokenizer)
-        self.documents = len(docs)
-        # The instruction row is segment a with the tokenizer's own framing (T5: + eos; LLaMA: bos +).
-        self.instruction_rows = [self.bos + a + (self.eos if arch == "t5" else []) for a, _, _ in self.examples]
-        self.sampler = TaskGroupedSampler([1] * len(self.examples), micro_batch_size, 1, rank=rank(),
-                                          world_size=world_size(), seed=seed)
+        self.pad = pad_id(tokenizer)
 
-    def make_batch(self, keys: list[tuple[int, int]]) -> TrainBatch:
-        index = [t for t, _ in keys]
-        ex = [self.examples[i] for i in index]
-        instr = [self.instruction_rows[i] for i in index]
+    def _split(self, slot: int, text: str) -> Optional[tuple[list[int], list[int], list[int]]]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < 3:
+            return None
+        return hint_split(ids, self.lengths, random.Random(f"pretrain_split:{self.seed}:{slot}"))
+
+    def batch(self, position: int) -> TrainBatch:
+        docs = [(slot, self._split(slot, text)) for slot, text in self.blocks.block(position)]
+        ex = [(slot, abc) for slot, abc in docs if abc is not None]
+        weight = 1
+        if not ex:  # a block of empty / too short documents: one row that every rank still runs, with no loss
+            slot, text = next((s, t) for s, t in self.blocks.block(0) + self.blocks.block(1) if self._split(s, t))
+            ex, weight = [(slot, self._split(slot, text))], 0
+        # The instruction row is segment a with the tokenizer's own framing (T5: + eos; LLaMA: bos +).
+        instr = [self.bos + a + (self.eos if self.arch == "t5" else []) for _, (a, _, _) in ex]
         if self.arch == "t5":
-            inputs = [b + self.eos for _, b, _ in ex]
-            input_ids, labels = pad_rows(inputs, self.pad), pad_rows([c + self.eos for _, _, c in ex], IGNORE)
-            mask_rows = inputs
+            inputs = [b + self.eos for _, (_, b, _) in ex]
+            targets = [c + self.eos if weight else [IGNORE] * len(c + self.eos) for _, (_, _, c) in ex]
+            input_ids, labels, mask_rows = pad_rows(inputs, self.pad), pad_rows(targets, IGNORE), inputs
         else:
-            seqs = [self.bos + b + c + self.eos for _, b, c in ex]
-            input_ids = pad_rows(seqs, self.pad)
-            labels = pad_rows([[IGNORE] * (len(self.bos) + len(b)) + c + self.eos for _, b, c in ex], IGNORE)
-            mask_rows = seqs
-        return TrainBatch(task_index=torch.tensor(index, dtype=torch.long),
-                          task_ids=torch.arange(len(index), dtype=torch.long), input_ids=input_ids,
+            seqs = [self.input_bos + b + c + self.eos for _, (_, b, c) in ex]
+            labels = [[IGNORE] * (len(self.input_bos) + len(b)) + (c + self.eos if weight else [IGNORE] * len(c + self.eos))
+                      for _, (_, b, c) in ex]
+            input_ids, labels, mask_rows = pad_rows(seqs, self.pad), pad_rows(labels, IGNORE), seqs
+        instr_ids, instr_mask = bucket_instructions(pad_rows(instr, self.pad), pad_rows([[1] * len(r) for r in instr], 0),
+                                                    self.pad)
+        names = [f"doc{slot}" for slot, _ in ex]
+        return TrainBatch(task_index=torch.arange(len(ex), dtype=torch.long),
+                          task_ids=torch.arange(len(ex), dtype=torch.long), input_ids=input_ids,
                           attention_mask=pad_rows([[1] * len(r) for r in mask_rows], 0), labels=labels,
-                          instr_ids=pad_rows(instr, self.pad), instr_mask=pad_rows([[1] * len(r) for r in instr], 0),
-                          task_names=[f"doc{i}" for i in index], instance_ids=[f"doc{i}" for i in index])
+                          instr_ids=instr_ids, instr_mask=instr_mask, task_names=names, instance_ids=names)
 
 
 def build_stage(cfg, setup: StudentSetup, record: Optional[dict]) -> StageSpec:
     """Stage 1's description around a set-up student: the documents' batches and the CE loss."""
     paths = RunPaths.of(cfg)
     batches = PretrainBatches(cfg.data, setup.tokenizer, setup.arch, micro_batch_size=cfg.pretrain.micro_batch_size,
-                              seed=cfg.seed)
-    return StageSpec(STAGE, paths.pretrain, paths.tb(STAGE), cfg.pretrain, record, batches, ce_loss,
-                     summary={"documents": batches.documents, "examples": len(batches.examples)})
+                              seed=cfg.seed, after_prefix=cfg.hypernet.fusion)
+    return hypernet_stage(setup, name=STAGE, out_dir=paths.pretrain, tb_dir=paths.tb(STAGE), loop=cfg.pretrain,
+                          record=record, batches=batches, loss=ce_loss,
+                          summary={"corpus": str(batches.blocks.corpus.path)})
 
 
 @stage_locked("pretrain")  # one writer per stage folder (run/stage_lock.py)

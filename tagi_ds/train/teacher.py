@@ -26,16 +26,20 @@ from ..data.tasks import Task
 from ..metrics import compute_metrics
 from ..modeling.label_logits import align_label_logits
 from ..modeling.lora import BatchedLoraHooks
-from ..run.artifacts import published_state, teacher_manifest, teachers_identity, with_weights_hash
-from ..run.array import sbatch_line
+from ..run.artifacts import (check_temperatures, published_state, teacher_manifest, teachers_identity,
+                             with_weights_hash)
+from ..run.array import n_jobs, resolve_array_index, sbatch_line
 from ..run.backbone import LoadedBackbone, load_run_backbone
 from ..run.decode import decode_prompts
+from ..run.dist import barrier, join_ranks, my_share
 from ..run.paths import RunPaths
 from ..run.peft_io import write_peft_adapter
 from ..run.prompts import encode_examples, prompt_settings
+from ..run.signals import StopSignals, Stopped
 from ..run.units import RunUnits, load_run_units
 from ..run.stage_lock import stage_locked
 from .logging import TrainLogger
+from .cache_writer import write_unit_shards
 from .teacher_batch import BatchedTeacherTrainer, UnitSpec
 
 EXTRA_KEYS = ("task", "array_index")
@@ -127,7 +131,8 @@ def _loss_summary(losses: list[float]) -> dict:
 
 
 def train_units(cfg, ru: RunUnits, units: Sequence[str], bb: LoadedBackbone, paths: RunPaths, *,
-                time_budget_s: Optional[float] = None, progress: bool = True, log=print) -> list[str]:
+                time_budget_s: Optional[float] = None, progress: bool = True, log=print,
+                stop: Optional[StopSignals] = None) -> list[str]:
     """Train and publish `units` together (one batch), for at most `time_budget_s` seconds. Returns the folders."""
     settings = prompt_settings(cfg, bb.arch)
     manifests = [teacher_manifest(cfg, u, ru.tasks[u], bb.arch, bb.tokenizer_hash) for u in units]
@@ -154,7 +159,8 @@ def train_units(cfg, ru: RunUnits, units: Sequence[str], bb: LoadedBackbone, pat
 
     try:
         res = trainer.train(ckpt_dir=ckpt, tag=tag, checkpoint_every=tc.checkpoint_every,
-                            time_budget_s=time_budget_s, on_step=on_step)
+                            time_budget_s=time_budget_s, on_step=on_step,
+                            stop=None if stop is None else (lambda: stop.should_stop(collective=False)))
     finally:
         logger.close()
         trainer.close()  # detach the training hooks even when interrupted
@@ -195,12 +201,15 @@ def _summary_line(unit: str, m: dict) -> str:
 @stage_locked("teacher")  # one writer per stage folder (run/stage_lock.py)
 def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log=print, task: Optional[str] = None,
         array_index: Optional[str] = None) -> dict[str, list[str]]:
-    """Train the selected units that are not published yet. Returns {"trained": [...], "skipped": [...]}."""
+    """Train the selected units that are not published yet (this rank's share of them under torchrun / srun: each
+    rank its own units on its own GPU, nothing written twice); with `teacher.write_cache` also write their
+    logit-cache shards. Returns {"trained": [...], "skipped": [...]}; raises Stopped after SIGTERM (checkpointed)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    r, w = join_ranks(cfg.distributed.timeout_s)
     paths = RunPaths.of(cfg)
     ru = load_run_units(cfg)
-    selected = ru.select(task, array_index)
+    selected = ru.select(task, array_index, cfg.teacher.units_per_job)
     bb = load_run_backbone(cfg)
     todo, skipped = [], []
     for u in selected:  # refuse any mismatch before training anything
@@ -210,27 +219,46 @@ def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log=print, tas
             log(f"teacher {u}: skipped (published at {paths.teacher(u)}, manifest {m['hash'][:12]})")
         else:
             todo.append(u)
+    todo, mine = my_share(todo), my_share(selected)
+    if w > 1:
+        log(f"teacher: rank {r}/{w} trains {len(todo)} unit(s)")
     k = max(1, cfg.teacher.tasks_per_batch)
     t0 = time.perf_counter()
     budget = cfg.teacher.time_budget_s
-    for s in range(0, len(todo), k):
-        torch.manual_seed(cfg.seed)  # LoRA dropout draws: the same on a fresh run and a rerun
-        left = None if budget is None else max(0.0, budget - (time.perf_counter() - t0))  # one budget, all batches
-        train_units(cfg, ru, todo[s:s + k], bb, paths, time_budget_s=left, progress=progress, log=log)
+    with StopSignals() as stop:
+        for s in range(0, len(todo), k):
+            torch.manual_seed(cfg.seed)  # LoRA dropout draws: the same on a fresh run and a rerun
+            left = None if budget is None else max(0.0, budget - (time.perf_counter() - t0))  # one budget, all batches
+            train_units(cfg, ru, todo[s:s + k], bb, paths, time_budget_s=left, progress=progress, log=log, stop=stop)
+        if cfg.teacher.write_cache:  # the same job, the backbone already loaded
+            check_temperatures(cfg.cache.temperature, cfg.finetune.temperature)
+            for u in mine:
+                write_unit_shards(cfg, ru, u, bb, paths, log, stop=lambda: stop.should_stop(collective=False))
+                if stop.requested:
+                    raise Stopped(f"teacher: {stop.requested} while writing the cache; every written shard is "
+                                  f"complete; rerun the same command to write the rest")
+    barrier()  # every rank's teachers are published before anything reads them
     return {"trained": todo, "skipped": skipped}
 
 
 def list_units(cfg, config_path: str) -> str:
+    """index → units lines and the sbatch submit lines (teacher.units_per_job units per array element)."""
     ru = load_run_units(cfg)
+    k, c = cfg.teacher.units_per_job, cfg.teacher.array_concurrency
+    jobs = n_jobs(len(ru.units), k)
     lines = []
-    for i, u in enumerate(ru.units):
-        extra = "" if ru.group_by == "task" else f"\t({len(ru.tasks[u])} tasks)"
-        lines.append(f"{i}\t{u}{extra}")
-    n, c = len(ru.units), cfg.teacher.array_concurrency
-    lines.append(f"# {n} {ru.group_by} units; submit from the repository root:")
-    lines.append("mkdir -p logs && " + sbatch_line(TEACHERS_SBATCH, n, c, config_path))
-    lines.append("# then, once every teacher is published:")
-    lines.append("mkdir -p logs && " + sbatch_line(CACHE_SBATCH, n, c, config_path))
+    for i in range(jobs):
+        units = resolve_array_index(ru.units, i, k)
+        extra = "" if ru.group_by == "task" else f"\t({sum(len(ru.tasks[u]) for u in units)} tasks)"
+        lines.append(f"{i}\t{' '.join(units)}{extra}")
+    lines.append(f"# {len(ru.units)} {ru.group_by} units, {k} per array element: {jobs} elements; submit from the "
+                 f"repository root:")
+    lines.append("mkdir -p logs && " + sbatch_line(TEACHERS_SBATCH, jobs, c, config_path))
+    if cfg.teacher.write_cache:
+        lines.append("# each element also writes its units' logit cache (teacher.write_cache)")
+    else:
+        lines.append("# then, once every teacher is published:")
+        lines.append("mkdir -p logs && " + sbatch_line(CACHE_SBATCH, jobs, c, config_path))
     return "\n".join(lines)
 
 

@@ -35,6 +35,8 @@ from ..io_utils import atomic_path, torch_save
 from ..kernels import dispatch
 from ..modeling.backbone import TargetSpec
 from ..modeling.lora import BatchedLoraHooks
+from ..run.signals import Stopped
+from .optim import adamw
 from .schedule import make_lr_lambda
 
 CKPT_FILE = "state.pt"
@@ -192,7 +194,7 @@ class BatchedTeacherTrainer:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.lora = StackedLora(self.specs, r, [u.seed for u in units]).to(self.device)
         self.params = list(self.lora.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = adamw(self.params, lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, make_lr_lambda(warmup_steps=warmup_steps, total_steps=steps, schedule="linear"))
         self.streams = [UnitStream(len(u.examples), f"teacher:{u.seed}:{u.name}") for u in units]
@@ -306,8 +308,10 @@ class BatchedTeacherTrainer:
 
     # -------------------------------------------------------------------------------- loop
     def train(self, *, ckpt_dir: Optional[Path] = None, tag: Optional[dict] = None, checkpoint_every: int = 0,
-              time_budget_s: Optional[float] = None, on_step: Optional[Callable[[int, list[float]], None]] = None
-              ) -> TrainResult:
+              time_budget_s: Optional[float] = None, on_step: Optional[Callable[[int, list[float]], None]] = None,
+              stop: Optional[Callable[[], bool]] = None) -> TrainResult:
+        """Train to `steps`. `stop()` is asked after every step: when it says so, the batch is checkpointed (when
+        `ckpt_dir` is given) and run.signals.Stopped is raised; a rerun resumes there."""
         t0 = time.perf_counter()
         budget_hit = False
         # transformers recomputes checkpointed blocks only in train() mode; otherwise keep the backbone's dropout off
@@ -325,6 +329,11 @@ class BatchedTeacherTrainer:
             if ckpt_dir is not None and checkpoint_every > 0 and self.step_count % checkpoint_every == 0 \
                     and self.step_count < self.steps:
                 self.save_checkpoint(ckpt_dir, tag or {})
+            if stop is not None and self.step_count < self.steps and stop():
+                where = self.save_checkpoint(ckpt_dir, tag or {}) if ckpt_dir is not None else None
+                self.backbone.eval()
+                raise Stopped(f"teacher {', '.join(u.name for u in self.units)}: stopped at step {self.step_count}"
+                              f"{f'; checkpoint {where}' if where else ''}; rerun the same command to resume")
         self.backbone.eval()
         return TrainResult(self.step_count, time.perf_counter() - t0, self.losses, budget_hit)
 

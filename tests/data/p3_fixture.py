@@ -2,6 +2,9 @@
 
     rows = write_p3_release(root)        # root/data/<dataset_prompt>/info.<split>.json + <split>.tfrecord-*-of-*
 
+    python -m tests.data.p3_fixture OUT  # the release configs/tiny-p3.yaml runs on (TINY_RUN_FOLDERS: every T0
+                                         # held-out dataset); then `python tools/convert_p3.py OUT CONVERTED`
+
 Each split is a seqio cache as the release ships it: `info.<split>.json` ({"num_shards", "features": {name:
 {"shape", "dtype"}}, "seqio_version"}) beside `<split>.tfrecord-SSSSS-of-NNNNN` shards of tf.train.Example records
 with token ids (`inputs`, `targets`), texts (`inputs_pretokenized`, `targets_pretokenized`) and, for
@@ -36,6 +39,29 @@ RELEASE_FOLDERS: dict[str, tuple[str, dict[str, int]]] = {
 T0_TRAIN_FOLDERS = ("common_gen_topic_to_sentence", "rotten_tomatoes_Reviewer_Opinion_bad_good_choices")
 T0_HELDOUT_FOLDERS = ("anli_GPT_3_style_r1", "super_glue_rte_GPT_3_style")
 
+# The tiny P3 pipeline run (configs/tiny-p3.yaml): three training prompts in two T0 clusters (two teacher units by
+# category), and every T0 held-out dataset (MTest11) with one or two prompts, so the report has a row per dataset
+# and the median of per-dataset medians is a real median. Sentence-completion datasets get answer choices of
+# different lengths (where token-mean and summed scores disagree); StoryCloze has no train split, as in P3.
+TINY_RUN_FOLDERS: dict[str, tuple[str, dict[str, int]]] = {
+    "rotten_tomatoes_Reviewer_Opinion_bad_good_choices": ("sentiment", {"train": 1, "validation": 1}),
+    "imdb_Movie_Expressed_Sentiment": ("sentiment", {"train": 1, "test": 1}),
+    "common_gen_topic_to_sentence": ("generation", {"train": 1, "validation": 1}),
+    "anli_GPT_3_style_r1": ("nli3", {"train": 1, "validation": 2}),
+    "anli_MNLI_crowdsource_r1": ("nli3", {"train": 1, "validation": 1}),
+    "anli_GPT_3_style_r2": ("nli3", {"train": 1, "validation": 1}),
+    "anli_GPT_3_style_r3": ("nli3", {"train": 1, "validation": 1}),
+    "super_glue_cb_GPT_3_style": ("nli3", {"train": 1, "validation": 1}),
+    "super_glue_rte_GPT_3_style": ("nli2", {"train": 1, "validation": 1}),
+    "super_glue_rte_MNLI_crowdsource": ("nli2", {"train": 1, "validation": 1}),
+    "super_glue_wsc.fixed_GPT_3_Style": ("nli2", {"train": 1, "validation": 1}),
+    "winogrande_winogrande_xl_True_or_False": ("nli2", {"train": 1, "validation": 1}),
+    "super_glue_copa_best_option": ("completion", {"train": 1, "validation": 1}),
+    "hellaswag_complete_first_then": ("completion", {"train": 1, "validation": 1}),
+    "story_cloze_2016_Answer_Given_options": ("completion", {"validation": 1}),
+    "super_glue_wic_GPT_3_prompt": ("nli2", {"train": 1, "validation": 1}),
+}
+
 _CHOICES = {"sentiment": ["bad", "good"], "nli2": ["yes", "no"], "nli3": ["yes", "maybe", "no"],
             "score_eval": ["yes", "no"]}
 
@@ -54,6 +80,10 @@ def _row(kind: str, i: int, rng: random.Random) -> dict:
     choices: Optional[list[str]] = _CHOICES.get(kind)
     if kind == "generation":
         text, target = f"({i}) Write a sentence about: {a.rstrip('.').split()[-1]}", a
+    elif kind == "completion":  # two endings of different lengths
+        choices = [b, f"{_sentence(rng).rstrip('.')} and then {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."]
+        target = rng.choice(choices)
+        text = f"({i}) {a} What happens next?"
     elif kind == "sentiment":
         target = rng.choice(choices)
         text = f"({i}) {a} Did the reviewer find this movie good or bad?"
@@ -113,3 +143,22 @@ def write_p3_release(root: str | Path, rows_per_split: int = 24, seed: int = 0,
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def main(argv: Optional[list] = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tests.data.p3_fixture",
+                                 description="write the tiny P3 release configs/tiny-p3.yaml runs on (TFRecord "
+                                             "shards as bigscience/P3 ships them; convert with tools/convert_p3.py)")
+    ap.add_argument("out", help="folder to write the release into (OUT/data/<dataset_prompt>/...)")
+    ap.add_argument("--rows", type=int, default=24, help="rows per split of every prompt")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    rows = write_p3_release(args.out, rows_per_split=args.rows, seed=args.seed, folders=TINY_RUN_FOLDERS)
+    print(f"wrote {len(rows)} P3 prompt folders ({args.rows} rows per split) under {Path(args.out) / 'data'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

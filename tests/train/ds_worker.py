@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from tagi_ds.errors import TagiError
-from tagi_ds.train.distributed import (DistributedFailure, all_reduce_mean, ds_config_from_file, global_token_mean,
-                                       init_distributed, zero3_model_context)
+from tagi_ds.run.dist import DistributedFailure, all_reduce_mean, init_distributed
+from tagi_ds.train.distributed import ds_config_from_file, global_token_mean, zero3_model_context
 from tagi_ds.train.engine import Engine
 from tests.train import engine_standin as S
 

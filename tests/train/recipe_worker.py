@@ -37,15 +37,15 @@ TINY_FINETUNE_YAML = (
     "distributed: {use_deepspeed: false}\n")
 
 
-def tiny_finetune_run(root: Path) -> tuple[Path, list[str]]:
-    """A one-process, 3-step finetune on 2 synthetic tasks with a tiny LLaMA and random teachers + cache, all under
-    `root`. Returns (config YAML, overrides) for `load_config`."""
+def tiny_finetune_run(root: Path, *extra: str) -> tuple[Path, list[str]]:
+    """A one-process, 3-step finetune on 2 synthetic tasks with a tiny LLaMA and random teachers + cache (in the
+    cache mode `extra` may set), all under `root`. Returns (config YAML, overrides) for `load_config`."""
     from tagi_ds.config import load_config
 
     bb = build_backbone("llama", root / "bb")
     yaml = root / "c.yaml"
     yaml.write_text(TINY_FINETUNE_YAML)
-    sets = [f"runs_dir={root / 'runs'}", "name=r", f"backbone.name_or_path={bb}"]
+    sets = [f"runs_dir={root / 'runs'}", "name=r", f"backbone.name_or_path={bb}", *extra]
     write_teachers_and_cache(load_config(yaml, sets))
     return yaml, sets
 
@@ -98,7 +98,7 @@ def write_teachers_and_cache(cfg, seed: int = 0) -> list[str]:
 def _stall(step_wanted: int, pid_dir: Path):
     def cb(step: int) -> None:
         if step == step_wanted:
-            from tagi_ds.train.distributed import rank
+            from tagi_ds.run.dist import rank
 
             pid_dir.mkdir(parents=True, exist_ok=True)
             (pid_dir / f"pid_rank{rank()}").write_text(str(os.getpid()))
@@ -112,8 +112,9 @@ def run_phase(ph: dict) -> None:
     from tagi_ds.run.identity import check_stage_record
     from tagi_ds.run.paths import RunPaths
     from tagi_ds.train import finetune, pretrain
-    from tagi_ds.train.distributed import rank
-    from tagi_ds.train.hypernet_loop import setup_student, train_stage
+    from tagi_ds.run.dist import rank
+    from tagi_ds.train.engine_stage import train_stage
+    from tagi_ds.train.hypernet_loop import setup_student
 
     if ph.get("reload_export"):
         reload_export(*ph["reload_export"])
@@ -135,8 +136,9 @@ def run_phase(ph: dict) -> None:
     train_stage(setup, spec, on_checkpoint=cb, show_progress=False)
     if ph.get("dump_adapters"):
         with torch.no_grad():  # collective under ZeRO-3: every rank runs the backbone and the hypernetwork
-            enc = setup.student.encode_instruction_rows(spec.batches.instruction_rows[:2], setup.pad_id, setup.device)
-            ad = setup.student.generate_adapters(enc.to(setup.device))
+            b = spec.batches.batch(0).to(setup.device)
+            enc = setup.student.encode_instructions(b.instr_ids, b.instr_mask).select([0, 1])
+            ad = setup.student.generate_adapters(enc)
         if rank() == 0:
             torch.save({"pooled": enc.pooled, "adapters": {k: (a.cpu(), b.cpu()) for k, (a, b) in ad.items()}},
                        ph["dump_adapters"])

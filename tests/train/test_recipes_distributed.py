@@ -7,11 +7,13 @@ Four launches, each asserting several things:
   B  torchrun x2: the LLaMA finetune again, SIGKILLed (launcher and workers) right after its step-4 checkpoint.
   C  torchrun x2: B resumed (resume: auto) → steps 5..8 equal A's; plus a ZeRO-2 run of the same finetune.
   D  one plain process (no DeepSpeed): the same global batch (tasks_per_batch doubled) → same first-step loss as
-     ZeRO-2 / ZeRO-3 with 2 ranks; then A's export reloads without DeepSpeed and generates the same adapters.
+     ZeRO-2 / ZeRO-3 with 2 ranks; then A's export reloads without DeepSpeed and generates the same adapters; and
+     B's 2-rank checkpoint resumed by ONE ZeRO-3 rank (grad_accum 2: the same global batch) → the same next loss.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,6 +128,7 @@ def launches_bcd(work, launch_a) -> dict:
     killed_dir = runs / "finetune" / "killed"
     after_kill = {"rc": rc, "latest": read_latest(killed_dir / "checkpoints"),
                   "steps": sorted(_metrics(killed_dir))}
+    shutil.copytree(killed_dir, runs / "finetune" / "elastic")  # B's step-4 checkpoint, for a 1-rank resume
     # C: resume + ZeRO-2
     _run(_cmd([_ph(work, "llama", "finetune", variant="killed"),
                _ph(work, "llama", "finetune", "distributed.zero_stage=2", "finetune.steps=2", variant="zero2")]))
@@ -133,7 +136,8 @@ def launches_bcd(work, launch_a) -> dict:
     reload = work["root"] / "reload.json"
     _run(_cmd([_ph(work, "llama", "finetune", "distributed.use_deepspeed=false", "finetune.tasks_per_batch=4",
                    "finetune.steps=2", variant="plain"),
-               {"reload_export": [str(runs / "finetune" / "tagi" / "export"), str(launch_a["dump"]), str(reload)]}],
+               {"reload_export": [str(runs / "finetune" / "tagi" / "export"), str(launch_a["dump"]), str(reload)]},
+               _ph(work, "llama", "finetune", "finetune.grad_accum=2", variant="elastic")],
               ranks=1))
     return {"after_kill": after_kill, "reload": json.loads(reload.read_text())}
 
@@ -208,3 +212,16 @@ def test_export_reloads_without_deepspeed_and_generates_the_same_adapters(launch
     assert rl["deepspeed_imported"] is False
     assert rl["max_abs_diff"] == 0.0 and rl["max_abs_diff_hypernet_only"] == 0.0
     assert rl["fusion"] is True and rl["n_specs"] == 4
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank_with_the_same_next_loss(work, launches_bcd):
+    """Elastic resume: the consolidated weights, the step (lr schedule) and the GLOBAL data position come back on 1
+    rank; with grad_accum 2 its step holds the same global batch, so step 5's loss equals the uninterrupted run's."""
+    ft = work["runs"] / "llama" / "finetune"
+    ref, res = _metrics(ft / "tagi"), _metrics(ft / "elastic")
+    summary = json.loads((ft / "elastic" / "summary.json").read_text())
+    assert summary["resumed_from"] == KILL_AT and summary["world_size"] == 1
+    assert sorted(res) == list(range(1, STEPS + 1))
+    assert res[KILL_AT + 1]["tokens"] == ref[KILL_AT + 1]["tokens"]
+    print("elastic resume: step 5 loss", res[KILL_AT + 1]["loss"], "uninterrupted", ref[KILL_AT + 1]["loss"])
+    assert abs(res[KILL_AT + 1]["loss"] - ref[KILL_AT + 1]["loss"]) < 1e-6
