@@ -21,12 +21,13 @@ from ..distill.logit_cache import CacheShardReader, tokenizer_hash
 from ..distill.signal import CachedTeacherSignal
 from ..errors import ArtifactMismatchError, ConfigError
 from ..run.dist import world_size
-from ..run.artifacts import check_temperatures, shard_fields
+from ..run.artifacts import check_shard_teacher, check_temperatures, shard_fields
 from ..run.backbone import backbone_identity
 from ..run.export_io import EXPORT_CONFIG, load_trainable
 from ..run.identity import check_stage_record, config_identity, task_data
 from ..run.paths import RunPaths, check_unit_name
 from ..run.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..run.preflight import check_instruction_lengths
 from ..run.prompts import prompt_settings
 from ..run.units import teacher_unit
 from ..run.stage_lock import stage_locked
@@ -103,6 +104,7 @@ def check_teacher_artifacts(cfg, tasks: list[Task], paths: RunPaths, shard_expec
                 raise ArtifactMismatchError(f"{shard}: no logit-cache shard for task '{task.name}'; run "
                                             f"`tagi-ds cache-logits` first")
             CacheShardReader(shard, shard_expect(task.name, False), verify=False)  # names a differing field
+            check_shard_teacher(shard, paths.teacher(teacher_unit(task, cfg.teacher.group_by)))  # retrained since?
 
 
 def init_from_pretrain(cfg, setup: StudentSetup, paths: RunPaths) -> Optional[str]:
@@ -134,6 +136,7 @@ def build_stage(cfg, variant: str, setup: StudentSetup, record: Optional[dict]) 
     cached = f.lambda_kl > 0 and not f.online_teacher
     signal = CachedTeacherSignal(paths.logit_cache, expect=shard_expect) if cached else None
     check_teacher_artifacts(cfg, tasks, paths, shard_expect)
+    check_instruction_lengths(tasks, setup.tokenizer, settings)  # instruction_overflow=error: refused before writing
     needs_adapters = f.lambda_ins > 0 or (f.lambda_kl > 0 and f.online_teacher)
     teachers = TeacherAdapters(teacher_dir, setup.student.specs, int(f.teacher_cache_gib * 2 ** 30),
                                also=signal.shard if signal is not None else None, adapters=needs_adapters)
