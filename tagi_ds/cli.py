@@ -19,7 +19,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .errors import TagiError
+from .errors import ConfigError, TagiError
 
 
 @dataclass(frozen=True)
@@ -27,23 +27,24 @@ class Command:
     module: str
     help: str
     takes_config: bool
+    ranks: bool = True  # runs under torchrun / srun with several ranks (splits its units or trains together)
 
 
 COMMANDS: dict[str, Command] = {
-    "tasks": Command("tagi_ds.data.show", "show what a run trains and tests on (tasks, instances, prompt texts)", False),
+    "tasks": Command("tagi_ds.data.show", "show what a run trains and tests on (tasks, instances, prompt texts)", False, ranks=False),
     "backbone": Command("tagi_ds.train.backbone_stage", "build the offline tiny backbone (tokenizer + copy pretraining)", True),
     "teacher": Command("tagi_ds.train.teacher", "train per-task LoRA teachers (task=NAME | array_index=N | --list)", True),
     "cache-logits": Command("tagi_ds.train.cache_logits", "write teacher top-k log-probs to disk (task=NAME | array_index=N)", True),
-    "inspect-cache": Command("tagi_ds.distill.inspect", "print a logit cache's tasks, tokens, bytes/token, kept mass", False),
+    "inspect-cache": Command("tagi_ds.distill.inspect", "print a logit cache's tasks, tokens, bytes/token, kept mass", False, ranks=False),
     "pretrain": Command("tagi_ds.train.pretrain", "stage 1: hypernetwork pretraining on plain text (HINT split)", True),
     "finetune": Command("tagi_ds.train.finetune", "stage 2: hypernetwork distillation (CE + KL + L_ins)", True),
     "baselines": Command("tagi_ds.train.baselines", "multitask LoRA baselines: tk_instruct, no_instruction (mode=NAME)",
                          True),
     "evaluate": Command("tagi_ds.eval.evaluate", "evaluate methods on seen and unseen tasks, write the report", True),
     "pipeline": Command("tagi_ds.pipeline", "all stages in order: the main job (--from STAGE redoes one)", True),
-    "generate-adapter": Command("tagi_ds.adapters.generate", "instruction -> standard PEFT LoRA adapter directory", False),
-    "predict": Command("tagi_ds.adapters.predict", "predict with a generated adapter on inputs.jsonl", False),
-    "plan": Command("tagi_ds.train.plan", "per-GPU memory plan of a scale config for N nodes x G GPUs", False),
+    "generate-adapter": Command("tagi_ds.adapters.generate", "instruction -> standard PEFT LoRA adapter directory", False, ranks=False),
+    "predict": Command("tagi_ds.adapters.predict", "predict with a generated adapter on inputs.jsonl", False, ranks=False),
+    "plan": Command("tagi_ds.train.plan", "per-GPU memory plan of a scale config for N nodes x G GPUs", False, ranks=False),
 }
 
 
@@ -80,6 +81,16 @@ def _split_extra(overrides: list[str], extra_keys: set[str]) -> tuple[list[str],
     return keep, extra
 
 
+def _refuse_multi_rank(command: str) -> None:
+    """A one-process tool started by torchrun / srun with N ranks would run N times and race on its output."""
+    from .run.dist import launched_ranks
+
+    n = launched_ranks()
+    if n > 1:
+        raise ConfigError(f"runs in one process, but the launcher started {n} ranks (torchrun / srun "
+                          f"--ntasks): run `tagi-ds {command}` without a launcher")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -91,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = args.debug or os.environ.get("TAGI_DEBUG") == "1"
     try:
+        if not COMMANDS[args.command].ranks:
+            _refuse_multi_rank(args.command)
         mod = modules[args.command]
         if COMMANDS[args.command].takes_config:
             from .config import load_config

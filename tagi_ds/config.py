@@ -141,7 +141,8 @@ class DataConfig:
     max_target_length: int = f(128, "tokens of the output", ge=1)
     instruction_overflow: Literal["truncate", "error"] = f("truncate", "what to do with an over-long instruction")
     synthetic: SyntheticConfig = f(default_factory=SyntheticConfig, help="offline task suite settings")
-    pretrain_text: Optional[str] = f(None, "plain text / jsonl / datasets path for stage-1 pretraining; None = generated")
+    pretrain_text: Optional[str] = f(None, "stage-1 text: a .txt / .jsonl file or a tools/convert_c4.py folder; "
+                                           "'offline' = the generated demo corpus; unset is an error when stage 1 runs")
     pretrain_segment_lengths: list = f([64, 32, 32], "HINT split: tokens for (hypernet input, backbone input, "
                                        "target)", check=_three_lengths)
     pretrain_offline_docs: int = f(2000, "stage 1 without pretrain_text: documents generated offline (each one "

@@ -251,6 +251,13 @@ def run(cfg: Any, from_stage: Optional[str] = None, progress: bool = True, log: 
     if from_stage is not None and from_stage not in STAGE_NAMES:
         raise ConfigError(f"--from {from_stage!r}: expected one of {', '.join(STAGE_NAMES)}")
     ecfg = with_budgets(cfg)
+    steps = plan(ecfg)
+    # Each recipe's cheap checks (a missing corpus, say) before anything runs or is deleted: a scale run must not
+    # learn of a bad path hours in, after the teachers.
+    for st in {st.name: st for st, _ in steps}.values():
+        check = getattr(st.recipe(), "preflight", None)
+        if check is not None:
+            check(ecfg)
     paths = RunPaths.of(cfg)
     # Under torchrun / srun every rank runs the pipeline: the stages split their units (teachers, shards) or train
     # together (DeepSpeed); only rank 0 deletes or writes the pipeline's own files, the others wait at a barrier.

@@ -38,6 +38,7 @@ data:
   max_source_length: 160
   max_input_length: 24
   max_target_length: 12
+  pretrain_text: offline
   pretrain_offline_docs: 20
   pretrain_segment_lengths: [16, 8, 8]
   synthetic: {instances_per_task: 12, held_back_per_task: 2}
@@ -231,3 +232,16 @@ def test_sigkill_at_a_random_point_then_rerun_gives_the_same_report(micro):
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads((kill_root / "micro" / "report.json").read_text()) == expected
+
+
+@pytest.mark.parametrize("override,expected", [([], "data/c4-en does not exist"), (["data.pretrain_text=null"],
+                                                                                      "not set")])
+def test_a_scale_config_without_its_pretraining_text_stops_before_any_stage(tmp_path, capsys, override, expected):
+    """Issue 18: stage 1 at scale silently trained on ~2,000 generated stories. Now an unset or missing
+    data.pretrain_text stops the pipeline before the teachers (hours earlier), naming the key; nothing is written."""
+    runs = tmp_path / "runs"
+    argv = ["pipeline", "--config", "configs/t5-xl-sni.yaml", "--no-progress", f"runs_dir={runs}", *override]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data.pretrain_text" in err and expected in err, err
+    assert not runs.exists()

@@ -137,26 +137,6 @@ def published_state(teacher_dir: Path, want_hash: str, *, damaged: Literal["refu
     raise ArtifactMismatchError(f"{problem}; rerun `tagi-ds teacher` with the same config to retrain it")
 
 
-def check_shard_teacher(shard: Path, teacher_dir: Path) -> None:
-    """A reader's cheap start-up check that a cache shard was made from the teacher weights now published: the
-    shard manifest's `teacher_adapter_hash` against the sha256 the teacher's manifest recorded at publication (no
-    file is hashed). ArtifactMismatchError naming both when the teacher was retrained since; teachers published
-    before manifests recorded their weights are checked when the shard is first read."""
-    from ..distill.logit_cache import MANIFEST_FILE
-
-    try:
-        made_from = json.loads((Path(shard) / MANIFEST_FILE).read_text(encoding="utf-8")).get("teacher_adapter_hash")
-        now = (json.loads((Path(teacher_dir) / "manifest.json").read_text(encoding="utf-8")).get(WEIGHTS_KEY)
-               or {}).get(ADAPTER_WEIGHTS)
-    except (OSError, ValueError, AttributeError):
-        return  # unreadable: the full check at first read names the problem
-    if made_from and now and made_from != now:
-        raise ArtifactMismatchError(
-            f"{Path(shard) / MANIFEST_FILE}: made from teacher weights {made_from[:16]}…, but {teacher_dir} now holds "
-            f"weights {now[:16]}… (its manifest): the teacher was retrained since; `tagi-ds cache-logits` rebuilds "
-            f"the shard")
-
-
 def check_shard_to_rebuild(shard: Path, fields: dict, log: Callable[[str], None] = print) -> None:
     """An existing shard that is not complete for `fields`: return (after saying why) when it may be rebuilt, i.e. it
     is damaged, or it was made for this configuration from an earlier version of its teacher's weights; raise
@@ -200,6 +180,18 @@ def weights_sha256(path: Path) -> str:
     teacher's hash for its shard check once, not once at start-up and again in epoch 1."""
     st = Path(path).stat()
     return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+# A shard's manifest also records the size and mtime of the teacher weights it was made from. Not part of what a
+# reader expects (a copy to another filesystem changes the mtime): when the stat still matches, the finetune's
+# start-up trusts it and the full hash is checked when the shard is first read; when it differs, the start-up hashes
+# the weights at once, so a retrained teacher is refused before anything is written.
+TEACHER_STAT = "teacher_adapter_stat"
+
+
+def weights_stat(path: Path) -> list[int]:
+    st = Path(path).stat()
+    return [int(st.st_size), int(st.st_mtime_ns)]
 
 
 def shard_fields(cfg, task: Task, *, arch: str, tokenizer_hash: str, backbone_id: str, teacher_dir: Path,

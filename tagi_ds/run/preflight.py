@@ -61,18 +61,6 @@ def check_run_config(cfg: Any) -> None:
         check_model_source(b.tokenizer, "backbone.tokenizer", tokenizer=True)
 
 
-def check_instruction_lengths(tasks: Any, tokenizer: Any, settings: Any) -> None:
-    """With data.instruction_overflow=error, refuse an over-long instruction before the stage writes anything (the
-    training loop encodes instructions per micro batch, long after its first files are written). DataError naming
-    the task."""
-    if settings.instruction_overflow != "error":
-        return
-    from ..data.collate import instruction_ids
-
-    for task in tasks:
-        instruction_ids(task, tokenizer, settings)
-
-
 def _backbone_ready(cfg: Any) -> bool:
     from .backbone_recipe import resolve_backbone_path
 

@@ -22,10 +22,10 @@ from ..distill.logit_cache import CacheShardWriter, shard_is_complete
 from ..errors import ArtifactMismatchError
 from ..modeling.label_logits import align_label_logits
 from ..modeling.lora import BatchedLoraHooks
-from ..run.artifacts import check_shard_to_rebuild, shard_fields
+from ..run.artifacts import TEACHER_STAT, check_shard_to_rebuild, shard_fields, weights_stat
 from ..run.backbone import LoadedBackbone
 from ..run.paths import RunPaths
-from ..run.peft_io import read_peft_adapter
+from ..run.peft_io import ADAPTER_WEIGHTS, read_peft_adapter
 from ..run.prompts import encode_examples, prompt_settings
 from ..run.units import RunUnits
 
@@ -82,7 +82,7 @@ def write_unit_shards(cfg, ru: RunUnits, unit: str, bb: LoadedBackbone, paths: R
             continue
         if shard.exists():
             check_shard_to_rebuild(shard, fields, log)  # damaged / stale teacher: rebuilt; other config: refused
-        todo.append((t, fields))
+        todo.append((t, {**fields, TEACHER_STAT: weights_stat(paths.teacher(unit) / ADAPTER_WEIGHTS)}))
     if not todo:
         return written, skipped
     settings = prompt_settings(cfg, bb.arch)

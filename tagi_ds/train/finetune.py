@@ -13,21 +13,21 @@ from typing import Callable, Optional
 
 import torch
 
-from ..data.collate import PromptSettings, TaskInstanceDataset, collate_full, collate_student, pad_id
+from ..data.collate import (PromptSettings, TaskInstanceDataset, collate_full, collate_student, instruction_ids,
+                            pad_id)
 from ..data.registry import load_run_tasks_from_config
 from ..data.sampler import EpochPositions, TaskGroupedSampler
 from ..data.tasks import Task
-from ..distill.logit_cache import CacheShardReader, tokenizer_hash
+from ..distill.logit_cache import MANIFEST_FILE, CacheShardReader, check_expect, tokenizer_hash
 from ..distill.signal import CachedTeacherSignal
 from ..errors import ArtifactMismatchError, ConfigError
 from ..run.dist import world_size
-from ..run.artifacts import check_shard_teacher, check_temperatures, shard_fields
+from ..run.artifacts import TEACHER_STAT, check_temperatures, shard_fields, weights_sha256, weights_stat
 from ..run.backbone import backbone_identity
 from ..run.export_io import EXPORT_CONFIG, load_trainable
 from ..run.identity import check_stage_record, config_identity, task_data
 from ..run.paths import RunPaths, check_unit_name
 from ..run.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ..run.preflight import check_instruction_lengths
 from ..run.prompts import prompt_settings
 from ..run.units import teacher_unit
 from ..run.stage_lock import stage_locked
@@ -89,7 +89,8 @@ class FinetuneBatches:
 def check_teacher_artifacts(cfg, tasks: list[Task], paths: RunPaths, shard_expect) -> None:
     """Refuse a missing or mismatched teacher / cache shard now, before anything is written. Cheap: file presence and
     every shard manifest field but the teacher weights' hash; that hash and the shard's checksums are verified once,
-    when the shard is first read (ahead of its step, in the read-ahead thread)."""
+    when the shard is first read (ahead of its step, in the read-ahead thread). Teacher weights whose size or mtime
+    differ from what the shard recorded are hashed here (run.artifacts.TEACHER_STAT)."""
     f = cfg.finetune
     for task in tasks:
         if f.lambda_ins > 0 or f.lambda_kl > 0:  # both need the task's teacher adapter
@@ -103,8 +104,11 @@ def check_teacher_artifacts(cfg, tasks: list[Task], paths: RunPaths, shard_expec
             if not shard.is_dir():
                 raise ArtifactMismatchError(f"{shard}: no logit-cache shard for task '{task.name}'; run "
                                             f"`tagi-ds cache-logits` first")
-            CacheShardReader(shard, shard_expect(task.name, False), verify=False)  # names a differing field
-            check_shard_teacher(shard, paths.teacher(teacher_unit(task, cfg.teacher.group_by)))  # retrained since?
+            reader = CacheShardReader(shard, shard_expect(task.name, False), verify=False)  # names a differing field
+            weights = tdir / ADAPTER_WEIGHTS
+            if reader.manifest.get(TEACHER_STAT) != weights_stat(weights):  # changed since the cache: hash it now
+                check_expect(reader.manifest, {"teacher_adapter_hash": weights_sha256(weights)},
+                             str(shard / MANIFEST_FILE))
 
 
 def init_from_pretrain(cfg, setup: StudentSetup, paths: RunPaths) -> Optional[str]:
@@ -135,8 +139,10 @@ def build_stage(cfg, variant: str, setup: StudentSetup, record: Optional[dict]) 
 
     cached = f.lambda_kl > 0 and not f.online_teacher
     signal = CachedTeacherSignal(paths.logit_cache, expect=shard_expect) if cached else None
+    if settings.instruction_overflow == "error":  # refuse a too-long instruction now, not at the step that meets it
+        for task in tasks:
+            instruction_ids(task, setup.tokenizer, settings)
     check_teacher_artifacts(cfg, tasks, paths, shard_expect)
-    check_instruction_lengths(tasks, setup.tokenizer, settings)  # instruction_overflow=error: refused before writing
     needs_adapters = f.lambda_ins > 0 or (f.lambda_kl > 0 and f.online_teacher)
     teachers = TeacherAdapters(teacher_dir, setup.student.specs, int(f.teacher_cache_gib * 2 ** 30),
                                also=signal.shard if signal is not None else None, adapters=needs_adapters)

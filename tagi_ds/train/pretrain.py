@@ -12,6 +12,7 @@ TensorBoard under <run_dir>/tb/pretrain.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -38,14 +39,31 @@ def identity(cfg, sub: Optional[str] = None) -> dict:
     return ident
 
 
+OFFLINE_TEXT = "offline"  # data.pretrain_text value that picks the generated corpus (the tiny demo's, by choice)
+
+
 def corpus_of(data_cfg):
     """The stage-1 corpus: `data.pretrain_text` streamed (a file, shard folder or C4 index), or, only when the config
-    says so explicitly (`pretrain_text: null`), the offline generated corpus of the tiny demo."""
+    says so explicitly (`pretrain_text: offline`), the offline generated corpus of the tiny demo. Unset or missing
+    is an error: a scale run never falls back to ~2,000 template stories in silence."""
     d = data_cfg
-    if d.pretrain_text:
-        return TextCorpus(d.pretrain_text)
-    docs = OFFLINE_CORPORA[d.pretrain_offline_corpus](d.pretrain_offline_docs, seed=d.seed)
-    return ListCorpus(docs, f"offline corpus '{d.pretrain_offline_corpus}' ({d.pretrain_offline_docs} documents)")
+    if d.pretrain_text is None:
+        raise ConfigError("data.pretrain_text: not set. Stage 1 trains on plain text: convert C4 with "
+                          "`python tools/convert_c4.py SRC OUT` and set data.pretrain_text=OUT (or a .txt / .jsonl "
+                          f"file); `data.pretrain_text: {OFFLINE_TEXT}` picks the tiny demo's generated corpus")
+    if d.pretrain_text == OFFLINE_TEXT:
+        docs = OFFLINE_CORPORA[d.pretrain_offline_corpus](d.pretrain_offline_docs, seed=d.seed)
+        return ListCorpus(docs, f"offline corpus '{d.pretrain_offline_corpus}' ({d.pretrain_offline_docs} documents)")
+    if not Path(d.pretrain_text).exists():
+        raise ConfigError(f"data.pretrain_text: {d.pretrain_text} does not exist (expected a text / jsonl file or "
+                          "a folder written by tools/convert_c4.py)")
+    return TextCorpus(d.pretrain_text)
+
+
+def preflight(cfg) -> None:
+    """What the pipeline checks before any stage runs (hours before stage 1 would otherwise find out)."""
+    if cfg.pretrain.enabled:
+        corpus_of(cfg.data)
 
 
 class PretrainBatches:

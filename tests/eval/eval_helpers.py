@@ -25,6 +25,7 @@ data:
   max_source_length: 160
   max_input_length: 24
   max_target_length: 12
+  pretrain_text: offline
   pretrain_offline_docs: 20
   pretrain_segment_lengths: [16, 8, 8]
   synthetic: {instances_per_task: 12, held_back_per_task: 2}

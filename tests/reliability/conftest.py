@@ -28,6 +28,7 @@ data:
   max_target_length: 8
   num_pos_examples: 1
   synthetic: {instances_per_task: 6, held_back_per_task: 2}
+  pretrain_text: offline
   pretrain_offline_docs: 48
   pretrain_segment_lengths: [16, 12, 8]
 lora: {r: 4, alpha: 8.0}

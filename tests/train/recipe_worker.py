@@ -29,7 +29,8 @@ def build_backbone(arch: str, out_dir: Path, seed: int = 0) -> Path:
 
 TINY_FINETUNE_YAML = (
     "seed: 0\ndevice: cpu\ndata: {source: synthetic, max_tasks: 2, max_source_length: 96, max_input_length: 24,\n"
-    "  max_target_length: 8, num_pos_examples: 1, synthetic: {instances_per_task: 6, held_back_per_task: 2}}\n"
+    "  max_target_length: 8, num_pos_examples: 1, pretrain_text: offline,\n"
+    "  synthetic: {instances_per_task: 6, held_back_per_task: 2}}\n"
     "lora: {r: 4, alpha: 8.0}\nhypernet: {hidden: 16, trunk_layers: 1, embed_dim: 8, kernel: reference}\n"
     "cache: {top_k: 8, temperature: 2.0}\n"
     "finetune: {steps: 3, lr: 0.003, warmup_steps: 1, tasks_per_batch: 2, instances_per_task: 4, log_every: 1,\n"

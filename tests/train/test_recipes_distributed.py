@@ -45,6 +45,7 @@ data:
   max_target_length: 12
   num_pos_examples: 1
   synthetic: {{instances_per_task: 10, held_back_per_task: 2}}
+  pretrain_text: offline
   pretrain_offline_docs: 64
   pretrain_segment_lengths: [16, 12, 8]
 backbone: {{target_modules: [q, v]}}
