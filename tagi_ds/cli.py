@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
             overrides, args.extra = _split_extra(args.overrides, set(getattr(mod, "EXTRA_KEYS", ())))
             args.cfg = load_config(args.config, overrides)
-            check_run_config(args.cfg)  # the backbone / tokenizer source, before anything is written
+            if not getattr(mod, "VALIDATES_ITSELF", False):  # the pipeline orders its own checks (validate())
+                check_run_config(args.cfg)  # the backbone / tokenizer source, before anything is written
         code = mod.main(args)
         return int(code or 0)
     except TagiError as e:

@@ -44,6 +44,7 @@ from .run.paths import RunPaths
 from .run.stage_lock import stage_lock
 
 Log = Callable[[str], None]
+VALIDATES_ITSELF = True  # the CLI leaves the backbone-source check to `validate`, after the recipes' own preflights
 
 
 @dataclass(frozen=True)
