@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         full = rows["auto"]["first_steps"]["full_bytes"]
         print(f"\nLLaMA hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}: {full / 2 ** 20:.1f} MiB of "
               f"backbone weights; 2 gloo ranks, first two optimizer steps of `tagi-ds pretrain`\n")
-        print(f"| sizes | peak per rank (x model) | whole after the step (x model) | tensors |")
+        print("| sizes | peak per rank (x model) | whole after the step (x model) | tensors |")
         print("|---|---|---|---|")
         for name, part in rows.items():
             f = part["first_steps"]

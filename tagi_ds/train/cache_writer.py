@@ -22,7 +22,7 @@ from ..distill.logit_cache import CacheShardWriter, shard_is_complete
 from ..errors import ArtifactMismatchError
 from ..modeling.label_logits import align_label_logits
 from ..modeling.lora import BatchedLoraHooks
-from ..run.artifacts import TEACHER_STAT, check_shard_to_rebuild, shard_fields, weights_stat
+from ..run.artifacts import check_shard_to_rebuild, record_teacher_stat, shard_fields
 from ..run.backbone import LoadedBackbone
 from ..run.paths import RunPaths
 from ..run.peft_io import ADAPTER_WEIGHTS, read_peft_adapter
@@ -82,7 +82,7 @@ def write_unit_shards(cfg, ru: RunUnits, unit: str, bb: LoadedBackbone, paths: R
             continue
         if shard.exists():
             check_shard_to_rebuild(shard, fields, log)  # damaged / stale teacher: rebuilt; other config: refused
-        todo.append((t, {**fields, TEACHER_STAT: weights_stat(paths.teacher(unit) / ADAPTER_WEIGHTS)}))
+        todo.append((t, fields))
     if not todo:
         return written, skipped
     settings = prompt_settings(cfg, bb.arch)
@@ -95,6 +95,7 @@ def write_unit_shards(cfg, ru: RunUnits, unit: str, bb: LoadedBackbone, paths: R
                 break
             shard = write_task_shard(bb, hooks, adapters, t, settings, paths.logit_cache, fields,
                                      cfg.cache.batch_size)
+            record_teacher_stat(shard, paths.teacher(unit) / ADAPTER_WEIGHTS)
             width = fields.get("k", fields.get("num_samples"))
             log(f"cache-logits {t.name}: wrote {shard} ({len(t.instances)} instances, {fields['mode']} {width}, "
                 f"T={fields['temperature']})")
