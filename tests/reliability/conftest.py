@@ -105,3 +105,13 @@ def rel_pipeline(rel_run, tmp_path_factory) -> RelPipeline:
     sets = [f"runs_dir={root / 'runs'}", "name=p", f"backbone.name_or_path={rel_run.backbone}", *PIPELINE_SETS]
     assert cli.main(["pipeline", "--config", str(rel_run.yaml), *sets, "--no-progress"]) == 0
     return RelPipeline(rel_run, root / "runs" / "p", sets)
+
+
+@pytest.fixture()
+def prun(rel_pipeline, tmp_path):
+    """(RelPipeline, runs_dir of a private copy, the copy's run folder): a finished pipeline a test may change."""
+    from tests.reliability.rel_helpers import copy_run
+
+    runs = tmp_path / "runs"
+    run = copy_run(rel_pipeline.run_dir, runs)
+    return rel_pipeline, runs, run

@@ -10,19 +10,10 @@ exits 2 with one line, and the sha256 of every file under the run folder is the 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from tests.reliability.rel_helpers import cli_run, copy_run, refused, tree_sha
-
-
-@pytest.fixture()
-def prun(rel_pipeline, tmp_path):
-    """(RelPipeline, runs_dir of a private copy, the copy's run folder)."""
-    runs = tmp_path / "runs"
-    run = copy_run(rel_pipeline.run_dir, runs)
-    return rel_pipeline, runs, run
+from tests.reliability.rel_helpers import cli_run, refused, tree_sha
 
 
 # ------------------------------------------------------------------------------------------------ case 1
