@@ -94,7 +94,9 @@ class RelPipeline:
         return ["--config", str(self.rel.yaml), *sets, *extra]
 
 
-PIPELINE_SETS = ["baselines.steps=2", "eval.methods=[no_ft,tagi]", "data.max_eval_instances_per_task=2"]
+# eval.tasks_per_batch=1: a split of 2 tasks is 2 units of work, so a stop can fall inside it (test_stop_signals.py)
+PIPELINE_SETS = ["baselines.steps=2", "eval.methods=[no_ft,tagi]", "data.max_eval_instances_per_task=2",
+                 "eval.tasks_per_batch=1"]
 
 
 @pytest.fixture(scope="session")

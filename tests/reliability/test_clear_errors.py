@@ -1,5 +1,5 @@
-"""Issue 19, "Tracebacks instead of a clear error, exit 2" (cases 10-14), through the real CLI: one line naming the key /
-file and what is expected, exit 2, no traceback, nothing under the run folder changed (sha256).
+"""Issue 19, "Tracebacks instead of a clear error, exit 2" (cases 10-14), through the real CLI: one line naming the
+key / file and what is expected, exit 2, no traceback, nothing under the run folder changed (sha256).
 
 10. every numeric config value is range-checked at load (the typed config's field ranges);
 11. a missing / non-model backbone, --device cuda without CUDA, a read-only run folder, a full disk (two finetunes

@@ -73,7 +73,8 @@ def test_two_finetunes_of_one_variant_one_runs_the_other_exits_at_once(rel_run, 
     a, b = run / "finetune" / "dup", run / "finetune" / "solo"
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
     assert len((a / "metrics.jsonl").read_text().splitlines()) == 12  # one writer: no interleaved lines
-    assert (a / "export" / "trainable.safetensors").read_bytes() == (b / "export" / "trainable.safetensors").read_bytes()
+    export = "export/trainable.safetensors"
+    assert (a / export).read_bytes() == (b / export).read_bytes()
     tags = sorted(p.name for p in (a / "checkpoints").iterdir() if p.is_dir())
     assert tags == sorted(p.name for p in (b / "checkpoints").iterdir() if p.is_dir()) and len(tags) == 3
     for tag in tags:
