@@ -100,9 +100,6 @@ def _instances(data: dict, path: Path, seed: int) -> list[Instance]:
             raise DataError(f"{path}: key '{where}.id' repeats the id {iid!r}; instance ids must be unique")
         seen.add(iid)
         refs = tuple(_expect_str_list(inst["output"], path, f"{where}.output", non_empty=True))
-        if not any(r.strip() for r in refs):
-            raise DataError(f"{path}: key '{where}.output' (id {iid!r}) holds only empty strings {list(refs)!r}; an "
-                            f"instance needs a non-empty reference to be scored")
         out.append(Instance(id=iid, input=_expect_str(inst["input"], path, f"{where}.input"), references=refs,
                             label=draw_label(refs, seed, iid)))
     return out
