@@ -6,8 +6,10 @@ Two kinds of command:
   words are not config keys and arrive in `args.extra`.
 - tools: the module's `add_arguments(parser)` defines its own flags; `main(args)` gets them.
 
-Errors meant for a person (`TagiError`) print as one paragraph and exit 2; `--debug` shows the traceback.
-Only the chosen command's module is imported, so `--help` and a bad option answer fast.
+Errors meant for a person (`TagiError`) print as one paragraph and exit 2; so do failures of the machine rather
+than of the code: an OSError (a full disk, a read-only or foreign folder, a missing device) prints what failed and
+where, in one line. `--debug` (or TAGI_DEBUG=1) shows the traceback. Only the chosen command's module is imported,
+so `--help` and a bad option answer fast.
 """
 from __future__ import annotations
 
@@ -106,8 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         if COMMANDS[args.command].takes_config:
             from .config import load_config
 
+            from .run.preflight import check_run_config
+
             overrides, args.extra = _split_extra(args.overrides, set(getattr(mod, "EXTRA_KEYS", ())))
             args.cfg = load_config(args.config, overrides)
+            if not getattr(mod, "VALIDATES_ITSELF", False):  # the pipeline orders its own checks (validate())
+                check_run_config(args.cfg)  # the backbone / tokenizer source, before anything is written
         code = mod.main(args)
         return int(code or 0)
     except TagiError as e:
@@ -116,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         kind = "stopped" if e.exit_code == 75 else "error"  # 75: run.signals.Stopped, state saved for a resume
         print(f"tagi-ds {args.command}: {kind}: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if debug:
+            raise
+        from .io_utils import describe_os_error
+
+        print(f"tagi-ds {args.command}: error: {describe_os_error(e)} (--debug shows where)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"tagi-ds {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130

@@ -7,6 +7,9 @@ Matches `eval/automatic/evaluation.py` of allenai/natural-instructions (the scri
   (that tokenizer lower-cases and keeps [a-z0-9] only), `score(target=ref, prediction=pred)`;
 - both take the max over an instance's references; corpus numbers are means ×100 rounded to 4 decimals;
 - categories are grouped under `"_".join(name.lower().split())` (SNI's key for per-category tables).
+One deliberate difference: a reference that normalises to nothing (the right answer is "nothing": 3 instances of
+the SNI training tasks, none in the test tasks) is matched by an empty prediction in ROUGE-L too (1.0), as exact
+match says; rouge_score gives two empty texts 0, which scored such an instance EM 100 and ROUGE-L 0 at once.
 The cross-lingual track (GPT-2 tokenizer in ROUGE) is reachable by passing `tokenizer=` (an object with
 `.tokenize(str) -> list[str]`); by default we use the English ("default") track.
 """
@@ -49,11 +52,17 @@ def _check_refs(refs: Sequence[str], where: str) -> None:
         raise DataError(f"{where}: an instance has no references; every evaluated instance needs at least one")
 
 
+def _rouge_one(scorer: rouge_scorer.RougeScorer, ref: str, pred: str) -> float:
+    if not normalize_answer(ref):  # the answer is "nothing": an empty prediction is right, as exact match says
+        return float(not normalize_answer(pred))
+    return scorer.score(target=ref, prediction=pred)["rougeL"].fmeasure
+
+
 def rouge_l(pred: str, refs: Sequence[str], tokenizer: Any = None) -> float:
     """ROUGE-L F-measure in [0, 1], max over references."""
     _check_refs(refs, "rouge_l")
     scorer = _scorer(tokenizer)
-    return max(scorer.score(target=r, prediction=pred)["rougeL"].fmeasure for r in refs)
+    return max(_rouge_one(scorer, r, pred) for r in refs)
 
 
 def exact_match(pred: str, refs: Sequence[str]) -> float:
@@ -77,7 +86,7 @@ def compute_metrics(predictions: Sequence[str], references: Sequence[Sequence[st
         if not isinstance(pred, str):
             raise DataError(f"compute_metrics instance {i}: prediction must be a string, got {type(pred).__name__}")
         em += exact_match(pred, refs)
-        rl += max(scorer.score(target=r, prediction=pred)["rougeL"].fmeasure for r in refs)
+        rl += max(_rouge_one(scorer, r, pred) for r in refs)
     n = len(predictions)
     return {"rougeL": round(100.0 * rl / n, 4), "exact_match": round(100.0 * em / n, 4)}
 

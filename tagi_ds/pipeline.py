@@ -13,6 +13,12 @@ stage records). A stage interrupted half-way resumes from its own checkpoints.
   baselines: each baseline), else the stage's own time_budget_s.
 - `--from STAGE` removes that stage's outputs and markers and those of every later stage, then runs them again.
 - The resolved config is written to <run_dir>/config.yaml; stage timings to <run_dir>/pipeline.json.
+
+Nothing is written or deleted before everything the run needs is checked (`validate`): the config and methods, the
+backbone source, the task data, every stage's own config checks, and whether a stage that will run (and that
+`--from` keeps) would refuse its folder (outputs of another configuration); `--from` also refuses while another
+process holds a lock of a stage it would delete. A refused run changes nothing, config.yaml included. One pipeline
+per run folder at a time (the `pipeline` lock); each stage holds its own lock too (run/stage_lock.py).
 """
 from __future__ import annotations
 
@@ -30,13 +36,15 @@ import torch
 
 from .config import dump_yaml
 from .errors import ConfigError
-from .io_utils import atomic_write_json, atomic_write_text, sha256_json
+from .io_utils import LockHeldError, atomic_write_json, atomic_write_text, lock_holders, sha256_json
+from .run.identity import check_stage_record, stage_record_hash
 from .run.methods import baseline_modes, finetune_variants, needs_teachers, variant_config
 from .run.dist import barrier, join_ranks
-from .run.identity import stage_record_hash
 from .run.paths import RunPaths
+from .run.stage_lock import stage_lock
 
 Log = Callable[[str], None]
+VALIDATES_ITSELF = True  # the CLI leaves the backbone-source check to `validate`, after the recipes' own preflights
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,8 @@ class Stage:
     outputs: Callable[[RunPaths], list[Path]]          # what `--from` removes (the committed asset never)
     budget: Optional[str] = None                        # the config field stage_budgets_s[name] caps, if any
     record: Optional[Callable[[RunPaths], Path]] = None  # a folder whose stage.json, not a marker, says "done"
+    folder: Optional[Callable[[RunPaths, Optional[str]], Path]] = None  # a unit's folder with its stage.json
+    reads_tasks: bool = True                            # loads the run's task data (validated up front)
 
     def recipe(self):
         return importlib.import_module(self.module)
@@ -63,17 +73,18 @@ def _if_teachers(cfg) -> list[Optional[str]]:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("backbone", "tagi_ds.train.backbone_stage", _once, lambda p: [p.backbone]),
+    Stage("backbone", "tagi_ds.train.backbone_stage", _once, lambda p: [p.backbone], reads_tasks=False),
     Stage("teacher", "tagi_ds.train.teacher", _if_teachers, lambda p: [p.teachers, p.tb("teacher")],
           "teacher.time_budget_s"),
     Stage("cache-logits", "tagi_ds.train.cache_logits", _if_teachers, lambda p: [p.logit_cache]),
     Stage("pretrain", "tagi_ds.train.pretrain", lambda cfg: [None] if cfg.pretrain.enabled else [],
-          lambda p: [p.pretrain, p.tb("pretrain")], "pretrain.time_budget_s"),
+          lambda p: [p.pretrain, p.tb("pretrain")], "pretrain.time_budget_s", folder=lambda p, sub: p.pretrain,
+          reads_tasks=False),
     Stage("finetune", "tagi_ds.train.finetune", finetune_variants, lambda p: [p.finetune_root, p.tb("finetune")],
-          "finetune.time_budget_s"),
+          "finetune.time_budget_s", folder=lambda p, sub: p.finetune(sub)),
     Stage("baselines", "tagi_ds.train.baselines", baseline_modes,
           lambda p: [p.baselines_root] + [p.tb(f"baseline_{m}") for m in ("tk_instruct", "no_instruction")],
-          "baselines.time_budget_s"),
+          "baselines.time_budget_s", folder=lambda p, sub: p.baseline(sub)),
     # The report says itself which configuration it belongs to (eval/stage.json): a standalone `tagi-ds evaluate`
     # of another configuration changes what "done" means here, so no marker can go stale.
     Stage("evaluate", "tagi_ds.eval.evaluate", _once,
@@ -164,12 +175,82 @@ def archive_report(paths: RunPaths, log: Log) -> None:
     log(f"pipeline: evaluate: the previous report (another configuration) moved to {dest}")
 
 
+@dataclass
+class Step:
+    """One unit of one stage in this run: its identity hash and whether it is done (skipped) or will run."""
+
+    stage: Stage
+    sub: Optional[str]
+    key_hash: str
+    done: bool
+
+    @property
+    def label(self) -> str:
+        return self.stage.name + (f" ({self.sub})" if self.sub else "")
+
+
+def _record_stage_name(step: Step) -> str:
+    """The stage name a unit's stage.json is checked under (the recipe's own wording)."""
+    return f"baselines ({step.sub})" if step.stage.name == "baselines" else step.stage.name
+
+
+def validate(cfg: Any, ecfg: Any, paths: RunPaths, markers: Markers, from_stage: Optional[str]) -> list[Step]:
+    """Everything the run needs, checked before anything is written or deleted; returns the steps."""
+    from .run.preflight import check_cache_state, check_run_config, check_teachers_state
+
+    redo = set(STAGE_NAMES[STAGE_NAMES.index(from_stage):]) if from_stage is not None else set()
+    check_run_config(ecfg)
+    steps = []
+    for st, sub in plan(ecfg):
+        key_hash = sha256_json(identity(ecfg, st, sub))
+        done = st.name not in redo and (
+            stage_record_hash(st.record(paths)) == key_hash if st.record is not None
+            else markers.done(st.name, sub, key_hash))
+        steps.append(Step(st, sub, key_hash, done))
+    todo = [s for s in steps if not s.done]
+    for step in todo:  # the recipes' own config checks (finetune: variant name, weights, temperatures)
+        check = getattr(step.stage.recipe(), "check_config", None)
+        if check is not None:
+            check(stage_config(ecfg, step.stage, step.sub), step.sub)
+    if any(s.stage.reads_tasks for s in todo):
+        from .data.registry import load_run_tasks_from_config
+
+        load_run_tasks_from_config(ecfg)  # DataError naming the file / folder, before anything is touched
+    for step in todo:  # would the stage refuse its folder as it stands (outputs of another configuration)?
+        if step.stage.name in redo:
+            continue
+        if step.stage.folder is not None:
+            check_stage_record(step.stage.folder(paths, step.sub), _record_stage_name(step),
+                               identity(ecfg, step.stage, step.sub))
+        elif step.stage.name == "teacher":
+            check_teachers_state(ecfg)
+        elif step.stage.name == "cache-logits":
+            check_cache_state(ecfg)
+    for name in sorted(redo):
+        for p in stage(name).outputs(paths):
+            if p.exists() or p.is_symlink():
+                paths.inside(p)
+        busy = lock_holders(paths.stage_locks(name))
+        if busy:
+            raise LockHeldError(f"pipeline --from {from_stage}: stage {name} is being written by {busy[0]}; "
+                                f"nothing was removed: wait for it to finish (or stop it), then rerun")
+    return steps
+
+
+def _remove_outputs(paths: RunPaths, markers: Markers, from_stage: str, log: Log) -> None:
+    redo = STAGE_NAMES[STAGE_NAMES.index(from_stage):]
+    for name in redo:
+        markers.clear(name)
+        for p in stage(name).outputs(paths):
+            p = paths.inside(p)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    log(f"pipeline: --from {from_stage}: removed the outputs of {', '.join(redo)}")
+
+
 def run(cfg: Any, from_stage: Optional[str] = None, progress: bool = True, log: Log = print) -> dict[str, Any]:
     """Run the pipeline; returns {"stages": [{stage, sub, status, seconds}], "seconds"}."""
     if from_stage is not None and from_stage not in STAGE_NAMES:
         raise ConfigError(f"--from {from_stage!r}: expected one of {', '.join(STAGE_NAMES)}")
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
     ecfg = with_budgets(cfg)
     steps = plan(ecfg)
     # Each recipe's cheap checks (a missing corpus, say) before anything runs or is deleted: a scale run must not
@@ -184,46 +265,43 @@ def run(cfg: Any, from_stage: Optional[str] = None, progress: bool = True, log: 
     r, _ = join_ranks(cfg.distributed.timeout_s)
     main_rank = r == 0
     markers = Markers(paths)
-    if main_rank:
-        paths.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(paths.config, dump_yaml(ecfg))
-    if from_stage is not None and main_rank:
-        redo = STAGE_NAMES[STAGE_NAMES.index(from_stage):]
-        for name in redo:
-            markers.clear(name)
-            for p in stage(name).outputs(paths):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        log(f"pipeline: --from {from_stage}: removed the outputs of {', '.join(redo)}")
-    barrier()
-    t_all = time.perf_counter()
-    record = []
-    for st, sub in steps:
-        name = st.name + (f" ({sub})" if sub else "")
-        key_hash = sha256_json(identity(ecfg, st, sub))
-        done = (stage_record_hash(st.record(paths)) == key_hash if st.record is not None
-                else markers.done(st.name, sub, key_hash))
-        if done:
-            log(f"pipeline: {name}: skipped (done, config hash {key_hash[:12]})")
-            record.append({"stage": st.name, "sub": sub, "status": "skipped", "seconds": 0.0})
-            continue
-        log(f"pipeline: {name}: running")
-        if st.name == "evaluate" and main_rank:
-            archive_report(paths, log)
-        barrier()
-        t0 = time.perf_counter()
-        run_stage(ecfg, st, sub, progress, log)
-        barrier()
-        secs = time.perf_counter() - t0
+    with stage_lock(cfg, "pipeline", log=log):  # one pipeline per run folder (rank 0 holds it)
+        steps = validate(cfg, ecfg, paths, markers, from_stage)  # every rank: the same inputs, the same verdict
+        # Validated: from here on the run writes.
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
         if main_rank:
-            markers.mark(st.name, sub, key_hash, secs)
-        budget = cfg.stage_budgets_s.get(st.name)
-        over = f" (over its {budget:.0f} s budget)" if budget is not None and secs > 1.25 * budget + 30 else ""
-        log(f"pipeline: {name}: done in {secs:.0f} s{over}")
-        record.append({"stage": st.name, "sub": sub, "status": "ran", "seconds": round(secs, 2)})
-    total = time.perf_counter() - t_all
-    summary = {"stages": record, "seconds": round(total, 2), "from": from_stage}
-    if main_rank:
-        atomic_write_json(paths.pipeline_record, summary)
+            paths.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(paths.config, dump_yaml(ecfg))
+            if from_stage is not None:
+                _remove_outputs(paths, markers, from_stage, log)
+        barrier()
+        t_all = time.perf_counter()
+        record = []
+        for step in steps:
+            st, sub, key_hash = step.stage, step.sub, step.key_hash
+            if step.done:
+                log(f"pipeline: {step.label}: skipped (done, config hash {key_hash[:12]})")
+                record.append({"stage": st.name, "sub": sub, "status": "skipped", "seconds": 0.0})
+                continue
+            log(f"pipeline: {step.label}: running")
+            if st.name == "evaluate" and main_rank:
+                archive_report(paths, log)
+            barrier()
+            t0 = time.perf_counter()
+            run_stage(ecfg, st, sub, progress, log)
+            barrier()
+            secs = time.perf_counter() - t0
+            if main_rank:
+                markers.mark(st.name, sub, key_hash, secs)
+            budget = cfg.stage_budgets_s.get(st.name)
+            over = f" (over its {budget:.0f} s budget)" if budget is not None and secs > 1.25 * budget + 30 else ""
+            log(f"pipeline: {step.label}: done in {secs:.0f} s{over}")
+            record.append({"stage": st.name, "sub": sub, "status": "ran", "seconds": round(secs, 2)})
+        total = time.perf_counter() - t_all
+        summary = {"stages": record, "seconds": round(total, 2), "from": from_stage}
+        if main_rank:
+            atomic_write_json(paths.pipeline_record, summary)
     log(f"pipeline: finished in {total:.0f} s; report: {paths.report}")
     return summary
 

@@ -91,8 +91,10 @@ def test_override_errors():
 def test_exponent_floats_without_a_dot_are_floats(tmp_path):
     # PyYAML (YAML 1.1) reads 2e-4 as the string '2e-4'; a float field takes it, a non-number is still refused
     path = write(tmp_path, "lr.yaml", "finetune:\n  lr: 2e-4\n")
-    cfg = load_config(path, ["teacher.lr=5E-3", "pretrain.lr=-1e+2"])
-    assert (cfg.finetune.lr, cfg.teacher.lr, cfg.pretrain.lr) == (2e-4, 5e-3, -100.0)
+    cfg = load_config(path, ["teacher.lr=5E-3", "pretrain.lr=1e+2"])
+    assert (cfg.finetune.lr, cfg.teacher.lr, cfg.pretrain.lr) == (2e-4, 5e-3, 100.0)
+    with pytest.raises(ConfigError, match=r"'pretrain.lr' must be > 0, got -100.0"):  # read as a float, then ranged
+        load_config(None, ["pretrain.lr=-1e+2"])
     with pytest.raises(ConfigError, match="'finetune.lr' must be float, got '2e'"):
         load_config(None, ["finetune.lr=2e"])
     with pytest.raises(ConfigError, match="'finetune.steps' must be int, got '1e3'"):

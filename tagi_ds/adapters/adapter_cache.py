@@ -7,21 +7,24 @@ atomically, plus `tagi_cache.json` (what it was made from), so a cache entry is 
 
     <root>/<key[:2]>/<key>/adapter_config.json, adapter_model.safetensors, tagi_cache.json
 
-An entry that cannot be read back (truncated, another backbone's shapes) is a miss and gets rewritten.
+An entry that cannot be read back (truncated, another backbone's shapes), or whose weights' sha256 differs from
+the one its tagi_cache.json recorded (zeroed, replaced), is a miss: it is regenerated and rewritten, with a note.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from ..errors import ArtifactMismatchError
-from ..io_utils import sha256_file
-from ..run.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_peft_adapter, write_peft_adapter
+from ..io_utils import sha256_bytes, sha256_file
+from ..run.peft_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapters_to_state_dict, read_peft_adapter,
+                           write_peft_adapter)
 
 CACHE_ENV = "TAGI_DS_ADAPTER_CACHE"
 CACHE_META = "tagi_cache.json"
@@ -69,6 +72,10 @@ class AdapterCache:
         entry = self.path(instruction)
         if not ((entry / ADAPTER_CONFIG).is_file() and (entry / ADAPTER_WEIGHTS).is_file()):
             return None
+        problem = self.entry_problem(entry)
+        if problem is not None:
+            print(f"note: adapter cache entry {entry}: {problem}; regenerating it", file=sys.stderr)
+            return None
         try:
             adapters, _, _ = read_peft_adapter(entry, specs)
             # read_peft_adapter reads lazily from a memory map: copy, so the entry can be replaced while in use.
@@ -76,9 +83,26 @@ class AdapterCache:
         except (ArtifactMismatchError, KeyError, ValueError):
             return None  # unreadable entry: regenerate (store() replaces it atomically)
 
+    @staticmethod
+    def entry_problem(entry: Path) -> Optional[str]:
+        """What is wrong with an entry's weights (None when their sha256 is the one its metadata recorded)."""
+        try:
+            meta = json.loads((entry / CACHE_META).read_text(encoding="utf-8"))
+            want = meta["weights_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{CACHE_META} is missing, unreadable or records no weights_sha256"
+        have = sha256_file(entry / ADAPTER_WEIGHTS)
+        if have != want:
+            return f"{ADAPTER_WEIGHTS} sha256 {have[:16]}… differs from the {str(want)[:16]}… recorded (damaged)"
+        return None
+
     def store(self, instruction: str, specs: Sequence, adapters: TaskAdapters, *, r: int, alpha: float,
               task_type: str) -> Path:
+        from safetensors.torch import save
+
+        # the weights' sha256 from the very bytes write_peft_adapter writes (same state dict, same metadata)
+        weights = sha256_bytes(save(adapters_to_state_dict(specs, adapters), metadata={"format": "pt"}))
         meta = {"key": self.key(instruction), "export_sha256": self.export_hash, "backbone_id": self.backbone_id,
-                "instruction": instruction}
+                "instruction": instruction, "weights_sha256": weights}
         return write_peft_adapter(self.path(instruction), specs, adapters, r=r, alpha=alpha,
                                   base_model=self.backbone_id, task_type=task_type, extra_files={CACHE_META: meta})

@@ -29,10 +29,11 @@ from ..errors import ArtifactMismatchError, DataError, TagiError
 from ..modeling.lora import Adapters
 from ..modeling.tagi import TagiStudent, TaskEncoding
 from .adapter_cache import AdapterCache, TaskAdapters, default_cache_dir, export_fingerprint
+from .outputs import GENERATED_MARKER, at_least, check_device, check_output
 from ..run.peft_io import ADAPTER_CONFIG, write_peft_adapter
 
 TASK_TYPE = {"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM"}
-ADAPTER_META = "tagi_adapter.json"
+ADAPTER_META = GENERATED_MARKER
 FUSION_NOTE = ("note: this hypernetwork was trained with instruction fusion (the decoder also attends to the "
                "instruction's states); the PEFT adapter alone does not carry them, so PeftModel gives the student "
                "WITHOUT fusion. `tagi-ds predict` runs the full model.")
@@ -215,12 +216,10 @@ def write_generated_adapter(student: TagiStudent, adapters: TaskAdapters, out_di
                               task_type=TASK_TYPE[student.arch], extra_files={ADAPTER_META: info})
 
 
-def check_out_dir(out: Path) -> None:
-    """--out must be new, empty, or an adapter directory we may replace: never wipe a folder of other files."""
-    if out.exists() and not out.is_dir():
-        raise TagiError(f"--out {out}: exists and is a file; give a directory path for the adapter")
-    if out.is_dir() and any(out.iterdir()) and not (out / ADAPTER_CONFIG).is_file():
-        raise TagiError(f"--out {out}: exists, is not empty and holds no {ADAPTER_CONFIG}; refusing to replace it")
+def check_out_dir(out: Path, inputs: Sequence[Optional[str]] = ()) -> None:
+    """--out must be new, empty, or an adapter this tool wrote before; never an input of the command (the export,
+    the backbone, the task file, the adapter cache) nor a folder inside a run (a teacher is a PEFT folder too)."""
+    check_output(out, inputs, folder=True)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -229,10 +228,11 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hypernet", required=True, help="hypernetwork export folder (<stage dir>/export)")
     p.add_argument("--backbone", default=None, help="backbone folder or hub id (default: the one the export records)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: --backbone, else the export's record)")
-    p.add_argument("--max-instruction-length", type=int, default=1024, help="instruction tokens (default 1024)")
+    p.add_argument("--max-instruction-length", type=at_least(1), default=1024,
+                   help="instruction tokens (default 1024)")
     p.add_argument("--instruction-overflow", choices=("truncate", "error"), default="truncate",
                    help="an instruction over --max-instruction-length: cut it with a warning, or refuse (error)")
-    p.add_argument("--num-pos", type=int, default=2, help="positive examples in a task file's instruction")
+    p.add_argument("--num-pos", type=at_least(0), default=2, help="positive examples in a task file's instruction")
     p.add_argument("--cache-dir", default=None, help="adapter cache (default: $TAGI_DS_ADAPTER_CACHE or "
                                                     "~/.cache/tagi-ds/adapters)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the adapter cache")
@@ -240,7 +240,12 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def default_device(device: Optional[str]) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """--device checked against this machine (a missing CUDA device is a clear error, not an AssertionError)."""
+    return check_device(device)
+
+
+def cache_root(args: argparse.Namespace) -> Optional[Path]:
+    return None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -253,11 +258,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    check_out_dir(out)
+    device = default_device(args.device)
     task = read_task_file(args.task_file) if args.task_file else None  # bad file: fail before loading anything
+    check_out_dir(out, [args.hypernet, args.backbone, args.tokenizer, args.task_file, cache_root(args)])
     if task is None and not args.instruction.strip():
         raise DataError("--instruction is empty; give the task instruction as text")
-    loaded = load_export(args.hypernet, args.backbone, args.tokenizer, default_device(args.device))
+    loaded = load_export(args.hypernet, args.backbone, args.tokenizer, device)
+    check_out_dir(out, [loaded.backbone_id, loaded.config.get("tokenizer")])  # the export's recorded backbone too
     text = args.instruction if task is None else task_instruction(task, loaded.tokenizer, args.max_instruction_length,
                                                                   args.num_pos)
     cache = None if args.no_cache else loaded.cache(args.cache_dir)

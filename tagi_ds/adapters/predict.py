@@ -27,13 +27,14 @@ from ..data.collate import encode_student_input
 from ..data.prompts import build_task_input
 from ..data.tasks import Instance, Task
 from ..data.jsonl import iter_jsonl_objects
-from ..errors import DataError, TagiError
+from ..errors import DataError
 from ..io_utils import atomic_write_text
 from ..modeling.lora import Adapters, merge_into_copy
 from ..modeling.tagi import TagiStudent, TaskEncoding
 from ..run.decode import decode_student
-from .generate import (add_common_arguments, adapters_for_instructions, default_device, load_export, read_task_file,
-                       task_instruction)
+from .generate import (add_common_arguments, adapters_for_instructions, cache_root, default_device, load_export,
+                       read_task_file, task_instruction)
+from .outputs import at_least, check_output
 
 
 @dataclass(frozen=True)
@@ -172,23 +173,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", default=None,
                    help="inputs.jsonl (default with --task-file: the task files' own instances)")
     p.add_argument("--out", required=True, help="predictions .jsonl, written atomically")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-input-length", type=int, default=128, help="input tokens per instance")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="generated tokens at most")
+    p.add_argument("--batch-size", type=at_least(1), default=16)
+    p.add_argument("--max-input-length", type=at_least(1), default=128, help="input tokens per instance")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=128, help="generated tokens at most")
     p.add_argument("--no-merge", action="store_true", help="keep the adapter in hooks even for one task")
 
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.is_dir():
-        raise TagiError(f"--out {out}: is a directory; give the path of the predictions .jsonl file")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise TagiError("--batch-size and --max-new-tokens must be at least 1")
+    device = default_device(args.device)
     # Everything about the inputs is checked before any model loads, and nothing is written until the end.
     tasks = [read_task_file(f) for f in args.task_file]
     rows = read_inputs(args.inputs) if args.inputs else None
     plan = plan_tasks(rows, args.instruction, tasks, args.inputs or "inputs")
-    loaded = load_export(args.hypernet, args.backbone, args.tokenizer, default_device(args.device))
+    # The predictions never replace an input (--inputs, a task file, the export, the backbone, the adapter cache)
+    # nor a run's artifact (eval/predictions/...).
+    check_output(out, [args.inputs, *args.task_file, args.hypernet, args.backbone, args.tokenizer, cache_root(args)],
+                 folder=False)
+    loaded = load_export(args.hypernet, args.backbone, args.tokenizer, device)
+    check_output(out, [loaded.backbone_id, loaded.config.get("tokenizer")], folder=False)
     texts = [s if isinstance(s, str) else task_instruction(s, loaded.tokenizer, args.max_instruction_length,
                                                            args.num_pos) for s in plan.sources]
     cache = None if args.no_cache else loaded.cache(args.cache_dir)

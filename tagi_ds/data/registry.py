@@ -74,11 +74,16 @@ def load_run_tasks(source: str, *, sni_dir: Optional[str] = None, sni_split_dir:
     their seen split); synthetic instance counts come from `synthetic_kwargs` (build_suite's arguments).
     """
     if source == "sni":
-        from .sni import find_split_dir, load_sni
+        from .sni import find_split_dir, load_sni, tasks_dir_of
 
         if sni_dir is None:
             raise DataError("data.source=sni needs data.sni_dir (a folder with tasks/*.json and splits/)")
+        tasks_dir_of(sni_dir)  # "SNI folder not found" before anything else
         sdir = find_split_dir(sni_dir, sni_split_dir)
+        if sdir is None:  # before reading any task file: a run needs both splits
+            raise DataError(f"{sni_dir}: no split lists (splits/train_tasks.txt and splits/test_tasks.txt, or "
+                            f"splits/default/); a run trains on one split and tests on another. A plain folder of "
+                            f"task files is one split: `tagi-ds tasks --sni {sni_dir}` shows it")
         extra = seen_held_back if seen_held_back > 0 else 0
         train = load_sni(sni_dir, "train", sdir, None if max_instances is None else max_instances + extra, seed,
                          max_tasks)

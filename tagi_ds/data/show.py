@@ -2,7 +2,8 @@
 
     tagi-ds tasks (--config X.yaml [key=value ...] | --sni DIR | --p3 DIR | --synthetic) [--json] [--show TASK]
 
-Plain output: one row per split (tasks, instances, categories). `--json` prints one object:
+Plain output: one row per split (tasks, instances, categories); an SNI folder without split lists (a plain folder of
+task files, or its tasks/ subfolder) is one split, "all". `--json` prints one object:
     {"tasks": n, "instances": n, "categories": {name: n},
      "splits": {split: {"tasks": n, "instances": n, "categories": {name: n}}}}
 Top-level totals count distinct task names (a seen split re-uses its training tasks' names), instances summed over
@@ -24,7 +25,8 @@ from .tasks import Task
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="recipe YAML: show the tasks that run uses (key=value overrides follow)")
-    src.add_argument("--sni", metavar="DIR", help="SNI folder (tasks/*.json, splits/*_tasks.txt)")
+    src.add_argument("--sni", metavar="DIR", help="SNI folder (tasks/*.json, splits/*_tasks.txt), or a plain folder of "
+                                                  "task files (one split)")
     src.add_argument("--p3", metavar="DIR", help="P3 folder (one folder per dataset-prompt)")
     src.add_argument("--synthetic", action="store_true", help="the offline synthetic suite (default settings)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides (with --config)")
@@ -110,6 +112,11 @@ def _load(args) -> tuple[dict[str, list[Task]], dict]:
     common = dict(max_instances=args.max_instances, max_eval_instances=args.max_eval_instances, seed=args.seed,
                   max_tasks=args.max_tasks)
     if args.sni:
+        from .sni import find_split_dir, load_sni
+
+        if find_split_dir(args.sni, args.split_dir) is None:  # a plain folder of task files: one split, "all"
+            return {"all": load_sni(args.sni, None, max_instances=args.max_instances, seed=args.seed,
+                                    max_tasks=args.max_tasks)}, prompt
         return load_run_tasks("sni", sni_dir=args.sni, sni_split_dir=args.split_dir, **common), prompt
     if args.p3:
         return load_run_tasks("p3", p3_dir=args.p3, **common), prompt

@@ -172,6 +172,9 @@ def read_split_list(split_file: Path, tasks_dir: Path) -> list[tuple[str, Path]]
         if not name or name.startswith("#"):
             continue
         name = name.removesuffix(".json")
+        if "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+            raise DataError(f"{split_file}:{lineno}: {name!r} is not a task name; a split list names task files "
+                            f"of {tasks_dir} by their stem (no '/', not starting with '.')")
         if name in seen:
             raise DataError(f"{split_file}:{lineno}: task '{name}' is listed twice (first at line {seen[name]})")
         seen[name] = lineno
@@ -200,7 +203,8 @@ def load_sni(sni_dir: str | Path, split: Optional[str] = "train", split_dir: str
     else:
         if sdir is None:
             raise DataError(f"{sni_dir}: no split lists (splits/{split}_tasks.txt or splits/default/{split}_tasks.txt);"
-                            f" a folder without split lists is one split: use split=None or 'train'")
+                            f" a folder of task files without split lists is one split (`tagi-ds tasks --sni "
+                            f"{sni_dir}` shows it); a run needs splits/train_tasks.txt and splits/test_tasks.txt")
         split_file = sdir / f"{split}_tasks.txt"
         if not split_file.is_file():
             have = ", ".join(sorted(p.name for p in sdir.glob("*_tasks.txt")))

@@ -14,10 +14,13 @@ Sharded and resumable (shards.py): each (method, split) is cut into units of tas
 contiguous share of the units on its own device (LOCAL_RANK) and publishes one shard file per (method, split, shard).
 A rerun answers only the shards whose file is missing or belongs to another configuration. Then one process merges
 (under torchrun / srun: rank 0, behind a barrier; a Slurm array: whichever element finds every shard present), and
-writes the merged predictions, the scores and the report.
+writes the merged predictions, the scores and the report. SIGTERM / SIGUSR1 (Slurm's warning before the time
+limit) stop it before the next unit of tasks: the units answered so far are kept beside their shard file, the
+command exits 75 and its rerun continues after them.
 
 Outputs under <run_dir>:
   eval/shards/<method>/<split>/<i>-of-<n>.json  one shard's rows and throughput (kept: a rerun reuses them)
+  eval/shards/<method>/<split>/<i>-of-<n>.partial.json  the first units of a shard stopped by a signal
   eval/predictions/<method>/<split>.jsonl   {"task", "id", "input", "prediction", "references"} per instance
                                             (+ "choice", "label", "scores" when rank-classified)
   eval/metrics.json                         per method and split: overall, per task, per category, rank
@@ -33,6 +36,7 @@ over the shards; a unit's setup, e.g. a hypernetwork unit's instruction encoding
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -48,6 +52,8 @@ from ..run.backbone import LoadedBackbone, load_run_backbone
 from ..run.identity import check_stage_record, config_identity, identity_hash, write_stage_record
 from ..run.methods import check_methods
 from ..run.paths import RunPaths
+from ..run.signals import StopSignals, Stopped
+from ..run.stage_lock import stage_locked
 from .costs import cost_lengths, relative_costs, training_curves
 from .methods import Method, UnitStats, answer_tasks, build_method, method_units
 from .rank_classification import HELDOUT_DATASETS
@@ -121,8 +127,10 @@ def _sync(device: torch.device) -> None:
 
 
 def answer_jobs(cfg, m: Method, jobs: Sequence[Job], splits: dict, bb: LoadedBackbone, *, progress: bool,
-                log: Log) -> None:
-    """Answer the jobs whose shard file is missing (or of another key) and publish each one when complete."""
+                log: Log, stop: Optional[Callable[[], Optional[str]]] = None) -> None:
+    """Answer the jobs whose shard file is missing (or of another key) and publish each one when complete. `stop()`
+    (the signal's name once SIGTERM / SIGUSR1 arrived) is asked before each unit: a stop saves the units answered so
+    far beside the shard file (its `.partial.json`, which the rerun continues from) and raises Stopped."""
     from tqdm.auto import tqdm
 
     todo = [j for j in jobs if read_shard(j.path, j.key) is None]
@@ -136,16 +144,63 @@ def answer_jobs(cfg, m: Method, jobs: Sequence[Job], splits: dict, bb: LoadedBac
     try:
         with m.session():
             for job in todo:
+                rows, done, before = read_partial(job, splits[job.split], log)
                 stats = UnitStats()
                 t0 = time.perf_counter()
-                rows = answer_tasks(cfg, m, splits[job.split], job.units, bb, stats, on_batch=bar.update)
+                for k in range(done, len(job.units)):
+                    why = stop() if stop is not None else None
+                    if why:  # a unit is the smallest piece a rerun can continue from
+                        kept = "every finished shard file kept"
+                        if k > 0:
+                            _sync(bb.device)
+                            saved = write_partial(job, rows, k, _add(before, time.perf_counter() - t0, rows, stats))
+                            kept = f"{k} of {len(job.units)} unit(s) of {m.name} {job.split} kept in {saved}, {kept}"
+                        raise Stopped(f"evaluate: {why}: {kept}; rerun the same command to continue")
+                    rows += answer_tasks(cfg, m, splits[job.split], [job.units[k]], bb, stats, on_batch=bar.update)
                 _sync(bb.device)
-                secs = time.perf_counter() - t0
-                record = {"seconds": round(secs, 4), "instances": len(rows), **stats.as_dict()}
+                record = _add(before, time.perf_counter() - t0, rows, stats)
                 write_shard(job.path, job.key, rows, record)
+                partial_path(job.path).unlink(missing_ok=True)
                 log(f"evaluate {m.name} {job.split}{where}: {_rates(record)}")
     finally:
         bar.close()
+
+
+def _add(before: dict[str, Any], secs: float, rows: list[dict], stats: UnitStats) -> dict[str, Any]:
+    """A shard's record: this process's seconds and counts plus those of the run it continues (`before`)."""
+    now = stats.as_dict()
+    return {"seconds": round(before.get("seconds", 0.0) + secs, 4), "instances": len(rows),
+            **{k: int(before.get(k, 0)) + v for k, v in now.items()}}
+
+
+def partial_path(shard_file: Path) -> Path:
+    return shard_file.with_name(shard_file.stem + ".partial.json")
+
+
+def write_partial(job: Job, rows: list[dict], units_done: int, record: dict[str, Any]) -> Path:
+    path = partial_path(job.path)
+    atomic_write_json(path, {"key": job.key, "units_done": units_done, "stats": record, "rows": rows})
+    return path
+
+
+def read_partial(job: Job, tasks: Sequence, log: Log) -> tuple[list[dict], int, dict[str, Any]]:
+    """(rows, units answered, their record) saved by a stopped run of this very job; nothing when there is none, or
+    it is of another key or does not hold exactly the rows of its first units (then it is answered again)."""
+    path = partial_path(job.path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        done, rows = int(obj["units_done"]), obj["rows"]
+        want = [(tasks[i].name, inst.id) for u in job.units[:done] for i in u for inst in tasks[i].instances]
+        if obj["key"] != job.key or not 0 < done <= len(job.units) or [(r["task"], r["id"]) for r in rows] != want:
+            raise ValueError("another job")
+    except FileNotFoundError:
+        return [], 0, {}
+    except (OSError, ValueError, KeyError, TypeError):
+        log(f"evaluate {job.method} {job.split}: {path} is not a partial shard of this configuration; answering "
+            f"its units again")
+        return [], 0, {}
+    log(f"evaluate {job.method} {job.split}: continuing after {done} of {len(job.units)} unit(s) saved in {path}")
+    return rows, done, dict(obj.get("stats") or {})
 
 
 def _rates(stats: dict[str, Any]) -> str:
@@ -218,6 +273,7 @@ def _process_group(cfg) -> tuple[int, int, bool]:
     return 0, 1, False
 
 
+@stage_locked("evaluate")  # one writer per stage folder (run/stage_lock.py)
 def run(cfg: Any, sub: Optional[str] = None, *, progress: bool = True, log: Log = print,
         methods: Optional[Sequence[str]] = None, shard: Optional[Shard] = None) -> Optional[dict[str, Any]]:
     """Answer this process's shards of `methods` (default cfg.eval.methods); then, on the merging process, merge,
@@ -241,11 +297,15 @@ def run(cfg: Any, sub: Optional[str] = None, *, progress: bool = True, log: Log 
     bb.gradient_checkpointing = False  # inference only (and the student refuses HF's checkpointing)
     t_all = time.perf_counter()
     objs: dict[str, Optional[Method]] = {}
-    for name in methods:
-        objs[name] = build_method(cfg, name, splits, bb, log if rank == 0 else (lambda _msg: None))
-        if objs[name] is not None:
-            answer_jobs(cfg, objs[name], plan_jobs(cfg, objs[name], splits, [mine], ident_hash), splits, bb,
-                        progress=progress, log=log)
+    with StopSignals() as sig:  # SIGTERM / SIGUSR1: stop at the next unit, keeping what was answered
+        def stop() -> Optional[str]:  # ranks answer their shards independently: no collective
+            return sig.requested if sig.should_stop(collective=False) else None
+
+        for name in methods:
+            objs[name] = build_method(cfg, name, splits, bb, log if rank == 0 else (lambda _msg: None))
+            if objs[name] is not None:
+                answer_jobs(cfg, objs[name], plan_jobs(cfg, objs[name], splits, [mine], ident_hash), splits, bb,
+                            progress=progress, log=log, stop=stop)
     dist.barrier()  # every rank's shards are published
     if own_group:  # the merge needs no collective: the group this stage created ends here, on every rank
         torch.distributed.destroy_process_group()

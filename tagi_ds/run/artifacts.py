@@ -1,23 +1,30 @@
 """What a published teacher and a logit-cache shard must hold for a run: their manifests, written by the teacher and
 cache-logits stages and checked, with the same functions, by every stage that reads them (cache-logits, finetune,
 evaluate). A folder of another configuration is refused naming both hashes, never silently reused.
+
+A teacher's manifest also records the sha256 of its weights (`weights_sha256`, outside the identity `hash`): a
+teacher whose weights no longer match (truncated, zeroed, replaced) is retrained by the teacher stage and refused,
+naming the file, by every stage that reads it. A cache shard of this very configuration whose data is damaged, or
+whose teacher was retrained, is rebuilt; one of another configuration is refused.
 """
 from __future__ import annotations
 
 import functools
 import json
+import struct
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 from ..data.collate import PromptSettings
 from ..data.tasks import Task
 from ..errors import ArtifactMismatchError, ConfigError
-from ..io_utils import atomic_write_json, sha256_file, sha256_json
+from ..io_utils import atomic_write_json, sha256_bytes, sha256_file, sha256_json
 from .identity import config_identity, task_data
-from .peft_io import ADAPTER_WEIGHTS
+from .peft_io import ADAPTER_WEIGHTS, adapters_to_state_dict
 from .prompts import num_demonstrations
 from .units import unit_seed
 
+WEIGHTS_KEY = "weights_sha256"  # manifest field: {file name: sha256} of the published weights
 TEACHER_KIND = "tagi-ds/teacher"
 TEACHER_VERSION = 2  # 2: the config part is the teacher stage's identity (run/identity.py)
 PROMPT_FORMAT = "tk-instruct-v1"
@@ -59,20 +66,101 @@ def teacher_manifest(cfg, unit: str, tasks: Sequence[Task], arch: str, tokenizer
     return {**body, "hash": sha256_json(body)}
 
 
-def published_state(teacher_dir: Path, want_hash: str) -> str:
-    """'missing', 'done' (same hash) — or raise ArtifactMismatchError for a folder of another configuration."""
+def with_weights_hash(manifest: dict, specs: Sequence, adapters: dict) -> dict:
+    """`manifest` plus the sha256 of the adapter file `peft_io.write_peft_adapter` will write for `adapters`: the
+    same bytes, serialized here in memory, so the manifest is published in the same atomic step as the weights."""
+    from safetensors.torch import save
+
+    data = save(adapters_to_state_dict(specs, adapters), metadata={"format": "pt"})
+    return {**manifest, WEIGHTS_KEY: {ADAPTER_WEIGHTS: sha256_bytes(data)}}
+
+
+def safetensors_problem(path: Path) -> Optional[str]:
+    """What is wrong with a safetensors file's framing (None when its size matches its header): catches a truncated
+    or extended file without reading the tensors."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size:
+                return f"{path}: header length {n} exceeds the file's {size} bytes (truncated or not safetensors)"
+            header = json.loads(fh.read(n))
+        end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"], default=0)
+    except FileNotFoundError:
+        return f"{path}: missing"
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+        return f"{path}: unreadable safetensors file ({type(e).__name__}: {e})"
+    if size != 8 + n + end:
+        return f"{path}: {size} bytes, its header says {8 + n + end} (truncated or overwritten)"
+    return None
+
+
+def weights_problem(teacher_dir: Path, manifest: dict) -> Optional[str]:
+    """What is wrong with a published teacher's weights (None when they are what its manifest recorded)."""
+    path = Path(teacher_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        return f"{path}: missing"
+    want = (manifest.get(WEIGHTS_KEY) or {}).get(ADAPTER_WEIGHTS) if isinstance(manifest, dict) else None
+    if want is None:  # written before manifests recorded the weights: check the framing at least
+        return safetensors_problem(path)
+    have = weights_sha256(path)
+    if have != want:
+        return (f"{path}: sha256 {have[:16]}… differs from the {want[:16]}… recorded in "
+                f"{Path(teacher_dir) / 'manifest.json'} (damaged or replaced)")
+    return None
+
+
+def published_state(teacher_dir: Path, want_hash: str, *, damaged: Literal["refuse", "rebuild"] = "refuse",
+                    log: Callable[[str], None] = print) -> str:
+    """'missing', 'done' (same hash, weights intact), 'damaged' (same hash, weights not what the manifest recorded;
+    only with damaged="rebuild": the teacher stage retrains it) — or raise ArtifactMismatchError for a folder of
+    another configuration, or (damaged="refuse", every reader) for damaged weights, naming the file."""
     if not teacher_dir.exists():
         return "missing"
     mpath = teacher_dir / "manifest.json"
     try:
-        have = json.loads(mpath.read_text()).get("hash")
+        manifest = json.loads(mpath.read_text())
+        have = manifest.get("hash")
     except (OSError, ValueError, AttributeError):
-        have = None
-    if have == want_hash:
+        manifest, have = {}, None
+    if have != want_hash:
+        raise ArtifactMismatchError(
+            f"{teacher_dir}: an existing teacher was trained for another configuration (manifest hash {have!r} in "
+            f"{mpath}; this run expects {want_hash!r}); it is kept: use another run name, or redo the teachers and every "
+            f"later stage with `pipeline --from teacher` (or remove that folder)")
+    problem = weights_problem(teacher_dir, manifest)
+    if problem is None:
         return "done"
-    raise ArtifactMismatchError(
-        f"{teacher_dir}: an existing teacher was trained for another configuration (manifest hash {have!r} in "
-        f"{mpath}; this run expects {want_hash!r}); remove that folder to retrain it, or use another run name")
+    if damaged == "rebuild":
+        log(f"teacher {teacher_dir.name}: {problem}; retraining it")
+        return "damaged"
+    raise ArtifactMismatchError(f"{problem}; rerun `tagi-ds teacher` with the same config to retrain it")
+
+
+def check_shard_to_rebuild(shard: Path, fields: dict, log: Callable[[str], None] = print) -> None:
+    """An existing shard that is not complete for `fields`: return (after saying why) when it may be rebuilt, i.e. it
+    is damaged, or it was made for this configuration from an earlier version of its teacher's weights; raise
+    ArtifactMismatchError naming the differing field when it belongs to another configuration (kept, never lost)."""
+    from ..distill.logit_cache import FORMAT, MANIFEST_FILE, CacheShardReader, check_expect
+
+    mpath = Path(shard) / MANIFEST_FILE
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        ours = isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    except (OSError, ValueError):
+        manifest, ours = None, False
+    if ours:
+        check_expect({"mode": "topk", **manifest}, {k: v for k, v in fields.items() if k != "teacher_adapter_hash"},
+                     str(mpath))  # raises for another configuration
+    why = "its manifest is missing or unreadable"
+    if ours:
+        try:
+            CacheShardReader(shard, fields, verify=True)
+            return  # intact after all (a concurrent writer finished it): the stage skips or rewrites the same bytes
+        except ArtifactMismatchError as e:
+            why = ("it was made from an earlier version of its teacher's weights" if "teacher_adapter_hash" in str(e)
+                   else str(e).split("; rebuild the cache")[0])
+    log(f"cache-logits: {shard}: {why}; rebuilding it")
 
 
 def check_temperatures(cache_temperature: float, finetune_temperature: float) -> None:

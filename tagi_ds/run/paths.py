@@ -15,6 +15,10 @@
       report.md report.json *.png
       tb/<stage>[/<sub>]/       TensorBoard scalars of each stage
       .pipeline/<stage>.json    the pipeline's done-markers
+      .locks/<stage>[__<sub>].lock  the lock of a stage (unit) while a process writes it (io_utils.file_lock)
+
+Every path here is built from plain names (`check_unit_name`), so it stays under the run folder; `inside` checks
+a path that will be deleted or replaced after resolving symlinks.
 
 Cache shards are keyed by *task* (the name the finetune looks up), teachers by *unit*: with teacher.group_by=task
 the two coincide; with group_by=category each task's shard is written by its category's teacher.
@@ -22,12 +26,15 @@ the two coincide; with group_by=category each task's shard is written by its cat
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 CKPT_DIRNAME = ".ckpt"
+LOCKS_DIRNAME = ".locks"
 EXPORT_SUBDIR = "export"  # a hypernetwork stage's inference export (run/export_io.py)
 
 
@@ -39,14 +46,48 @@ def check_unit_name(name: str) -> str:
     return name
 
 
+def check_run_name(name: str) -> str:
+    """A run name is one plain folder under runs_dir (ConfigError otherwise): never a path that lands elsewhere."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name or name != name.strip():
+        raise ConfigError(f"name={name!r}: a run name must be a plain folder name under runs_dir (no '/', not "
+                          f"starting with '.'); the run folder is <runs_dir>/<name>")
+    return name
+
+
 @dataclass(frozen=True)
 class RunPaths:
     run_dir: Path
 
     @classmethod
     def of(cls, cfg) -> "RunPaths":
-        """The paths of a RunConfig's run (<runs_dir>/<name>)."""
-        return cls(Path(cfg.run_dir))
+        """The paths of a RunConfig's run (<runs_dir>/<name>; the name must be a plain folder name)."""
+        return cls(Path(cfg.runs_dir) / check_run_name(cfg.name))
+
+    def inside(self, path: Path) -> Path:
+        """`path` after checking that it resolves (symlinks followed) to somewhere inside the run folder: what is
+        deleted or replaced must never be outside it. ConfigError otherwise."""
+        root = os.path.realpath(self.run_dir)
+        real = os.path.realpath(path)
+        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            raise ConfigError(f"{path}: resolves to {real}, outside the run folder {root}; refusing to write or "
+                              f"delete there (a symlink under the run folder?)")
+        return Path(path)
+
+    # ------------------------------------------------------------------------------------------- locks
+    @property
+    def locks(self) -> Path:
+        return self.run_dir / LOCKS_DIRNAME
+
+    def lock(self, stage: str, sub: Optional[str] = None) -> Path:
+        """The lock file of a stage, or of one unit of it (a variant, a mode, a teacher selection)."""
+        return self.locks / (f"{stage}__{check_unit_name(sub)}.lock" if sub else f"{stage}.lock")
+
+    def stage_locks(self, stage: str) -> list[Path]:
+        """Every lock file of `stage` that exists now (the stage's own and its units')."""
+        if not self.locks.is_dir():
+            return []
+        return sorted(p for p in self.locks.glob(f"{stage}*.lock")
+                      if p.name == f"{stage}.lock" or p.name.startswith(f"{stage}__"))
 
     # ------------------------------------------------------------------------------------------- stages
     @property

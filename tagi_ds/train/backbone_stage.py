@@ -54,6 +54,7 @@ from ..run.backbone_recipe import (ASSET_DIR, INIT_STD, LM_HELDOUT_FRACTION, LM_
 from ..run.decode import decode_prompts
 from ..run.dist import barrier, rank, world_size
 from ..run.paths import RunPaths
+from ..run.stage_lock import stage_locked
 from .loop import train_loop
 
 EXTRA_KEYS = ("use_asset",)
@@ -351,6 +352,7 @@ def build_tiny_backbone(out_dir: Path, *, seed: int, hidden: int, layers: int, h
     return record
 
 
+@stage_locked("backbone")  # one writer per stage folder (run/stage_lock.py)
 def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log: Callable[[str], None] = print,
         use_asset: bool = True, max_steps: int = 100_000) -> Path:
     """Build (or find) the backbone of this config; returns its folder. One process builds it (rank 0 under a

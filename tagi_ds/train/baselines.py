@@ -44,6 +44,7 @@ from ..run.methods import BASELINES, baseline_modes
 from ..run.paths import RunPaths
 from ..run.peft_io import ADAPTER_CONFIG
 from ..run.prompts import encode_examples, prompt_settings
+from ..run.stage_lock import stage_locked
 from .engine_stage import METRICS_FILE, EngineSetup, StageSpec, setup_backbone, train_stage
 from .losses import ce_sum
 
@@ -190,6 +191,7 @@ def train_baseline(cfg, mode: str, record: Optional[dict], *, progress: bool = T
     return train_stage(setup, spec, show_progress=progress)
 
 
+@stage_locked("baselines")  # one writer per stage folder (run/stage_lock.py)
 def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log: Callable[[str], None] = print) -> list[Path]:
     """Train the baselines of eval.methods (or mode `sub` alone) that are not trained yet; returns their folders."""
     modes = [sub] if sub is not None else baseline_modes(cfg)

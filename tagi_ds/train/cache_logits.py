@@ -29,6 +29,7 @@ from ..run.dist import barrier, join_ranks, my_share
 from ..run.paths import RunPaths
 from ..run.signals import StopSignals, Stopped
 from ..run.units import RunUnits, load_run_units
+from ..run.stage_lock import stage_locked
 from .cache_writer import write_unit_shards
 
 EXTRA_KEYS = ("task", "array_index")
@@ -46,6 +47,7 @@ def _teacher_ready(cfg, ru: RunUnits, unit: str, bb: LoadedBackbone, paths: RunP
     return published_state(paths.teacher(unit), m["hash"]) == "done"
 
 
+@stage_locked("cache-logits")  # one writer per stage folder (run/stage_lock.py)
 def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log=print, task: Optional[str] = None,
         array_index: Optional[str] = None) -> dict[str, list[str]]:
     """Write the shards of the selected units (this rank's share of them under torchrun / srun). Returns

@@ -18,11 +18,11 @@ import torch
 
 from ..data.collate import PromptSettings, assemble, pad_id
 from ..data.tasks import Task
-from ..distill.logit_cache import CacheShardReader, CacheShardWriter, shard_is_complete
+from ..distill.logit_cache import CacheShardWriter, shard_is_complete
 from ..errors import ArtifactMismatchError
 from ..modeling.label_logits import align_label_logits
 from ..modeling.lora import BatchedLoraHooks
-from ..run.artifacts import record_teacher_stat, shard_fields
+from ..run.artifacts import check_shard_to_rebuild, record_teacher_stat, shard_fields
 from ..run.backbone import LoadedBackbone
 from ..run.paths import RunPaths
 from ..run.peft_io import ADAPTER_WEIGHTS, read_peft_adapter
@@ -81,8 +81,7 @@ def write_unit_shards(cfg, ru: RunUnits, unit: str, bb: LoadedBackbone, paths: R
             skipped.append(t.name)
             continue
         if shard.exists():
-            CacheShardReader(shard, fields)  # raises ArtifactMismatchError naming the differing field
-            raise ArtifactMismatchError(f"{shard}: existing shard does not match this run; remove it to rebuild")
+            check_shard_to_rebuild(shard, fields, log)  # damaged / stale teacher: rebuilt; other config: refused
         todo.append((t, fields))
     if not todo:
         return written, skipped

@@ -6,10 +6,19 @@
     latest                   the tag of the newest COMPLETE checkpoint, replaced atomically after manifest.json
 A checkpoint without a manifest, with a missing file, or with a file whose size / sha256 differ is refused with
 ArtifactMismatchError naming the file; `latest` never points at a checkpoint that is still being written.
+
+No pickle from a run folder (a planted file must never run code): our own files hold only tensors, numbers, strings
+and lists (RNG states included), and are read with `torch.load(weights_only=True)`, which refuses any other object.
+DeepSpeed's files are read by DeepSpeed with full unpickling; a checkpoint holding any file of ours that is not in
+SAFE_FILES is loaded only when its manifest carries an HMAC made with this user's key (`checkpoint_key`, kept
+outside every run folder), which a file planted in the run folder cannot forge.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
 import random
 import re
 import shutil
@@ -20,12 +29,15 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactMismatchError
-from ..io_utils import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from ..io_utils import atomic_path, atomic_write_json, atomic_write_text, sha256_file, torch_save
 from ..run.export_io import trainable_named_parameters, write_export
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
 _TAG_RE = re.compile(r"^step(\d{8})$")
+# Files read with torch.load(weights_only=True) by our own code: safe without a signature.
+SAFE_FILES = re.compile(r"^(trainable\.pt|optimizer\.pt|progress_rank\d+\.pt|.*\.safetensors|.*\.json)$")
+KEY_ENV = "TAGI_DS_CHECKPOINT_KEY"
 
 
 def tag_for(step: int) -> str:
@@ -45,7 +57,62 @@ def write_manifest(tag_dir: Path, step: int, world_size: int) -> None:
         if f.name.startswith(".") and f.name.endswith(".tmp"):
             continue
         files[f.relative_to(tag_dir).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-    atomic_write_json(tag_dir / MANIFEST, {"step": step, "world_size": world_size, "files": files})
+    man = {"step": step, "world_size": world_size, "files": files}
+    if needs_signature(files):
+        man["hmac"] = _sign(files)
+    atomic_write_json(tag_dir / MANIFEST, man)
+
+
+# ------------------------------------------------------------------------------------------ signatures
+def checkpoint_key_path() -> Path:
+    """$TAGI_DS_CHECKPOINT_KEY, else ~/.config/tagi-ds/checkpoint.key: outside every run folder."""
+    env = os.environ.get(KEY_ENV)
+    return Path(env) if env else Path.home() / ".config" / "tagi-ds" / "checkpoint.key"
+
+
+def checkpoint_key(create: bool) -> Optional[bytes]:
+    """This user's secret for checkpoint manifests (32 random bytes, file mode 0600), made on first use."""
+    path = checkpoint_key_path()
+    if path.is_file():
+        return path.read_bytes()
+    if not create:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(os.urandom(32))
+        os.chmod(tmp, 0o600)
+    path.chmod(0o600)
+    return path.read_bytes()
+
+
+def needs_signature(files: dict) -> bool:
+    """True when a checkpoint holds a file that a library unpickles fully (DeepSpeed's model / optimizer states)."""
+    return any(not SAFE_FILES.match(Path(rel).name) for rel in files)
+
+
+def _sign(files: dict, key: Optional[bytes] = None) -> str:
+    key = key if key is not None else checkpoint_key(create=True)
+    body = json.dumps(files, sort_keys=True).encode("utf-8")
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def _check_signature(man: dict, man_path: Path) -> None:
+    key = checkpoint_key(create=False)
+    sig = man.get("hmac")
+    if key is None or not isinstance(sig, str) or not hmac.compare_digest(sig, _sign(man["files"], key)):
+        why = ("it has no signature" if not isinstance(sig, str) else
+               "no checkpoint key exists here" if key is None else "its signature does not match this user's key")
+        raise ArtifactMismatchError(
+            f"{man_path}: {why} ({checkpoint_key_path()}). This checkpoint holds pickle files that loading would "
+            f"execute, so only checkpoints written by this user's runs are loaded; if you trust it, sign it with "
+            f"`python -m tagi_ds.train.checkpoint --sign {man_path.parent}`, or remove it to start over")
+
+
+def sign_checkpoint(tag_dir: str | Path) -> None:
+    """Re-sign a trusted checkpoint's manifest with this user's key (its files are hashed again)."""
+    tag_dir = Path(tag_dir)
+    man = json.loads((tag_dir / MANIFEST).read_text(encoding="utf-8"))
+    write_manifest(tag_dir, int(man["step"]), int(man.get("world_size", 1)))
 
 
 def verify_checkpoint(tag_dir: str | Path) -> dict:
@@ -72,6 +139,8 @@ def verify_checkpoint(tag_dir: str | Path) -> dict:
                                         f"(truncated or overwritten)")
         if sha256_file(f) != meta["sha256"]:
             raise ArtifactMismatchError(f"{f}: sha256 differs from {man_path} (corrupted)")
+    if needs_signature(files):
+        _check_signature(man, man_path)
     return man
 
 
@@ -102,15 +171,23 @@ def prune_checkpoints(ckpt_root: str | Path, keep: int, latest_tag: str) -> list
 
 # ----------------------------------------------------------------------------------- progress and RNG
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, numbers and lists only (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                       float(cached)]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((str(name), np.asarray(keys, dtype=np.int64).astype(np.uint32), int(pos), int(has_gauss),
+                         float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -122,7 +199,7 @@ def progress_file(tag_dir: Path, rank: int) -> Path:
 
 def save_progress(tag_dir: Path, rank: int, progress: dict) -> None:
     with atomic_path(progress_file(tag_dir, rank)) as tmp:
-        torch.save({"progress": progress, "rng": rng_state()}, tmp)
+        torch_save({"progress": progress, "rng": rng_state()}, tmp)
 
 
 def load_progress(tag_dir: Path, rank: int) -> dict:
@@ -136,11 +213,14 @@ def load_progress(tag_dir: Path, rank: int) -> dict:
 
 
 def load_torch_file(f: Path) -> Any:
+    """One of our checkpoint files: tensors, numbers, strings, lists and dicts only. `weights_only=True` refuses any
+    other object, so a planted pickle is an error here, never code that runs."""
     try:
-        # Our own files, already checked against the manifest; numpy RNG state needs full unpickling.
-        return torch.load(f, map_location="cpu", weights_only=False)
+        return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise ArtifactMismatchError(f"{f}: cannot be read as a checkpoint file ({type(e).__name__}: {e})") from None
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ArtifactMismatchError(f"{f}: cannot be read as a checkpoint file: it holds something other than "
+                                    f"tensors and plain values (refused, never unpickled: {msg})") from None
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -226,3 +306,18 @@ def load_consolidated(tag_dir: Path, module: torch.nn.Module) -> None:
     with torch.no_grad(), ctx:
         for n, p in named:
             p.copy_(tensors[n].to(p.dtype))
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m tagi_ds.train.checkpoint --sign DIR`: trust a checkpoint folder (re-sign its manifest)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tagi_ds.train.checkpoint")
+    p.add_argument("--sign", required=True, metavar="DIR", help="a checkpoint folder (<stage>/checkpoints/stepN)")
+    args = p.parse_args(argv)
+    sign_checkpoint(args.sign)
+    print(f"signed {Path(args.sign) / MANIFEST} with {checkpoint_key_path()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactMismatchError, ConfigError
-from ..io_utils import atomic_path
+from ..io_utils import atomic_path, torch_save
 from . import checkpoint as ck
 from ..run.dist import DistributedFailure, barrier, collective_guard, init_distributed, rank, world_size
 from .logging import TrainLogger
@@ -236,11 +236,12 @@ class Engine:
         return tag_dir
 
     def _save_plain(self, tag_dir: Path) -> None:
+        """Tensors and plain values only: `_load_plain` reads them with weights_only=True (never unpickles code)."""
         named = ck.trainable_named_parameters(self._module)
         with atomic_path(tag_dir / "trainable.pt") as tmp:
-            torch.save({n: p.detach().cpu() for n, p in named}, tmp)
+            torch_save({n: p.detach().cpu() for n, p in named}, tmp)
         with atomic_path(tag_dir / "optimizer.pt") as tmp:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            torch_save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "global_step": self._plain_step, "micro_step": self._micro}, tmp)
 
     def resume_latest(self) -> Optional[dict]:
@@ -291,6 +292,7 @@ class Engine:
         return progress
 
     def _load_plain(self, tag_dir: Path) -> None:
+        # weights_only loads (ck.load_torch_file): a pickle planted in the run folder is refused, never run
         weights = ck.load_torch_file(tag_dir / "trainable.pt")
         state = ck.load_torch_file(tag_dir / "optimizer.pt")
         params = dict(ck.trainable_named_parameters(self._module))

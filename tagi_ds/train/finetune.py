@@ -30,6 +30,7 @@ from ..run.paths import RunPaths, check_unit_name
 from ..run.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..run.prompts import prompt_settings
 from ..run.units import teacher_unit
+from ..run.stage_lock import stage_locked
 from .distill_step import DistillLoss, TeacherAdapters
 from .engine_stage import StageSpec, train_stage
 from .hypernet_loop import StudentSetup, TrainBatch, bucket_instructions, hypernet_stage, setup_student
@@ -172,6 +173,7 @@ def check_config(cfg, variant: str) -> None:
         check_temperatures(cfg.cache.temperature, f.temperature)
 
 
+@stage_locked("finetune")  # one writer per stage folder (run/stage_lock.py)
 def run(cfg, sub: Optional[str] = "tagi", *, progress: bool = True, log: Callable[[str], None] = print,
         on_checkpoint: Optional[Callable[[int], None]] = None):
     """Train stage 2 as variant `sub` and write its export; returns the export folder (rank 0) or None."""

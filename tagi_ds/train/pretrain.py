@@ -24,6 +24,7 @@ from ..errors import ConfigError, DataError
 from ..modeling.label_logits import IGNORE
 from ..run.identity import PRETRAIN_DATA_KEYS, check_stage_record, config_identity
 from ..run.paths import RunPaths
+from ..run.stage_lock import stage_locked
 from .engine_stage import StageSpec, train_stage
 from .hypernet_loop import StudentSetup, TrainBatch, bucket_instructions, hypernet_stage, setup_student
 from .losses import ce_loss
@@ -128,6 +129,7 @@ def build_stage(cfg, setup: StudentSetup, record: Optional[dict]) -> StageSpec:
                           summary={"corpus": str(batches.blocks.corpus.path)})
 
 
+@stage_locked("pretrain")  # one writer per stage folder (run/stage_lock.py)
 def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log: Callable[[str], None] = print,
         on_checkpoint: Optional[Callable[[int], None]] = None):
     """Train stage 1 and write its export; returns the export folder (rank 0) or None (other ranks)."""

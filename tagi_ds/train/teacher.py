@@ -26,7 +26,8 @@ from ..data.tasks import Task
 from ..metrics import compute_metrics
 from ..modeling.label_logits import align_label_logits
 from ..modeling.lora import BatchedLoraHooks
-from ..run.artifacts import check_temperatures, published_state, teacher_manifest, teachers_identity
+from ..run.artifacts import (check_temperatures, published_state, teacher_manifest, teachers_identity,
+                             with_weights_hash)
 from ..run.array import n_jobs, resolve_array_index, sbatch_line
 from ..run.backbone import LoadedBackbone, load_run_backbone
 from ..run.decode import decode_prompts
@@ -36,6 +37,7 @@ from ..run.peft_io import write_peft_adapter
 from ..run.prompts import encode_examples, prompt_settings
 from ..run.signals import StopSignals, Stopped
 from ..run.units import RunUnits, load_run_units
+from ..run.stage_lock import stage_locked
 from .logging import TrainLogger
 from .cache_writer import write_unit_shards
 from .teacher_batch import BatchedTeacherTrainer, UnitSpec
@@ -175,7 +177,8 @@ def train_units(cfg, ru: RunUnits, units: Sequence[str], bb: LoadedBackbone, pat
                    "stopped_by_budget": res.stopped_by_budget, "batched_with": len(units), **evals[i]}
         path = write_peft_adapter(paths.teacher(u), bb.specs, trainer.lora.unit(i), r=cfg.lora.r,
                                   alpha=cfg.lora.alpha, base_model=bb.path, task_type=task_type,
-                                  extra_files={"metrics.json": metrics, "manifest.json": m})
+                                  extra_files={"metrics.json": metrics,
+                                               "manifest.json": with_weights_hash(m, bb.specs, trainer.lora.unit(i))})
         log(_summary_line(u, metrics))
         out.append(str(path))
     shutil.rmtree(ckpt, ignore_errors=True)  # published: the checkpoint has done its job
@@ -195,6 +198,7 @@ def _summary_line(unit: str, m: dict) -> str:
     return line
 
 
+@stage_locked("teacher")  # one writer per stage folder (run/stage_lock.py)
 def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log=print, task: Optional[str] = None,
         array_index: Optional[str] = None) -> dict[str, list[str]]:
     """Train the selected units that are not published yet (this rank's share of them under torchrun / srun: each
@@ -210,7 +214,7 @@ def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log=print, tas
     todo, skipped = [], []
     for u in selected:  # refuse any mismatch before training anything
         m = teacher_manifest(cfg, u, ru.tasks[u], bb.arch, bb.tokenizer_hash)
-        if published_state(paths.teacher(u), m["hash"]) == "done":
+        if published_state(paths.teacher(u), m["hash"], damaged="rebuild", log=log) == "done":
             skipped.append(u)
             log(f"teacher {u}: skipped (published at {paths.teacher(u)}, manifest {m['hash'][:12]})")
         else:

@@ -31,7 +31,7 @@ from torch import nn
 from ..data.collate import EncodedPair, assemble
 from ..modeling.label_logits import align_label_logits
 from ..errors import ConfigError, DataError
-from ..io_utils import atomic_path
+from ..io_utils import atomic_path, torch_save
 from ..kernels import dispatch
 from ..modeling.backbone import TargetSpec
 from ..modeling.lora import BatchedLoraHooks
@@ -284,7 +284,7 @@ class BatchedTeacherTrainer:
         """Atomic: a kill mid-save leaves the previous checkpoint intact."""
         path = Path(ckpt_dir) / CKPT_FILE
         with atomic_path(path) as tmp:
-            torch.save(self.state_dict(tag), tmp)
+            torch_save(self.state_dict(tag), tmp)  # tensors and plain values: try_resume reads it weights_only
         return path
 
     def try_resume(self, ckpt_dir: Path, tag: dict, log: Callable[[str], None] = print) -> bool:
@@ -293,9 +293,11 @@ class BatchedTeacherTrainer:
         if not path.is_file():
             return False
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a checkpoint from a crashed filesystem: start over rather than fail
-            log(f"teacher: ignoring unreadable checkpoint {path} ({e}); starting over")
+            # weights_only: tensors and plain values only, so a pickle planted in the run folder never runs
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged or foreign file: start over rather than fail (it is replaced)
+            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            log(f"teacher: ignoring checkpoint {path}: not a checkpoint of ours, or damaged ({msg}); starting over")
             return False
         if state.get("tag") != tag:
             log(f"teacher: checkpoint {path} was written for another configuration; starting over")

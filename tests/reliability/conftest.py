@@ -4,6 +4,10 @@
 PEFT teachers and their logit-cache shards with the manifests the finetune expects (write_teachers_and_cache), and a
 plain-loop (no DeepSpeed) finetune of 2 steps with a checkpoint after each step and an export. The bad-input tests
 run the real CLI against it and check that nothing under the run folder changed.
+
+`rel_pipeline` is a finished `tagi-ds pipeline` of the same tiny recipe (real teachers, cache, pretrain, finetune
+tagi, no baselines, evaluate of no_ft and tagi on 2 instances per task: ~15 s), with its done-markers and report:
+what `pipeline --from`, `evaluate` and the teacher / cache stages are tested against (issue 19).
 """
 from __future__ import annotations
 
@@ -76,3 +80,40 @@ def rel_run(tmp_path_factory) -> RelRun:
     export = finetune.run(cfg, "tagi", progress=False)
     return RelRun(root, yaml, sets, bb, cfg.run_dir, Path(export), tasks)
 
+
+
+@dataclass
+class RelPipeline:
+    rel: RelRun
+    run_dir: Path
+    sets: list[str]         # the overrides of the finished pipeline (runs_dir, name, backbone, budgets, methods)
+
+    def args(self, *extra: str, runs_dir: Path | None = None) -> list[str]:
+        """--config + the pipeline's overrides (+ runs_dir of a copy) + `extra`."""
+        sets = [*self.sets, f"runs_dir={runs_dir}"] if runs_dir is not None else self.sets
+        return ["--config", str(self.rel.yaml), *sets, *extra]
+
+
+# eval.tasks_per_batch=1: a split of 2 tasks is 2 units of work, so a stop can fall inside it (test_stop_signals.py)
+PIPELINE_SETS = ["baselines.steps=2", "eval.methods=[no_ft,tagi]", "data.max_eval_instances_per_task=2",
+                 "eval.tasks_per_batch=1"]
+
+
+@pytest.fixture(scope="session")
+def rel_pipeline(rel_run, tmp_path_factory) -> RelPipeline:
+    from tagi_ds import cli
+
+    root = tmp_path_factory.mktemp("rel_pipeline")
+    sets = [f"runs_dir={root / 'runs'}", "name=p", f"backbone.name_or_path={rel_run.backbone}", *PIPELINE_SETS]
+    assert cli.main(["pipeline", "--config", str(rel_run.yaml), *sets, "--no-progress"]) == 0
+    return RelPipeline(rel_run, root / "runs" / "p", sets)
+
+
+@pytest.fixture()
+def prun(rel_pipeline, tmp_path):
+    """(RelPipeline, runs_dir of a private copy, the copy's run folder): a finished pipeline a test may change."""
+    from tests.reliability.rel_helpers import copy_run
+
+    runs = tmp_path / "runs"
+    run = copy_run(rel_pipeline.run_dir, runs)
+    return rel_pipeline, runs, run

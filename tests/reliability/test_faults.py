@@ -165,6 +165,8 @@ ALLOWED = {
     ("tagi_ds/train/teacher_batch.py", "save_checkpoint"): "its own method, which writes through atomic_path",
     ("tagi_ds/train/engine.py", "save_checkpoint"): "DeepSpeed's own files; a checkpoint counts once its manifest "
                                                      "(atomic) and then `latest` (atomic) are written",
+    ("tagi_ds/data/p3_release.py", "open"): "convert_split writes into the atomic_dir temp folder of its caller",
+    ("tagi_ds/data/tfrecord.py", "open"): "TFRecordWriter opens the temp path of its own atomic_path",
 }
 
 
