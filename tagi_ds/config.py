@@ -133,6 +133,8 @@ class DataConfig:
     max_tasks: Optional[int] = f(None, "cap on training tasks (None = all)", ge=1)
     max_instances_per_task: int = f(100, "instances per task, capped with `seed`", ge=1)
     max_eval_instances_per_task: int = f(100, "first N instances of each test task are evaluated", ge=1)
+    seen_held_back: int = f(0, "SNI/P3: last N instances of each training task kept out of training and scored as the "
+                               "seen split; 0 scores training instances (labelled training-set accuracy)", ge=0)
     num_pos_examples: int = f(2, "positive examples in the instruction (Def + 2 Pos)", ge=0)
     add_task_definition: bool = f(True, "put the task definition in the instruction")
     max_source_length: int = f(1024, "tokens of the full Tk-Instruct prompt (teacher / baselines), and of the "
@@ -192,7 +194,8 @@ class HypernetConfig:
     hidden: int = f(256, "MLP trunk width", ge=1)
     trunk_layers: int = f(2, "MLP trunk depth", ge=0)
     embed_dim: int = f(64, "layer and module-type embedding size", ge=1)
-    fusion: bool = f(True, "decoder sees the instruction states (T5: cross-attn concat; LLaMA: KV prefix)")
+    fusion: bool = f(True, "the student sees the instruction states (T5: their cross-attention K/V, projected once "
+                           "per task beside the input's; LLaMA: a KV prefix)")
     train_encoder: bool = f(False, "train a copy of the instruction encoder (HINT / official code) instead of freezing it")
     kernel: Literal["auto", "reference", "triton"] = f("auto", "LoRA / head kernels: triton on CUDA when auto")
     head_lr_scale: Optional[float] = f(

@@ -133,4 +133,5 @@ def load_run_tasks_from_config(cfg) -> dict[str, list[Task]]:
     return load_run_tasks(d.source, sni_dir=d.sni_dir, sni_split_dir=d.sni_split_dir, p3_dir=d.p3_dir,
                           synthetic_kwargs=dataclasses.asdict(d.synthetic),
                           max_instances=d.max_instances_per_task, max_eval_instances=d.max_eval_instances_per_task,
-                          seed=d.seed, max_tasks=d.max_tasks, p3_num_demonstrations=d.p3_num_demonstrations)
+                          seed=d.seed, max_tasks=d.max_tasks, p3_num_demonstrations=d.p3_num_demonstrations,
+                          seen_held_back=d.seen_held_back)

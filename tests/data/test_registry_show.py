@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from tagi_ds.data.p3 import write_p3_fixture
 from tagi_ds.data.registry import SPLITS_BY_SOURCE, load_run_tasks, load_run_tasks_from_config
 from tagi_ds.errors import DataError
 
+REPO = Path(__file__).resolve().parents[2]
 SMALL_SUITE = dict(seed=0, instances_per_task=30, held_back_per_task=10)
 
 
@@ -55,6 +57,20 @@ def test_sni_real_counts(sni_dir):
     for t, s in zip(held["train"], held["seen"]):
         assert len(t.instances) == 10 and len(s.instances) == 3 and s.name == t.name
         assert not {i.id for i in t.instances} & {i.id for i in s.instances}
+
+
+def test_the_config_holds_seen_instances_back(sni_dir):
+    """data.seen_held_back reaches the registry (it was a keyword no config could set): the seen split is made of
+    instances the training split no longer has, and says so."""
+    base = ["data.source=sni", f"data.sni_dir={sni_dir}", "data.max_tasks=4", "data.max_instances_per_task=6",
+            "data.max_eval_instances_per_task=2"]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", base + ["data.seen_held_back=2"])
+    splits = load_run_tasks_from_config(cfg)
+    for t, s in zip(splits["train"], splits["seen"]):
+        assert len(t.instances) == 6 and len(s.instances) == 2 and s.meta["seen_from"] == "held_back"
+        assert not {i.id for i in t.instances} & {i.id for i in s.instances}
+    plain = load_run_tasks_from_config(load_config(REPO / "configs" / "tiny.yaml", base))
+    assert all(s.meta["seen_from"] == "train_instances" for s in plain["seen"])
 
 
 def test_p3_registry(tmp_path):
