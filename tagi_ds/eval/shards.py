@@ -27,9 +27,8 @@ from typing import Any, Callable, Optional, Sequence
 from ..data.tasks import Task
 from ..errors import ConfigError
 from ..io_utils import atomic_write_json, sha256_json
-from ..run.paths import RunPaths, check_unit_name
+from ..run.paths import RunPaths
 
-SHARDS_DIR = "shards"
 FORMAT = 1
 
 
@@ -124,8 +123,7 @@ def shard_tasks(tasks: Sequence[Task], units: Sequence[Sequence[int]], shard: Sh
 
 # ------------------------------------------------------------------------------------------------ files
 def shard_path(paths: RunPaths, method: str, split: str, shard: Shard) -> Path:
-    return (paths.eval / SHARDS_DIR / check_unit_name(method) / check_unit_name(split)
-            / f"{shard.index:05d}-of-{shard.count:05d}.json")
+    return paths.eval_shard(method, split, shard.index, shard.count)
 
 
 def artifact_fingerprint(files: Sequence[Path]) -> str:

@@ -10,7 +10,8 @@
       pretrain/                 stage 1: checkpoints/, export/, metrics.jsonl, summary.json, stage.json
       finetune/<variant>/       stage 2 per variant (tagi, hint, ablations): the same files
       baselines/<mode>/         multitask LoRA baselines (tk_instruct, no_instruction): PEFT dir + train.json
-      eval/                     predictions/<method>/<split>.jsonl, metrics.json
+      eval/                     predictions/<method>/<split>.jsonl, metrics.json,
+                                shards/<method>/<split>/<i>-of-<n>.json (one rank's answers; .partial.json: stopped)
       eval_archive/<hash>/      reports of earlier configurations of this run (the pipeline versions, never overwrites)
       report.md report.json *.png
       tb/<stage>[/<sub>]/       TensorBoard scalars of each stage
@@ -155,6 +156,11 @@ class RunPaths:
     @property
     def eval(self) -> Path:
         return self.run_dir / "eval"
+
+    def eval_shard(self, method: str, split: str, index: int, count: int) -> Path:
+        """One rank's answers to shard `index` of `count` of (method, split); eval/shards.py writes and merges them."""
+        return (self.eval / "shards" / check_unit_name(method) / check_unit_name(split)
+                / f"{index:05d}-of-{count:05d}.json")
 
     def predictions(self, method: str, split: str) -> Path:
         return self.eval / "predictions" / check_unit_name(method) / f"{check_unit_name(split)}.jsonl"
