@@ -1,0 +1,274 @@
+"""The single-GPU stages as the code runs them today: teacher and cache-logits (one Slurm array element per unit),
+the multitask baselines and evaluate (one process, one GPU). Each phase lists its parts (structures.py)."""
+from __future__ import annotations
+
+import math
+
+from . import structures as S
+from .activations import activation_bytes, forward_transient_bytes
+from .stage_types import Ctx, Part, Phase, StagePlan, decode_flops, forward_flops, train_flops
+
+HYPERNET_METHODS = ("hint", "tagi", "tagi_no_kl", "tagi_no_ins", "tagi_no_pretrain", "tagi_no_fusion")
+BASELINES = ("no_instruction", "tk_instruct")
+
+
+def host_base(ctx: Ctx, load_elem: int | None = None, load_params: int | None = None,
+              tasks: bool = True) -> list[Part]:
+    """Libraries, every split's tasks (all stages but pretrain load them), and the backbone's host copy while
+    from_pretrained reads it."""
+    n, chars = ctx.distinct_instances()
+    parts = [Part("libraries (torch, transformers, CUDA)", S.process_libraries_bytes(ctx.cuda), "host", "",
+                  "structures.process_libraries_bytes")]
+    if tasks:
+        parts.append(Part("all splits' tasks in memory", S.loaded_tasks_bytes(n, chars), "host",
+                          "data.max_instances_per_task", "data.registry.load_run_tasks_from_config"))
+    if load_elem is not None:
+        parts.append(Part("backbone read by from_pretrained (transient)",
+                          S.backbone_load_host_bytes(load_params or ctx.mf.params, load_elem), "host", "",
+                          "structures.backbone_load_host_bytes"))
+    return parts
+
+
+def array_processes(ctx: Ctx, units: int, concurrency: int) -> int:
+    return max(1, min(units, concurrency, ctx.world))
+
+
+def _lora_modules(ctx: Ctx) -> int:
+    return ctx.mf.target_modules
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+def teacher_plan(ctx: Ctx) -> StagePlan:
+    cfg, mf, df, sh = ctx.cfg, ctx.mf, ctx.df, ctx.mf.shape
+    tc, elem, tr = cfg.teacher, mf.elem, df.splits["train"]
+    units = df.teacher_units
+    k = max(1, min(tc.tasks_per_batch, units))
+    rows = k * tc.batch_size
+    ckpt = cfg.backbone.gradient_checkpointing
+    # teacher_batch.train: backbone.train(ckpt) -> dropout is live whenever HF checkpointing is on
+    s_src, s_tgt = tr.prompt_width, tr.target_width
+    act = activation_bytes(sh, rows, 0, s_src, s_tgt, False, ctx.attn, elem, dropout=ckpt, cuda=ctx.cuda)
+    causal = mf.arch == "llama"
+    positions = s_src + s_tgt if causal else s_tgt
+    logits = S.logits_bytes(rows, positions, s_tgt, sh.vocab, elem, fp32_copies=2)
+    lora_rows = S.per_row_lora_bytes(rows, mf.teacher_lora_params, positions if causal else s_src, cfg.lora.r,
+                                     _lora_modules(ctx), elem, ckpt)
+    weights = Part("backbone weights", S.backbone_weights_bytes(mf.params, elem), "gpu", "backbone.dtype",
+                   "modeling.backbone.load_backbone")
+    lora = Part(f"{k} teacher LoRA(s) + grad + AdamW (fp32)", S.stacked_lora_train_bytes(k, mf.teacher_lora_params),
+                "gpu", "teacher.tasks_per_batch", "teacher_batch.StackedLora")
+    cuda_ctx = [Part("CUDA context", S.CUDA_CONTEXT_GPU_BYTES, "gpu")] if ctx.cuda else []
+    unit_instances = tr.instances / max(1, units)
+    examples = Part("the unit's tokenized examples", S.token_lists_bytes(
+        int(unit_instances) * 2, (tr.prompt_mean + tr.target_mean) / 2), "host", "", "teacher.encode_examples")
+    step = Phase("training step", cuda_ctx + [
+        weights, lora,
+        Part("activations" + (" (checkpointed)" if ckpt else ""), act["layers_ckpt" if ckpt else "layers_no_ckpt"],
+             "gpu", "teacher.batch_size" if ckpt else "backbone.gradient_checkpointing",
+             "activations.activation_bytes"),
+        Part("backward: one layer's gradients", act["one_layer"], "gpu", "teacher.batch_size",
+             "activations.activation_bytes one_layer"),
+        Part("per-row LoRA copies", lora_rows, "gpu", "teacher.batch_size", "structures.per_row_lora_bytes"),
+        Part("logits + fp32 CE copies", logits, "gpu", "teacher.batch_size", "structures.logits_bytes"),
+    ] + host_base(ctx) + [examples])
+    # held-back evaluation (teacher.held_back_metrics): the trainer (LoRA + AdamW) is still alive
+    b = cfg.eval.batch_size
+    new = cfg.eval.max_new_tokens
+    eval_fwd = forward_transient_bytes(sh, b, s_src, s_src, ctx.attn, elem, ctx.cuda)
+    eval_logits = S.logits_bytes(b, positions, s_tgt, sh.vocab, elem, fp32_copies=2)
+    gen = S.generation_cache_bytes(sh, mf.arch, b, s_src, new, elem)
+    held = Phase("held-back evaluation", cuda_ctx + [
+        weights, lora,
+        Part("evaluation forward + logits", eval_fwd + eval_logits, "gpu", "eval.batch_size",
+             "teacher.evaluate_rows"),
+        Part("generation KV cache", gen, "gpu", "eval.batch_size", "structures.generation_cache_bytes"),
+    ] + host_base(ctx) + [examples])
+    load = Phase("load", host_base(ctx, elem) + [examples])
+    disk = [Part(f"{units} teacher adapters (fp32 safetensors)", units * (S.teacher_adapter_bytes(
+        mf.teacher_lora_params) + 8192), "disk", "teacher.group_by", "adapters.peft_io.write_peft_adapter"),
+            Part("resumable checkpoints (deleted when published)",
+                 S.teacher_checkpoint_disk_bytes(k, mf.teacher_lora_params), "disk", "",
+                 "teacher_batch.save_checkpoint")]
+    per_unit_rows = tc.batch_size
+    fwd = forward_flops(mf, per_unit_rows, tr.prompt_mean, tr.target_mean) if mf.arch == "t5" else \
+        forward_flops(mf, per_unit_rows, 0, tr.prompt_mean + tr.target_mean)
+    seen = df.splits.get("seen")
+    seen_rows = seen.instances if seen is not None else 0
+    flops = units * tc.steps * train_flops(fwd, ckpt) + 2 * decode_flops(mf, seen_rows, tr.prompt_mean, new)
+    steps = 2 * units * math.ceil(seen_rows / max(1, units) / b) * new
+    procs = array_processes(ctx, math.ceil(units / k), tc.array_concurrency)
+    return StagePlan("teacher", True, f"Slurm array: {math.ceil(units / k)} elements of {k} unit(s), one GPU each, "
+                     f"{procs} at once", procs, [load, step, held], disk, first_step_forwards=1, flops=flops,
+                     decode_steps=steps, decode_weight_bytes=mf.params * elem, steps=tc.steps)
+
+
+# ------------------------------------------------------------------------------------------------ cache-logits
+def cache_plan(ctx: Ctx) -> StagePlan:
+    cfg, mf, df, sh = ctx.cfg, ctx.mf, ctx.df, ctx.mf.shape
+    elem, tr, b = mf.elem, df.splits["train"], cfg.cache.batch_size
+    causal = mf.arch == "llama"
+    positions = tr.prompt_width + tr.target_width if causal else tr.target_width
+    fwd = forward_transient_bytes(sh, b, tr.prompt_width + (tr.target_width if causal else 0),
+                                  tr.prompt_width, ctx.attn, elem, ctx.cuda)
+    enc_states = 0 if causal else b * tr.prompt_width * sh.hidden * elem
+    logits = S.logits_bytes(b, positions, tr.target_width, sh.vocab, elem, fp32_copies=0)
+    topk = 3 * tr.target_width * sh.vocab * 4  # CacheShardWriter._topk per instance: .float(), /T, log_softmax
+    cuda_ctx = [Part("CUDA context", S.CUDA_CONTEXT_GPU_BYTES, "gpu")] if ctx.cuda else []
+    step = Phase("teacher forward", cuda_ctx + [
+        Part("backbone weights", S.backbone_weights_bytes(mf.params, elem), "gpu", "backbone.dtype"),
+        Part("one teacher adapter (fp32)", S.teacher_adapter_bytes(mf.teacher_lora_params), "gpu", "",
+             "cache_logits.run read_peft_adapter"),
+        Part("forward working set (one layer)", fwd + enc_states, "gpu", "cache.batch_size",
+             "activations.forward_transient_bytes"),
+        Part("logits + label copy + top-k temporaries", logits + topk, "gpu", "cache.batch_size",
+             "cache_logits.write_task_shard"),
+    ] + host_base(ctx) + [Part("one task's tokenized examples", S.token_lists_bytes(
+        2 * (tr.instances // max(1, tr.tasks)), (tr.prompt_mean + tr.target_mean) / 2), "host")])
+    label_tokens = tr.instances * tr.target_mean
+    disk = [Part(f"logit cache: {label_tokens / 1e6:.2f}M label tokens x top-{cfg.cache.top_k}",
+                 S.logit_cache_disk_bytes(label_tokens, cfg.cache.top_k, sh.vocab, tr.instances), "disk",
+                 "cache.top_k", "distill.logit_cache.CacheShardWriter")]
+    flops = forward_flops(mf, tr.instances, tr.prompt_mean, tr.target_mean) if not causal else \
+        forward_flops(mf, tr.instances, 0, tr.prompt_mean + tr.target_mean)
+    units = df.teacher_units
+    procs = array_processes(ctx, units, cfg.teacher.array_concurrency)
+    return StagePlan("cache-logits", True, f"Slurm array: {units} units, one GPU each, {procs} at once", procs,
+                     [Phase("load", host_base(ctx, elem)), step], disk, first_step_forwards=None, flops=flops)
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+def _baseline_phase(ctx: Ctx, mode: str) -> tuple[Phase, float]:
+    cfg, mf, df, sh = ctx.cfg, ctx.mf, ctx.df, ctx.mf.shape
+    e, tr, b = mf.checkpoint_elem, df.splits["train"], cfg.eval.baseline_batch_size
+    cap = cfg.data.max_source_length
+    prompt = tr.prompt_width if mode == "tk_instruct" else min(cap, tr.input_width)
+    prompt_mean = tr.prompt_mean if mode == "tk_instruct" else tr.input_mean
+    causal = mf.arch == "llama"
+    impl = "sdpa"  # multitask.load_model_and_tokenizer passes no attn_implementation: transformers 5's default
+    if causal:  # multitask.encode_pair: prompt cut so prompt + answer <= max_source_length
+        seq = min(cap, prompt + tr.target_width)
+        act = activation_bytes(sh, b, 0, seq, 0, False, impl, e, dropout=True, cuda=ctx.cuda)
+        # ForCausalLMLoss: logits (model dtype), .float() (a copy unless fp32), log_softmax kept for backward
+        logits = b * seq * sh.vocab * (e + (4 if e < 4 else 0) + 4)
+    else:
+        act = activation_bytes(sh, b, 0, prompt, tr.target_width, False, impl, e, dropout=True, cuda=ctx.cuda)
+        # T5ForConditionalGeneration: lm_logits, CrossEntropyLoss keeps log_softmax (both in the model dtype)
+        logits = 2 * b * tr.target_width * sh.vocab * e
+    pool = tr.instances
+    draws = cfg.eval.baseline_steps * b
+    distinct = pool * (1 - math.exp(-draws / max(1, pool)))  # multitask.next_batch caches every drawn pair
+    tokens = prompt_mean + tr.target_mean
+    cuda_ctx = [Part("CUDA context", S.CUDA_CONTEXT_GPU_BYTES, "gpu")] if ctx.cuda else []
+    phase = Phase(f"{mode} training step", cuda_ctx + [
+        Part(f"backbone weights at the checkpoint dtype ({mf.checkpoint_dtype})",
+             S.backbone_weights_bytes(mf.params, e), "gpu", "", "multitask.load_model_and_tokenizer"),
+        Part("PEFT LoRA + grad + AdamW", S.peft_lora_train_bytes(mf.teacher_lora_params), "gpu", "lora.r"),
+        Part("activations (no checkpointing, dropout on)", act["layers_no_ckpt"], "gpu",
+             "eval.baseline_batch_size", "activations.activation_bytes"),
+        Part("backward: one layer's gradients", act["one_layer"], "gpu", "eval.baseline_batch_size",
+             "activations.activation_bytes one_layer"),
+        Part("logits + loss copies", logits, "gpu", "eval.baseline_batch_size", "structures.logits_bytes"),
+    ] + host_base(ctx, e) + [
+        Part(f"Encoded cache at the last step ({distinct:,.0f} pairs)", S.token_lists_bytes(distinct, tokens),
+             "host", "eval.baseline_steps", "multitask.train_multitask next_batch cache")])
+    fwd = forward_flops(mf, b, prompt_mean, tr.target_mean) if not causal else \
+        forward_flops(mf, b, 0, min(cap, prompt_mean + tr.target_mean))
+    return phase, cfg.eval.baseline_steps * train_flops(fwd, False)
+
+
+def baselines_plan(ctx: Ctx) -> StagePlan:
+    cfg, mf = ctx.cfg, ctx.mf
+    modes = [m for m in cfg.eval.methods if m in BASELINES]
+    phases, flops = [], 0.0
+    for m in modes:
+        ph, f = _baseline_phase(ctx, m)
+        phases.append(ph)
+        flops += f
+    disk = [Part(f"{len(modes)} LoRA adapter(s) + train.json", len(modes) * (
+        S.teacher_adapter_bytes(mf.teacher_lora_params) + 40 * cfg.eval.baseline_steps + 8192), "disk")]
+    return StagePlan("baselines", bool(modes), "one GPU, one process (pipeline / evaluate trains them)", 1, phases,
+                     disk, first_step_forwards=1 if modes else None, flops=flops, steps=cfg.eval.baseline_steps)
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def _gen_parts(ctx: Ctx, src: int, elem: int, prefix: int = 0) -> list[Part]:
+    cfg, mf, sh = ctx.cfg, ctx.mf, ctx.mf.shape
+    b, new = cfg.eval.batch_size, cfg.eval.max_new_tokens
+    fwd = forward_transient_bytes(sh, b, src, src + prefix, ctx.attn, elem, ctx.cuda)
+    return [Part("prompt forward (one layer)", fwd, "gpu", "eval.batch_size", "activations.forward_transient_bytes"),
+            Part("generation KV cache", S.generation_cache_bytes(sh, mf.arch, b, src, new, elem, prefix), "gpu",
+                 "eval.batch_size", "structures.generation_cache_bytes")]
+
+
+def _hypernet_phase(ctx: Ctx, method: str) -> Phase:
+    cfg, mf, df, sh = ctx.cfg, ctx.mf, ctx.df, ctx.mf.shape
+    elem, b = mf.elem, cfg.eval.batch_size
+    fusion = cfg.hypernet.fusion and method != "tagi_no_fusion"
+    split = max((s for k, s in df.splits.items() if k != "train"), key=lambda s: s.tasks)
+    w, n = split.instr_width, split.tasks
+    states = S.instruction_states_bytes(sh, n, w, elem, fusion or mf.arch == "llama", mf.arch)
+    pairs = mf.target_modules
+    parts = [Part("student's own backbone copy", S.backbone_weights_bytes(mf.params, elem), "gpu", "",
+                  "eval.methods.load_student"),
+             Part("hypernetwork", mf.hypernet_params * elem, "gpu"),
+             Part(f"instruction states of all {n} tasks of the split", states, "gpu", "data.max_source_length",
+                  "methods.student_predict precompute_encodings(...).to(device)", cpu_alias=True),
+             Part(f"generated adapters of all {n} tasks", S.generated_adapters_bytes(n, mf.lora_params, elem, False)
+                  + n * pairs * cfg.hypernet.hidden * elem, "gpu", "", "methods.student_predict generate_adapters"),
+             Part(f"host copies while torch.cat builds them ({n} tasks)", S.precompute_concat_peak_bytes(states),
+                  "host", "data.max_source_length", "structures.precompute_concat_peak_bytes")]
+    if mf.arch == "llama" and fusion:
+        parts.append(Part("prefix copied per row", S.llama_prefix_rows_bytes(sh, b, w, elem), "gpu",
+                          "eval.batch_size", "fusion.expand_prefix"))
+        parts += _gen_parts(ctx, split.input_width, elem, prefix=w)
+    else:
+        src = split.input_width + (w if fusion else 0)
+        parts += _gen_parts(ctx, src, elem)
+    return Phase(f"{method} (split of {n} tasks)", parts)
+
+
+def evaluate_plan(ctx: Ctx) -> StagePlan:
+    cfg, mf, df = ctx.cfg, ctx.mf, ctx.df
+    elem = mf.elem
+    methods = list(cfg.eval.methods)
+    cuda_ctx = [Part("CUDA context", S.CUDA_CONTEXT_GPU_BYTES, "gpu")] if ctx.cuda else []
+    resident = cuda_ctx + [Part("backbone weights (bb.model, all methods)", S.backbone_weights_bytes(mf.params, elem),
+                                "gpu", "backbone.dtype", "evaluate.run load_run_backbone")] + host_base(ctx)
+    evals = {k: s for k, s in df.splits.items() if k != "train" and s.instances}
+    widest = max(evals.values(), key=lambda s: s.prompt_width, default=df.splits["train"])
+    phases = [Phase("load", host_base(ctx, elem))]
+    flops, dsteps, rows_total = 0.0, 0, sum(s.instances for s in evals.values())
+    new, b = cfg.eval.max_new_tokens, cfg.eval.batch_size
+    for m in methods:
+        parts = list(resident)
+        if m == "no_ft":
+            parts += _gen_parts(ctx, widest.prompt_width, elem)
+        elif m in BASELINES:
+            e = mf.checkpoint_elem
+            parts += [Part(f"{m}: a second backbone at the checkpoint dtype, LoRA merged",
+                           S.backbone_weights_bytes(mf.params, e), "gpu", "", "methods.predict_baseline"),
+                      Part("its host copy while it loads", S.backbone_load_host_bytes(mf.params, e), "host",
+                           cpu_alias=True)]
+            src = widest.prompt_width if m == "tk_instruct" else widest.input_width
+            parts += _gen_parts(ctx, src, e)
+        elif m == "teacher":
+            units = df.teacher_units
+            parts.append(Part(f"all {units} seen teachers, loaded then stacked (fp32, two copies)",
+                              S.evaluate_teacher_stack_bytes(units, mf.teacher_lora_params), "gpu",
+                              "teacher.group_by (or drop 'teacher' from eval.methods)",
+                              "structures.evaluate_teacher_stack_bytes"))
+            parts += _gen_parts(ctx, widest.prompt_width, elem)
+        elif m in HYPERNET_METHODS:
+            ph = _hypernet_phase(ctx, m)
+            parts += ph.parts
+        phases.append(Phase(m, parts))
+        for s in evals.values():
+            src = s.prompt_mean if m in ("no_ft", "teacher", "tk_instruct") else s.input_mean
+            flops += decode_flops(mf, s.instances, src, new, prefix=s.instr_mean if m in HYPERNET_METHODS else 0)
+            dsteps += math.ceil(s.instances / b) * new
+    pred_bytes = sum(s.instances * (s.chars_per_instance + 4 * new + 120) for s in evals.values())
+    disk = [Part(f"predictions of {len(methods)} methods ({rows_total:,} instances each)",
+                 int(len(methods) * pred_bytes), "disk", "data.max_eval_instances_per_task"),
+            Part("metrics.json + report", 1 << 20, "disk")]
+    return StagePlan("evaluate", True, "one GPU, one process, methods one after the other", 1, phases, disk,
+                     first_step_forwards=None, flops=flops, decode_steps=dsteps, decode_weight_bytes=mf.params * elem)
