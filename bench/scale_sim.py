@@ -15,7 +15,9 @@ scale_sim_lib.py. Departures from the scale configs, all forced by one CPU and s
 - finetune runs with lambda_kl=0 (the logit cache exists for one task only); KL's per-batch tensors are counted in
   the plan but not exercised here;
 - the baselines train 2 steps at eval.baseline_batch_size=2 (32 sequences of 1024 tokens without checkpointing need
-  ~30 GB even at width 64: the plan says so for the real batch) through `evaluate eval.methods=[tk_instruct]`;
+  ~12 GB even at width 64: the plan says so for the real batch) through `evaluate eval.methods=[tk_instruct]`,
+  stopped once the baseline is written, on the 5 training tasks whose every prompt is over the cap (random draws
+  of the whole set are mostly shorter than the widest batch, which is what the plan sizes);
 - evaluate scores 1 instance per task with 1 new token (the O(tasks) structures are what is measured).
 Each run is compared with plan's prediction for that same config on a CPU (GPU and host parts in one process:
 `cpu_device_gib`). A run the plan predicts will not fit in MemAvailable is skipped and reported as such.
@@ -113,6 +115,7 @@ class ArchSim:
         if m.rc != 0:
             print(m.log_tail, flush=True)
         self.rows.append(row)
+        save_json(self.root / f"results-{self.arch}.json", self.rows)  # as it goes: a long run can be read early
         return m
 
     # ---------------------------------------------------------------------------------------------- stages
@@ -175,9 +178,34 @@ class ArchSim:
         self.measure("growth", "evaluate", label, cfg, cli("evaluate", "--config", str(cfg)), rd, None,
                      fraction=fraction, tasks=n)
 
+    def long_prompt_sni(self, n: int = 5) -> Path:
+        """An SNI folder whose training tasks are the n with the longest SHORTEST full prompt (every prompt over the
+        1,024-token cap at this vocabulary) and the real test split: the baselines draw random instances, so this is
+        how their 2 measured steps see the widest batch, the one the plan sizes."""
+        from tagi_ds.data.prompts import build_source
+        from tagi_ds.data.registry import load_run_tasks
+
+        out = self.root / "sni_long"
+        if (out / "splits" / "train_tasks.txt").is_file():
+            return out
+        train = load_run_tasks("sni", sni_dir=str(SNI_DIR), max_instances=100)["train"]
+        longest = sorted(train, key=lambda t: -min(len(build_source(t, i, 2, True, None, 1024))
+                                                   for i in t.instances))[:n]
+        (out / "tasks").mkdir(parents=True, exist_ok=True)
+        (out / "splits").mkdir(exist_ok=True)
+        test = (SNI_DIR / "splits" / "test_tasks.txt").read_text().split()
+        for name in [t.name for t in longest] + test:
+            link = out / "tasks" / f"{name}.json"
+            if not link.exists():
+                link.symlink_to(SNI_DIR / "tasks" / f"{name}.json")
+        (out / "splits" / "train_tasks.txt").write_text("\n".join(t.name for t in longest) + "\n")
+        (out / "splits" / "test_tasks.txt").write_text("\n".join(test) + "\n")
+        return out
+
     def baselines(self) -> None:
         cfg = self.config("baselines", "bl", {"pretrain": {"enabled": False},
-                                               "data": {"max_eval_instances_per_task": 1},
+                                               "data": {"max_eval_instances_per_task": 1,
+                                                        "sni_dir": str(self.long_prompt_sni())},
                                                "eval": {"methods": ["tk_instruct"], "max_new_tokens": 1,
                                                         "baseline_batch_size": 2}})
         rd = self.run_dir("bl")

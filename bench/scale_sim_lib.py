@@ -1,8 +1,9 @@
 """Pieces of bench/scale_sim.py: the narrow backbones, the generated configs and the process measurements.
 
 A measurement runs one stage as a subprocess through the real CLI and records, non-invasively:
-- peak RSS of every process of it (VmHWM from /proc, polled; the direct child's exact peak from wait4, which for
-  a torchrun launcher is the largest of its ranks), labelled by rank (RANK in the process environment);
+- peak RSS of every stage process (VmHWM from /proc, polled every 0.2 s: it is monotonic, so only a rise in the
+  last 0.2 s before exit can be missed), labelled by rank (RANK in its environment); processes a stage starts that
+  are not stages (DeepSpeed's first-use JIT build: g++ at ~1.5 GB) are left out;
 - seconds to the first optimizer step: wall time of the stage's first TensorBoard scalar (pretrain / finetune
   with log_every=1, the teacher with teacher.steps=1, the baselines' step-1 log) minus the moment the process
   started (imports and data loading included, as a user waits for them);
@@ -191,6 +192,8 @@ def _children_map() -> dict[int, list[int]]:
 
 
 def _role(pid: int) -> str:
+    """launcher (torchrun), rankN / main (a stage process), or "" for anything else they start (DeepSpeed's
+    first-use JIT build runs g++ / ninja: not the stage's memory)."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -198,6 +201,8 @@ def _role(pid: int) -> str:
         return "?"
     if b"torch.distributed.run" in cmd:
         return "launcher"
+    if b"tagi_ds.cli" not in cmd:
+        return ""
     for kv in env:
         if kv.startswith(b"RANK="):
             return "rank" + kv[5:].decode()
@@ -275,7 +280,7 @@ def run_measured(label: str, argv: Sequence[str], run_dir: Path, tb_dir: Optiona
                     time.sleep(1.0)  # let the writer finish its folder
                     stopped.append(time.time() - t0)
                     proc.terminate()
-                rss = max((_rss(p) for p in seen[1:] or seen), default=0)
+                rss = max((_rss(p) for p in seen if roles.get(p, "main") not in ("", "launcher")), default=0)
                 series.append((round(time.time() - t0, 1), rss))
                 for p in seen:
                     h = _hwm(p)
@@ -288,7 +293,7 @@ def run_measured(label: str, argv: Sequence[str], run_dir: Path, tb_dir: Optiona
         th = threading.Thread(target=poll, daemon=True)
         th.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            _, status, _usage = os.wait4(proc.pid, 0)
         finally:
             stop.set()
             th.join()
@@ -297,12 +302,9 @@ def run_measured(label: str, argv: Sequence[str], run_dir: Path, tb_dir: Optiona
     by_role: dict[str, int] = {}
     for p, h in peaks.items():
         r = roles.get(p, "?")
-        if r in ("?",):
+        if r in ("?", ""):
             continue
         by_role[r] = max(by_role.get(r, 0), h)
-    direct = usage.ru_maxrss * 1024  # the child, or (launcher) the largest of its waited-for ranks
-    if "main" in by_role or not any(k.startswith("rank") for k in by_role):
-        by_role["main"] = max(by_role.get("main", 0), direct)
     first = first_scalar_time(tb_dir) if tb_dir is not None else None
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
     step = max(1, len(series) // 300)

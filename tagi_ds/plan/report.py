@@ -191,10 +191,11 @@ def format_plan(p: dict[str, Any], detail: Optional[bool] = None) -> str:
         for k, s in bad:
             if not s["fits_gpu"]:
                 lines.append(f"  {k}: GPU {s['gpu_gib']:.1f} > {lim['gpu_gib']:g} GiB at '{s['gpu_peak_phase']}'")
+                lines += [f"      {kn[5:]}" for kn in s["knobs"] if kn.startswith("GPU: ")]
             if not s["fits_host"]:
                 lines.append(f"  {k}: host {s['host_gib_per_rank']:.1f} > {lim['host_gib_per_rank']:g} GiB per rank "
                              f"at '{s['host_peak_phase']}'")
-            lines += [f"      {kn}" for kn in s["knobs"]]
+                lines += [f"      {kn[6:]}" for kn in s["knobs"] if kn.startswith("host: ")]
     show = detail if detail is not None else len(p["stages"]) == 1
     if show:
         for k, s in p["stages"].items():

@@ -155,3 +155,18 @@ def decode_flops(mf: ModelFacts, rows: int, src: int, new: int, prefix: int = 0)
     f = forward_flops(mf, rows, 0, src, prefix=prefix, logits_positions=1)
     f += new * forward_flops(mf, rows, 0, 1, prefix=prefix + src + new // 2)
     return f
+
+
+def train_phases(label: str, persistent: list[Part], act: dict, ckpt: bool, logits: Part, knob: str,
+                 both: list[Part] = (), backward_only: list[Part] = ()) -> list[Phase]:
+    """One training micro batch as its two peaks. End of the forward: every kept activation + the logits and the
+    loss's copies. Backward: autograd frees a node's saved tensors once its backward ran, so the logits' tensors are
+    gone when the layers are reached; then one layer's activations (recomputed under checkpointing) and their
+    gradients live together. `both`: parts alive in both (adapters, prefix copies); `persistent`: the model."""
+    kept = act["layers_ckpt"] - act["one_layer"] if ckpt else act["layers_no_ckpt"]
+    name = "activations kept (layer inputs: checkpointed)" if ckpt else "activations kept (no checkpointing)"
+    kept_part = Part(name, kept, "gpu", knob, "activations.activation_bytes")
+    layer = Part("backward: one layer recomputed + its gradients" if ckpt else "backward: one layer's gradients",
+                 act["one_layer"] * (2 if ckpt else 1), "gpu", knob, "activations.activation_bytes one_layer")
+    return [Phase(f"{label}: forward + loss", persistent + [kept_part, logits, *both]),
+            Phase(f"{label}: backward", persistent + [kept_part, layer, *both, *backward_only])]

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from . import structures as S
-from .activations import activation_bytes
-from .stage_types import Ctx, Part, Phase, StagePlan, forward_flops, train_flops
+from .activations import Lora, activation_bytes
+from .stage_types import Ctx, Part, Phase, StagePlan, forward_flops, train_flops, train_phases
 from .stages_single import HYPERNET_METHODS, host_base
 
 DS_DEFAULT_PREFETCH = 50_000_000  # DeepSpeed's default stage3_prefetch_bucket_size (elements)
@@ -126,7 +126,8 @@ def hypernet_stage_plan(ctx: Ctx, name: str) -> StagePlan:
         if arch == "llama" and fusion:
             knob_tasks += "; hypernet.fusion=false drops the KV prefix"
     states = S.finetune_instruction_states_bytes(sh, n_tasks, w, elem, fusion, arch)
-    host_common = host_base(ctx, tasks=name == "finetune") + host_data  # pretrain never loads the tasks
+    ds = stage > 0
+    host_common = host_base(ctx, tasks=name == "finetune", deepspeed=ds) + host_data  # pretrain loads no tasks
     model = _model_parts(ctx, stage, world)
 
     # ---------------------------------------------------------------- precompute: every task, every rank
@@ -143,53 +144,48 @@ def hypernet_stage_plan(ctx: Ctx, name: str) -> StagePlan:
     causal = arch == "llama"
     seq = s_in + s_tgt if causal and name == "finetune" else s_in  # pretrain LLaMA input_width is the sequence
     act = activation_bytes(sh, rows, w if fusion else 0, seq if causal else s_in, 0 if causal else s_tgt,
-                           fusion, ctx.attn, elem, cuda=ctx.cuda)
+                           fusion, ctx.attn, elem, cuda=ctx.cuda,
+                           lora=Lora(frozenset(cfg.backbone.target_modules), cfg.hypernet.r or cfg.lora.r))
     kl = name == "finetune" and t.lambda_kl > 0
     positions = seq if causal else s_tgt
     logits = S.logits_bytes(rows, positions, s_tgt, sh.vocab, elem, fp32_copies=2 + (2 if kl else 0))
-    step_parts = model + [
+    knob_rows = f"{name}.instances_per_task" if name == "finetune" else "pretrain.micro_batch_size"
+    knob_tasks_mb = f"{name}.tasks_per_batch" if name == "finetune" else "pretrain.micro_batch_size"
+    both = [
         Part(f"{k} task(s)' instruction states", S.instruction_states_bytes(sh, k, w, elem, fusion, arch), "gpu",
-             f"{name}.tasks_per_batch" if name == "finetune" else "pretrain.micro_batch_size",
-             "hypernet_trainer.encoding_for"),
+             knob_tasks_mb, "hypernet_trainer.encoding_for"),
         Part("generated adapters + grad", S.generated_adapters_bytes(k, mf.lora_params, elem, True), "gpu",
-             f"{name}.tasks_per_batch" if name == "finetune" else "pretrain.micro_batch_size",
-             "structures.generated_adapters_bytes"),
+             knob_tasks_mb, "structures.generated_adapters_bytes"),
         Part("per-row LoRA copies", S.per_row_lora_bytes(rows, mf.lora_params, positions if causal else s_in,
                                                           cfg.hypernet.r or cfg.lora.r, mf.target_modules, elem,
                                                           ckpt), "gpu",
              "backbone.gradient_checkpointing", "structures.per_row_lora_bytes"),
-        Part("activations" + (" (checkpointed)" if ckpt else ""), act["layers_ckpt" if ckpt else "layers_no_ckpt"],
-             "gpu", f"{name}.instances_per_task" if ckpt else "backbone.gradient_checkpointing",
-             "activations.activation_bytes"),
-        Part("backward: one layer's gradients", act["one_layer"], "gpu", f"{name}.instances_per_task",
-             "activations.activation_bytes one_layer"),
-        Part("logits + fp32 copies (CE" + (", KL)" if kl else ")"), logits, "gpu",
-             f"{name}.instances_per_task" if name == "finetune" else "pretrain.micro_batch_size",
-             "structures.logits_bytes"),
     ]
     if causal and fusion:
-        step_parts.append(Part(f"prefix copied per row ({rows} rows x W={w})",
-                               S.llama_prefix_rows_bytes(sh, rows, w, elem), "gpu",
-                               f"{name}.instances_per_task", "structures.llama_prefix_rows_bytes"))
+        both.append(Part(f"prefix copied per row ({rows} rows x W={w})", S.llama_prefix_rows_bytes(sh, rows, w, elem),
+                         "gpu", knob_rows, "structures.llama_prefix_rows_bytes"))
         if ckpt:
-            step_parts.append(Part("KV cache grown to W + sequence, all layers", S.llama_grown_cache_bytes(
-                sh, rows, w, seq, elem), "gpu", f"{name}.instances_per_task", "structures.llama_grown_cache_bytes"))
+            both.append(Part("KV cache grown to W + sequence, all layers", S.llama_grown_cache_bytes(
+                sh, rows, w, seq, elem), "gpu", knob_rows, "structures.llama_grown_cache_bytes"))
     host_step = host_common + [Part(f"instruction states of {n_tasks:,} tasks (W={w})", states, "host", knob_tasks,
                                     "structures.finetune_instruction_states_bytes")]
+    backward_only = [Part("hypernet gradients before DeepSpeed takes them", mf.hypernet_params * elem, "gpu",
+                          "hypernet.hidden", "autograd .grad of the trainable parameters")]
     if name == "finetune" and (t.lambda_ins > 0 or t.online_teacher):
         host_step.append(Part(f"teacher adapters, LRU of {min(S.TEACHER_CACHE_SIZE, n_tasks)}",
                               S.finetune_teacher_cache_bytes(n_tasks, mf.teacher_lora_params), "host", "",
                               "structures.finetune_teacher_cache_bytes"))
-        step_parts.append(Part("L_ins: one teacher on the device + float64 factors",
-                               S.teacher_adapter_bytes(mf.teacher_lora_params) + 2 * mf.lora_params * 8 //
-                               max(1, len(mf.targets)), "gpu", "", "finetune.l_ins_sum"))
-    step_parts.append(Part("hypernet gradients before DeepSpeed takes them", mf.hypernet_params * elem, "gpu",
-                           "hypernet.hidden", "autograd .grad of the trainable parameters"))
-    step = Phase("training step", step_parts + host_step)
+        both.append(Part("L_ins: one teacher on the device + float64 factors",
+                         S.teacher_adapter_bytes(mf.teacher_lora_params) + 2 * mf.lora_params * 8 //
+                         max(1, len(mf.targets)), "gpu", "", "finetune.l_ins_sum"))
+    logits_part = Part("logits + fp32 copies (CE" + (", KL)" if kl else ")"), logits, "gpu", knob_rows,
+                       "structures.logits_bytes")
+    steps = train_phases("micro batch", model + host_step, act, ckpt, logits_part,
+                         knob_rows if ckpt else "backbone.gradient_checkpointing", both, backward_only)
     opt = Phase("optimizer step", model + [Part("AdamW temporaries", S.optimizer_step_temporaries_bytes(
         mf.hypernet_params, world if stage > 0 else 1), "gpu", "hypernet.hidden",
         "structures.optimizer_step_temporaries_bytes")] + host_step)
-    load = Phase("load", host_base(ctx, mf.elem, tasks=name == "finetune") + host_data)
+    load = Phase("load", host_base(ctx, mf.elem, tasks=name == "finetune", deepspeed=ds) + host_data)
 
     chunks = S.encode_chunks(n_tasks)
     accum = t.grad_accum
@@ -215,7 +211,7 @@ def hypernet_stage_plan(ctx: Ctx, name: str) -> StagePlan:
     notes = []
     if stage == 0 and ctx.world > 1:
         notes.append("distributed.use_deepspeed=false: one process only; the other GPUs idle")
-    plan = StagePlan(name, bool(t.enabled), layout, world, [load, precompute, step, opt], disk,
+    plan = StagePlan(name, bool(t.enabled), layout, world, [load, precompute, *steps, opt], disk,
                      first_step_forwards=chunks + accum, gather_bytes_per_step=gather, startup_gather_bytes=startup,
                      flops=flops, steps=t.steps, notes=notes)
     return plan

@@ -5,19 +5,19 @@ from __future__ import annotations
 import math
 
 from . import structures as S
-from .activations import activation_bytes, forward_transient_bytes
-from .stage_types import Ctx, Part, Phase, StagePlan, decode_flops, forward_flops, train_flops
+from .activations import Lora, activation_bytes, forward_transient_bytes
+from .stage_types import Ctx, Part, Phase, StagePlan, decode_flops, forward_flops, train_flops, train_phases
 
 HYPERNET_METHODS = ("hint", "tagi", "tagi_no_kl", "tagi_no_ins", "tagi_no_pretrain", "tagi_no_fusion")
 BASELINES = ("no_instruction", "tk_instruct")
 
 
 def host_base(ctx: Ctx, load_elem: int | None = None, load_params: int | None = None,
-              tasks: bool = True) -> list[Part]:
+              tasks: bool = True, deepspeed: bool = False) -> list[Part]:
     """Libraries, every split's tasks (all stages but pretrain load them), and the backbone's host copy while
     from_pretrained reads it."""
     n, chars = ctx.distinct_instances()
-    parts = [Part("libraries (torch, transformers, CUDA)", S.process_libraries_bytes(ctx.cuda), "host", "",
+    parts = [Part("libraries (torch, transformers, CUDA)", S.process_libraries_bytes(ctx.cuda, deepspeed), "host", "",
                   "structures.process_libraries_bytes")]
     if tasks:
         parts.append(Part("all splits' tasks in memory", S.loaded_tasks_bytes(n, chars), "host",
@@ -47,7 +47,9 @@ def teacher_plan(ctx: Ctx) -> StagePlan:
     ckpt = cfg.backbone.gradient_checkpointing
     # teacher_batch.train: backbone.train(ckpt) -> dropout is live whenever HF checkpointing is on
     s_src, s_tgt = tr.prompt_width, tr.target_width
-    act = activation_bytes(sh, rows, 0, s_src, s_tgt, False, ctx.attn, elem, dropout=ckpt, cuda=ctx.cuda)
+    lora_kinds = Lora(frozenset(cfg.backbone.target_modules), cfg.lora.r)
+    act = activation_bytes(sh, rows, 0, s_src, s_tgt, False, ctx.attn, elem, dropout=ckpt, cuda=ctx.cuda,
+                           lora=lora_kinds)
     causal = mf.arch == "llama"
     positions = s_src + s_tgt if causal else s_tgt
     logits = S.logits_bytes(rows, positions, s_tgt, sh.vocab, elem, fp32_copies=2)
@@ -61,18 +63,16 @@ def teacher_plan(ctx: Ctx) -> StagePlan:
     unit_instances = tr.instances / max(1, units)
     examples = Part("the unit's tokenized examples", S.token_lists_bytes(
         int(unit_instances) * 2, (tr.prompt_mean + tr.target_mean) / 2), "host", "", "teacher.encode_examples")
-    step = Phase("training step", cuda_ctx + [
-        weights, lora,
-        Part("activations" + (" (checkpointed)" if ckpt else ""), act["layers_ckpt" if ckpt else "layers_no_ckpt"],
-             "gpu", "teacher.batch_size" if ckpt else "backbone.gradient_checkpointing",
-             "activations.activation_bytes"),
-        Part("backward: one layer's gradients", act["one_layer"], "gpu", "teacher.batch_size",
-             "activations.activation_bytes one_layer"),
-        Part("per-row LoRA copies", lora_rows, "gpu", "teacher.batch_size", "structures.per_row_lora_bytes"),
-        Part("logits + fp32 CE copies", logits, "gpu", "teacher.batch_size", "structures.logits_bytes"),
-    ] + host_base(ctx) + [examples])
-    # held-back evaluation (teacher.held_back_metrics): the trainer (LoRA + AdamW) is still alive
-    b = cfg.eval.batch_size
+    train_ph = train_phases("training step", cuda_ctx + [weights, lora] + host_base(ctx) + [examples], act, ckpt,
+                         Part("logits + fp32 CE copies", logits, "gpu", "teacher.batch_size", "structures.logits_bytes"),
+                         "teacher.batch_size" if ckpt else "backbone.gradient_checkpointing",
+                         both=[Part("per-row LoRA copies", lora_rows, "gpu", "teacher.batch_size",
+                                    "structures.per_row_lora_bytes")])
+    # held-back evaluation (teacher.held_back_metrics): the trainer (LoRA + AdamW) is still alive; batches of
+    # eval.batch_size over the unit's held-back (seen split) instances
+    seen_split = df.splits.get("seen")
+    held_rows = (seen_split.instances / max(1, seen_split.tasks)) * k * (tr.tasks / max(1, units)) if seen_split else 0
+    b = max(1, min(cfg.eval.batch_size, math.ceil(held_rows)))
     new = cfg.eval.max_new_tokens
     eval_fwd = forward_transient_bytes(sh, b, s_src, s_src, ctx.attn, elem, ctx.cuda)
     eval_logits = S.logits_bytes(b, positions, s_tgt, sh.vocab, elem, fp32_copies=2)
@@ -98,7 +98,7 @@ def teacher_plan(ctx: Ctx) -> StagePlan:
     steps = 2 * units * math.ceil(seen_rows / max(1, units) / b) * new
     procs = array_processes(ctx, math.ceil(units / k), tc.array_concurrency)
     return StagePlan("teacher", True, f"Slurm array: {math.ceil(units / k)} elements of {k} unit(s), one GPU each, "
-                     f"{procs} at once", procs, [load, step, held], disk, first_step_forwards=1, flops=flops,
+                     f"{procs} at once", procs, [load, *train_ph, held], disk, first_step_forwards=1, flops=flops,
                      decode_steps=steps, decode_weight_bytes=mf.params * elem, steps=tc.steps)
 
 
@@ -137,7 +137,7 @@ def cache_plan(ctx: Ctx) -> StagePlan:
 
 
 # ------------------------------------------------------------------------------------------------ baselines
-def _baseline_phase(ctx: Ctx, mode: str) -> tuple[Phase, float]:
+def _baseline_phases(ctx: Ctx, mode: str) -> tuple[list[Phase], float]:
     cfg, mf, df, sh = ctx.cfg, ctx.mf, ctx.df, ctx.mf.shape
     e, tr, b = mf.checkpoint_elem, df.splits["train"], cfg.eval.baseline_batch_size
     cap = cfg.data.max_source_length
@@ -145,13 +145,15 @@ def _baseline_phase(ctx: Ctx, mode: str) -> tuple[Phase, float]:
     prompt_mean = tr.prompt_mean if mode == "tk_instruct" else tr.input_mean
     causal = mf.arch == "llama"
     impl = "sdpa"  # multitask.load_model_and_tokenizer passes no attn_implementation: transformers 5's default
+    lora = Lora(frozenset(cfg.backbone.target_modules), cfg.lora.r)  # PEFT LoRA on the frozen base
     if causal:  # multitask.encode_pair: prompt cut so prompt + answer <= max_source_length
         seq = min(cap, prompt + tr.target_width)
-        act = activation_bytes(sh, b, 0, seq, 0, False, impl, e, dropout=True, cuda=ctx.cuda)
+        act = activation_bytes(sh, b, 0, seq, 0, False, impl, e, dropout=True, cuda=ctx.cuda, lora=lora)
         # ForCausalLMLoss: logits (model dtype), .float() (a copy unless fp32), log_softmax kept for backward
         logits = b * seq * sh.vocab * (e + (4 if e < 4 else 0) + 4)
     else:
-        act = activation_bytes(sh, b, 0, prompt, tr.target_width, False, impl, e, dropout=True, cuda=ctx.cuda)
+        act = activation_bytes(sh, b, 0, prompt, tr.target_width, False, impl, e, dropout=True, cuda=ctx.cuda,
+                              lora=lora)
         # T5ForConditionalGeneration: lm_logits, CrossEntropyLoss keeps log_softmax (both in the model dtype)
         logits = 2 * b * tr.target_width * sh.vocab * e
     pool = tr.instances
@@ -159,21 +161,19 @@ def _baseline_phase(ctx: Ctx, mode: str) -> tuple[Phase, float]:
     distinct = pool * (1 - math.exp(-draws / max(1, pool)))  # multitask.next_batch caches every drawn pair
     tokens = prompt_mean + tr.target_mean
     cuda_ctx = [Part("CUDA context", S.CUDA_CONTEXT_GPU_BYTES, "gpu")] if ctx.cuda else []
-    phase = Phase(f"{mode} training step", cuda_ctx + [
+    persistent = cuda_ctx + [
         Part(f"backbone weights at the checkpoint dtype ({mf.checkpoint_dtype})",
              S.backbone_weights_bytes(mf.params, e), "gpu", "", "multitask.load_model_and_tokenizer"),
         Part("PEFT LoRA + grad + AdamW", S.peft_lora_train_bytes(mf.teacher_lora_params), "gpu", "lora.r"),
-        Part("activations (no checkpointing, dropout on)", act["layers_no_ckpt"], "gpu",
-             "eval.baseline_batch_size", "activations.activation_bytes"),
-        Part("backward: one layer's gradients", act["one_layer"], "gpu", "eval.baseline_batch_size",
-             "activations.activation_bytes one_layer"),
-        Part("logits + loss copies", logits, "gpu", "eval.baseline_batch_size", "structures.logits_bytes"),
     ] + host_base(ctx, e) + [
         Part(f"Encoded cache at the last step ({distinct:,.0f} pairs)", S.token_lists_bytes(distinct, tokens),
-             "host", "eval.baseline_steps", "multitask.train_multitask next_batch cache")])
+             "host", "eval.baseline_steps", "multitask.train_multitask next_batch cache")]
+    phases = train_phases(f"{mode} step", persistent, act, False,
+                          Part("logits + loss copies", logits, "gpu", "eval.baseline_batch_size",
+                               "structures.logits_bytes"), "eval.baseline_batch_size")
     fwd = forward_flops(mf, b, prompt_mean, tr.target_mean) if not causal else \
         forward_flops(mf, b, 0, min(cap, prompt_mean + tr.target_mean))
-    return phase, cfg.eval.baseline_steps * train_flops(fwd, False)
+    return phases, cfg.eval.baseline_steps * train_flops(fwd, False)
 
 
 def baselines_plan(ctx: Ctx) -> StagePlan:
@@ -181,8 +181,8 @@ def baselines_plan(ctx: Ctx) -> StagePlan:
     modes = [m for m in cfg.eval.methods if m in BASELINES]
     phases, flops = [], 0.0
     for m in modes:
-        ph, f = _baseline_phase(ctx, m)
-        phases.append(ph)
+        ph, f = _baseline_phases(ctx, m)
+        phases += ph
         flops += f
     disk = [Part(f"{len(modes)} LoRA adapter(s) + train.json", len(modes) * (
         S.teacher_adapter_bytes(mf.teacher_lora_params) + 40 * cfg.eval.baseline_steps + 8192), "disk")]

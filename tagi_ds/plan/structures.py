@@ -10,10 +10,12 @@ import math
 
 from .shapes import Shape
 
-# Measured here (CPU torch 2.13, transformers 5.24): RSS after importing torch, transformers, peft, deepspeed and
-# the stage modules (530 MB). A CUDA process also maps the CUDA runtime, cuBLAS and cuDNN: CUDA_HOST_BYTES is an
-# assumption (not measured here: no GPU in this environment), typical of torch 2.x after the first kernel.
-LIBS_HOST_BYTES = 530 * 1024 ** 2
+# Measured here (CPU torch 2.13, transformers 5.24, glibc): RSS of a stage process once torch, transformers, peft,
+# the tokenizer and the stage modules are loaded (~420 MB), + ~40 MB when DeepSpeed is imported (the hypernetwork
+# stages). A CUDA process also maps the CUDA runtime, cuBLAS and cuDNN: CUDA_HOST_BYTES is an assumption (not
+# measured here: no GPU in this environment), typical of torch 2.x after the first kernel.
+LIBS_HOST_BYTES = 420 * 1024 ** 2
+DEEPSPEED_HOST_BYTES = 40 * 1024 ** 2
 CUDA_HOST_BYTES = 2 * 1024 ** 3
 CUDA_CONTEXT_GPU_BYTES = 768 * 1024 ** 2  # context + cuBLAS workspace on the GPU (typical; not measured here)
 PY_INT_BYTES = 28 + 8  # one token id in a Python list: an int object (ids > 256 are not cached) + the pointer
@@ -25,9 +27,9 @@ DS_CKPT_BYTES_PER_PARAM = 14  # DeepSpeed ZeRO-3 checkpoint of the trainable par
 
 
 # ------------------------------------------------------------------------------------------------ process
-def process_libraries_bytes(cuda: bool) -> int:
-    """Interpreter + torch / transformers / peft / deepspeed (+ the CUDA libraries on a GPU node): host RSS."""
-    return LIBS_HOST_BYTES + (CUDA_HOST_BYTES if cuda else 0)
+def process_libraries_bytes(cuda: bool, deepspeed: bool = False) -> int:
+    """Interpreter + torch / transformers / peft (/ deepspeed) (+ the CUDA libraries on a GPU node): host RSS."""
+    return LIBS_HOST_BYTES + (DEEPSPEED_HOST_BYTES if deepspeed else 0) + (CUDA_HOST_BYTES if cuda else 0)
 
 
 def loaded_tasks_bytes(instances: int, chars_per_instance: float) -> int:
