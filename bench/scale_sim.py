@@ -25,6 +25,7 @@ Each run is compared with plan's prediction for that same config on a CPU (GPU a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -84,7 +85,7 @@ class ArchSim:
         from tagi_ds.plan.report import make_plan
 
         p = make_plan(load_config(cfg_path), nodes=1, gpus_per_node=ranks, stage=stage)
-        return p["stages"][stage]
+        return {**p["stages"][stage], "disk_this_run": disk_this_run(stage, p)}
 
     def measure(self, group: str, stage: str, label: str, cfg_path: Path, argv: list[str], run_dir: Path,
                 tb: Optional[Path], ranks: int = 1, plan_stage: Optional[str] = None, fraction: float = 1.0,
@@ -92,11 +93,12 @@ class ArchSim:
         rec = self.plan(cfg_path, plan_stage or stage, ranks)
         predicted = rec["cpu_device_gib"] * GiB
         avail = mem_available()
-        row = {"arch": self.arch, "group": group, "stage": stage, "label": label, "ranks": ranks,
+        row = {"arch": self.arch, "group": group, "stage": stage, "plan_stage": plan_stage or stage,
+               "config": str(cfg_path), "label": label, "ranks": ranks,
                "fraction": fraction, "tasks": tasks, "plan_gib": rec["cpu_device_gib"],
                "plan_gpu_gib": rec["gpu_gib"], "plan_host_gib": rec["host_gib_per_rank"],
                "plan_first_step_forwards": rec["first_step_forwards"], "plan_disk_gib": rec["disk_gib"],
-               "plan_disk_parts": rec["disk"]}
+               "plan_disk_this_run": rec["disk_this_run"]}
         if predicted * ranks > 0.85 * avail:
             row["skipped"] = (f"plan predicts {predicted / GiB:.1f} GiB x {ranks} process(es); only "
                               f"{avail / GiB:.1f} GiB available")
@@ -239,8 +241,8 @@ def _ratio(row: dict) -> str:
 
 def stage_table(rows: list[dict]) -> str:
     out = [f"{'arch':<6}{'stage':<26}{'procs':>6}{'plan GPU':>9}{'plan host':>10}{'plan CPU-run':>13}"
-           f"{'measured':>10}{'meas/plan':>10}{'fwd→1':>7}{'s→step1':>9}{'total s':>9}{'written MiB':>12}",
-           "-" * 127]
+           f"{'measured':>10}{'meas/plan':>10}{'fwd→1':>7}{'s→step1':>9}{'total s':>9}{'written MiB':>12}"
+           f"{'plan MiB':>9}", "-" * 136]
     for r in rows:
         meas = f"{r['measured_gib']:.2f}" if "measured_gib" in r else "skipped"
         fs = r.get("first_step_s")
@@ -248,7 +250,8 @@ def stage_table(rows: list[dict]) -> str:
                    f"{r['plan_gib']:>13.2f}{meas:>10}{_ratio(r):>10}"
                    f"{'-' if r['plan_first_step_forwards'] is None else r['plan_first_step_forwards']:>7}"
                    f"{'-' if fs is None else f'{fs:.1f}':>9}{r.get('seconds', '-'):>9}"
-                   f"{r.get('bytes_written', 0) / 2 ** 20:>12.1f}")
+                   f"{r.get('bytes_written', 0) / 2 ** 20:>12.1f}"
+                   f"{r.get('plan_disk_this_run', 0) / 2 ** 20:>9.1f}")
         if r.get("skipped"):
             out.append(f"      ^ {r['skipped']}")
         if r.get("rc"):
@@ -270,6 +273,49 @@ def growth_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def disk_this_run(stage: str, p: dict) -> int:
+    """The plan's disk parts scaled to what one measured run writes: one teacher unit / one task's cache shard; the
+    hypernetwork stages' final checkpoint (the runs stop before the first periodic one) + export; evaluate's
+    predictions (of this run's instances)."""
+    parts = p["stages"][stage]["disk"]
+    units = max(1, p["data"]["teacher_units"])
+    if stage == "teacher":
+        return parts[0]["bytes"] // units
+    if stage == "cache-logits":
+        return parts[0]["bytes"] // max(1, p["data"]["train_tasks"])
+    if stage in ("pretrain", "finetune"):
+        keep = int(parts[0]["name"].split(": ")[1].split()[0])  # "<stage>: N checkpoints at the peak"
+        variants = 1
+        if "(x" in parts[0]["name"]:
+            variants = int(parts[0]["name"].split("(x")[1].split()[0])
+        return (parts[0]["bytes"] // keep + parts[1]["bytes"]) // variants
+    return sum(q["bytes"] for q in parts)
+
+
+def replan(rows: list[dict], root: Path) -> list[dict]:
+    """The plan columns again, from each run's saved config (formulas changed, measurements kept)."""
+    from tagi_ds.config import load_config
+    from tagi_ds.plan.report import make_plan
+
+    for r in rows:
+        cfg = r.get("config") or str(root / "configs" / f"{r['arch']}-{_config_label(r)}.yaml")
+        stage = r.get("plan_stage") or r["stage"]
+        p = make_plan(load_config(cfg), nodes=1, gpus_per_node=r["ranks"], stage=stage)
+        rec = p["stages"][stage]
+        r.update(plan_gib=rec["cpu_device_gib"], plan_gpu_gib=rec["gpu_gib"], plan_host_gib=rec["host_gib_per_rank"],
+                 plan_first_step_forwards=rec["first_step_forwards"], plan_disk_gib=rec["disk_gib"],
+                 plan_disk_this_run=disk_this_run(stage, p))
+    return rows
+
+
+def _config_label(row: dict) -> str:
+    if row["stage"] in ("teacher", "cache-logits"):
+        return "teacher"
+    if row["stage"] == "baselines":
+        return "baselines"
+    return row["label"]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", nargs="+", default=["t5", "llama"], choices=list(ARCHS))
@@ -282,14 +328,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default=str(REPO / "runs" / "scale_sim"), help="work folder (backbones, runs, logs)")
     ap.add_argument("--glibc-default", action="store_true",
                     help="keep glibc's dynamic mmap threshold in the stage processes (see scale_sim_lib.py)")
+    ap.add_argument("--replan", action="store_true",
+                    help="measure nothing: recompute the plan columns of the saved results and print the tables")
     args = ap.parse_args(argv)
+    root = Path(args.out)
+    if args.replan:
+        rows = []
+        for arch in args.arch:
+            f = root / f"results-{arch}.json"
+            rows += json.loads(f.read_text()) if f.is_file() else []
+        rows = replan(rows, root)
+        save_json(root / "results-replanned.json", rows)
+        print_tables(rows)
+        return 0
     if args.glibc_default:
         import scale_sim_lib
 
         scale_sim_lib.GLIBC_FIXED_MMAP = False
     if args.quick:
         args.arch, args.fractions, args.eval_fractions, args.no_ranks = ["t5"], [0.1], [0.1], True
-    root = Path(args.out)
     t0 = time.perf_counter()
     rows: list[dict] = []
     for arch in args.arch:
@@ -298,13 +355,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         sim.run_all()
         rows += sim.rows
         save_json(root / "results.json", rows)
+    print_tables(rows)
+    print(f"\nscale_sim: {time.perf_counter() - t0:.0f} s; results in {root / 'results.json'}")
+    return 0
+
+
+def print_tables(rows: list[dict]) -> None:
     print("\nplan vs measured, per process (plan CPU-run = the plan's GPU and host parts together: on a CPU the\n"
           "device is host memory); measured = peak RSS of the largest worker process\n")
     print(stage_table(rows))
     print("\ngrowth with the number of tasks (pretrain: documents)\n")
     print(growth_table(rows))
-    print(f"\nscale_sim: {time.perf_counter() - t0:.0f} s; results in {root / 'results.json'}")
-    return 0
 
 
 if __name__ == "__main__":

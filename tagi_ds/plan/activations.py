@@ -14,7 +14,8 @@ T5 decoder layers add a cross-attention sublayer with s_k = encoder length (+ th
 With every weight trainable (`lora=None`) every linear's input is kept: an upper bound. The stages run a FROZEN
 backbone (`lora=Lora(kinds, r)`): a frozen linear keeps nothing, so a layer keeps its norms' fp32 copies, the
 input of the LoRA'd linears, what the attention kernel needs (Q, K, V, output, logsumexp, T5's bias mask), the
-FFN's activation inputs (T5 GEGLU 6 x T·f, SwiGLU 3 x T·f) and the LoRA's x @ A^T. With non-reentrant checkpointing per layer, each layer keeps only its input (T·h) and one layer's activations live
+FFN's activation inputs (T5 GEGLU 6 x T·f, SwiGLU 3 x T·f) and the LoRA's x @ A^T. With non-reentrant
+checkpointing per layer, each layer keeps only its input (T·h) and one layer's activations live
 during the recompute. Checked against `torch.autograd.graph.saved_tensors_hooks` on tiny T5 / LLaMA on CPU
 (tests/plan/test_activations.py): measured within [0.8, 1.0] x predicted.
 """

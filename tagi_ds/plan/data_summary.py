@@ -70,17 +70,28 @@ def _token_counter(tokenizer: Any) -> tuple[Callable[[str], int], Any]:
     return (lambda text: int(len(text) / CHARS_PER_TOKEN) + 1), None
 
 
-def _split_facts(tasks: list, settings: Any, tokenizer: Any) -> SplitFacts:
+def _split_facts(tasks: list, settings: Any, tokenizer: Any, memo: dict) -> SplitFacts:
+    """`memo` keeps per-task and per-instance lengths across splits (the seen split reuses the training tasks)."""
     from ..data.collate import encode_target, instruction_ids
     from ..data.prompts import build_instruction, build_source, build_task_input
 
     count, tok = _token_counter(tokenizer)
     cap_src, cap_in, cap_tgt = settings.max_source_length, settings.max_input_length, settings.max_target_length
-    if tok is not None:
-        instr = [len(instruction_ids(t, tok, settings)) for t in tasks]
-    else:
-        instr = [min(cap_src, count(build_instruction(t, settings.num_pos, settings.add_definition, None, cap_src)))
-                 for t in tasks]
+
+    def instr_len(t) -> int:
+        if tok is not None:
+            return len(instruction_ids(t, tok, settings))
+        return min(cap_src, count(build_instruction(t, settings.num_pos, settings.add_definition, None, cap_src)))
+
+    def inst_lens(t, inst) -> tuple[int, int, int]:
+        src = build_source(t, inst, settings.num_pos, settings.add_definition, tok, cap_src)
+        tgt = len(encode_target(tok, inst.label, cap_tgt)) if tok is not None else min(cap_tgt, count(inst.label) + 1)
+        return min(cap_src, count(src)), min(cap_in, count(build_task_input(inst))), tgt
+
+    for t in tasks:
+        if ("instr", t.name) not in memo:
+            memo[("instr", t.name)] = instr_len(t)
+    instr = [memo[("instr", t.name)] for t in tasks]
     prompts, inputs, targets = [], [], []
     chars = n_inst = 0
     for t in tasks:
@@ -88,11 +99,13 @@ def _split_facts(tasks: list, settings: Any, tokenizer: Any) -> SplitFacts:
             chars += len(inst.input) + sum(len(r) for r in inst.references)
             n_inst += 1
         for inst in t.instances[:SAMPLE_PER_TASK]:
-            src = build_source(t, inst, settings.num_pos, settings.add_definition, tok, cap_src)
-            prompts.append(min(cap_src, count(src)))
-            inputs.append(min(cap_in, count(build_task_input(inst))))
-            targets.append(len(encode_target(tok, inst.label, cap_tgt)) if tok is not None
-                           else min(cap_tgt, count(inst.label) + 1))
+            key = ("inst", t.name, inst.id)
+            if key not in memo:
+                memo[key] = inst_lens(t, inst)
+            p, i, g = memo[key]
+            prompts.append(p)
+            inputs.append(i)
+            targets.append(g)
 
     def mean(xs: list) -> float:
         return float(sum(xs) / len(xs)) if xs else 0.0
@@ -211,7 +224,8 @@ def data_facts(cfg: Any, local_dir: Optional[str] = None, arch: str = "t5") -> D
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # instruction_ids warns once per over-long instruction
             splits = load_run_tasks_from_config(cfg)
-            facts = {k: _split_facts(v, settings, tok) for k, v in splits.items()}
+            memo: dict = {}
+            facts = {k: _split_facts(v, settings, tok, memo) for k, v in splits.items()}
         return DataFacts(cfg.data.source, facts, _units(splits["train"], cfg.teacher.group_by), pre, how,
                          assumptions)
     return _assumed(cfg, pre, assumptions)

@@ -177,7 +177,7 @@ def format_plan(p: dict[str, Any], detail: Optional[bool] = None) -> str:
     for name, s in p["stages"].items():
         fwd = "-" if s["first_step_forwards"] is None else str(s["first_step_forwards"])
         gather = f"{s['zero3_gather_gib_per_step']:.1f}" if s["zero3_gather_gib_per_step"] else "-"
-        fits = "yes" if s["fits"] else ("NO:" + ("G" if not s["fits_gpu"] else "") + ("H" if not s["fits_host"] else ""))
+        fits = "yes" if s["fits"] else "NO:" + ("G" if not s["fits_gpu"] else "") + ("H" if not s["fits_host"] else "")
         mark = "" if s["runs"] else " (not run by this config)"
         lines.append(f"{name:<13}{s['gpu_gib']:>9.1f}{s['host_gib_per_rank']:>10.1f}{s['disk_gib']:>10.1f}{fwd:>10}"
                      f"{gather:>16}{s['time_h']:>9.2f}  {fits:<5} {s['layout']}{mark}")

@@ -110,7 +110,6 @@ def hypernet_stage_plan(ctx: Ctx, name: str) -> StagePlan:
         pre = df.pretrain
         n_tasks, k, rows = pre.docs, t.micro_batch_size, t.micro_batch_size
         w, s_in, s_tgt = pre.instr_width, pre.input_width, pre.target_width
-        s_in_mean = s_tgt_mean = None
         host_data = [Part(f"{pre.docs:,} documents, tokenized and HINT-split", S.token_lists_bytes(
             pre.docs, pre.tokens_mean) + pre.docs * (pre.chars_mean + 49) + S.token_lists_bytes(3 * pre.docs, 0),
             "host", "data.pretrain_offline_docs", "pretrain.build_data")]
@@ -134,8 +133,8 @@ def hypernet_stage_plan(ctx: Ctx, name: str) -> StagePlan:
     precompute = Phase("instruction precompute", model + host_common + [
         Part(f"outputs of a chunk of {S.ENCODE_CHUNK} instructions", S.encode_chunk_outputs_bytes(
             sh, w, elem, fusion, arch), "gpu", "", "structures.encode_chunk_outputs_bytes", cpu_alias=True),
-        Part("one layer's working set in that chunk", S.encode_chunk_working_bytes(sh, w, elem, ctx.attn, ctx.cuda), "gpu",
-             "", "structures.encode_chunk_working_bytes"),
+        Part("one layer's working set in that chunk", S.encode_chunk_working_bytes(sh, w, elem, ctx.attn, ctx.cuda),
+             "gpu", "", "structures.encode_chunk_working_bytes"),
         Part(f"instruction states of {n_tasks:,} tasks, two copies during torch.cat (W={w})",
              S.precompute_concat_peak_bytes(states), "host", knob_tasks,
              "structures.precompute_concat_peak_bytes")])

@@ -64,7 +64,8 @@ def teacher_plan(ctx: Ctx) -> StagePlan:
     examples = Part("the unit's tokenized examples", S.token_lists_bytes(
         int(unit_instances) * 2, (tr.prompt_mean + tr.target_mean) / 2), "host", "", "teacher.encode_examples")
     train_ph = train_phases("training step", cuda_ctx + [weights, lora] + host_base(ctx) + [examples], act, ckpt,
-                         Part("logits + fp32 CE copies", logits, "gpu", "teacher.batch_size", "structures.logits_bytes"),
+                         Part("logits + fp32 CE copies", logits, "gpu", "teacher.batch_size",
+                              "structures.logits_bytes"),
                          "teacher.batch_size" if ckpt else "backbone.gradient_checkpointing",
                          both=[Part("per-row LoRA copies", lora_rows, "gpu", "teacher.batch_size",
                                     "structures.per_row_lora_bytes")])
