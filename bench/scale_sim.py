@@ -47,6 +47,11 @@ class ArchSim:
         self.backbone = build_backbone(arch, root)
         self.runs_dir = root / "runs" / arch
         self.rows: list[dict[str, Any]] = []  # plan vs measured, one per run
+        self.done: dict[str, dict] = {}
+        saved = root / f"results-{arch}.json"
+        if args.resume and saved.is_file():  # keep the runs that finished; measure the others
+            self.rows = [r for r in json.loads(saved.read_text()) if r.get("rc") == 0 or r.get("skipped")]
+            self.done = {r["label"]: r for r in self.rows}
         self.train_tasks = self._train_task_names()
         self.teacher_task = self._longest_prompt_task()
 
@@ -90,6 +95,9 @@ class ArchSim:
     def measure(self, group: str, stage: str, label: str, cfg_path: Path, argv: list[str], run_dir: Path,
                 tb: Optional[Path], ranks: int = 1, plan_stage: Optional[str] = None, fraction: float = 1.0,
                 tasks: Optional[int] = None, stop_when: Optional[Path] = None) -> Optional[Measured]:
+        if label in self.done:
+            print(f"[{self.arch}] {label}: done in an earlier run (--resume)", flush=True)
+            return None
         rec = self.plan(cfg_path, plan_stage or stage, ranks)
         predicted = rec["cpu_device_gib"] * GiB
         avail = mem_available()
@@ -225,8 +233,9 @@ class ArchSim:
         for f in fr:
             self.finetune(f)
         if not self.args.no_ranks:
-            self.pretrain(top, ranks=2)
-            self.finetune(top, ranks=2)
+            rf = self.args.ranks_fraction or top
+            self.pretrain(rf, ranks=2)
+            self.finetune(rf, ranks=2)
         self.baselines()
         for f in sorted(self.args.eval_fractions):
             self.evaluate(f)
@@ -324,6 +333,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--eval-fractions", nargs="+", type=float, default=[0.1, 1.0],
                     help="fractions for evaluate (each needs the finetune of that fraction; 0.3 costs ~2 min more)")
     ap.add_argument("--no-ranks", action="store_true", help="skip the 2-rank (torchrun, gloo) runs")
+    ap.add_argument("--ranks-fraction", type=float, default=None,
+                    help="fraction of the tasks for the 2-rank runs (default: the largest of --fractions)")
+    ap.add_argument("--resume", action="store_true", help="keep the finished runs of results-<arch>.json")
     ap.add_argument("--quick", action="store_true", help="T5 only, 10%% of the tasks, no 2-rank runs")
     ap.add_argument("--out", default=str(REPO / "runs" / "scale_sim"), help="work folder (backbones, runs, logs)")
     ap.add_argument("--glibc-default", action="store_true",

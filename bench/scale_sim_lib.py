@@ -1,8 +1,8 @@
 """Pieces of bench/scale_sim.py: the narrow backbones, the generated configs and the process measurements.
 
 A measurement runs one stage as a subprocess through the real CLI and records, non-invasively:
-- peak RSS of every stage process (VmHWM from /proc, polled every 0.2 s: it is monotonic, so only a rise in the
-  last 0.2 s before exit can be missed), labelled by rank (RANK in its environment); processes a stage starts that
+- peak RSS of every stage process (VmHWM from /proc, polled every 0.5 s: it is monotonic, so only a rise in the
+  last 0.5 s before exit can be missed), labelled by rank (RANK in its environment); processes a stage starts that
   are not stages (DeepSpeed's first-use JIT build: g++ at ~1.5 GB) are left out;
 - seconds to the first optimizer step: wall time of the stage's first TensorBoard scalar (pretrain / finetune
   with log_every=1, the teacher with teacher.steps=1, the baselines' step-1 log) minus the moment the process
@@ -269,13 +269,17 @@ def run_measured(label: str, argv: Sequence[str], run_dir: Path, tb_dir: Optiona
         stopped: list[float] = []
 
         def poll() -> None:
+            seen: list[int] = [proc.pid]
+            n = 0
             while not stop.is_set():
-                kids = _children_map()
-                todo, seen = [proc.pid], []
-                while todo:
-                    p = todo.pop()
-                    seen.append(p)
-                    todo += kids.get(p, [])
+                if n % 5 == 0:  # the process tree changes rarely: walk /proc every 2.5 s, read VmHWM every 0.5 s
+                    kids = _children_map()
+                    todo, seen = [proc.pid], []
+                    while todo:
+                        p = todo.pop()
+                        seen.append(p)
+                        todo += kids.get(p, [])
+                n += 1
                 if stop_when is not None and stop_when.exists() and proc.poll() is None:
                     time.sleep(1.0)  # let the writer finish its folder
                     stopped.append(time.time() - t0)
@@ -288,7 +292,7 @@ def run_measured(label: str, argv: Sequence[str], run_dir: Path, tb_dir: Optiona
                         peaks[p] = max(peaks.get(p, 0), h)
                         if p not in roles or roles[p] == "?":
                             roles[p] = _role(p)
-                stop.wait(0.2)
+                stop.wait(0.5)
 
         th = threading.Thread(target=poll, daemon=True)
         th.start()

@@ -154,7 +154,7 @@ def activation_bytes(sh: Shape, batch: int, s_instr: int, s_in: int, s_tgt: int,
 def forward_transient_bytes(sh: Shape, batch: int, s_q: int, s_k: int, impl: str, elem: int, cuda: bool) -> int:
     """Peak of a no-grad forward through one layer (nothing is saved, tensors die as the layer runs): the layer
     input and output, Q/K/V, the FFN's inner activations and the attention's (B, heads, s_q, s_k) temporaries:
-    eager scores + fp32 softmax + the cast back; T5 sdpa the float bias mask; LLaMA sdpa none."""
+    eager scores + fp32 softmax + the cast back; T5 sdpa the float bias mask; LLaMA sdpa the 4-D mask."""
     t = batch * s_q
     n = 2 * t * sh.hidden * elem + (t * sh.attn_width + 2 * batch * s_k * sh.kv_width) * elem
     n += 3 * t * sh.ffn * elem
@@ -163,4 +163,6 @@ def forward_transient_bytes(sh: Shape, batch: int, s_q: int, s_k: int, impl: str
         n += pairs * (elem + 4 + elem)
     elif sh.arch == "t5":  # the float bias mask; no-grad sdpa runs a fused kernel (CPU flash included: measured)
         n += pairs * elem
+    else:  # the 4-D padding / causal mask (B, 1, s_q, s_k) the kernel is given (a padded batch: measured)
+        n += batch * s_q * s_k * elem
     return n

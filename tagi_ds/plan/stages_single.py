@@ -82,6 +82,8 @@ def teacher_plan(ctx: Ctx) -> StagePlan:
         weights, lora,
         Part("evaluation forward + logits", eval_fwd + eval_logits, "gpu", "eval.batch_size",
              "teacher.evaluate_rows"),
+        Part("the previous batch's logits, still referenced", eval_logits, "gpu", "eval.batch_size",
+             "teacher.evaluate_rows loop variables"),
         Part("generation KV cache", gen, "gpu", "eval.batch_size", "structures.generation_cache_bytes"),
     ] + host_base(ctx) + [examples])
     load = Phase("load", host_base(ctx, elem) + [examples])
@@ -123,6 +125,9 @@ def cache_plan(ctx: Ctx) -> StagePlan:
              "activations.forward_transient_bytes"),
         Part("logits + label copy + top-k temporaries", logits + topk, "gpu", "cache.batch_size",
              "cache_logits.write_task_shard"),
+        # the loop's `logits` / `lg` still hold the previous batch while the next one runs (measured)
+        Part("the previous batch's logits, still referenced", logits, "gpu", "cache.batch_size",
+             "cache_logits.write_task_shard loop variables"),
     ] + host_base(ctx) + [Part("one task's tokenized examples", S.token_lists_bytes(
         2 * (tr.instances // max(1, tr.tasks)), (tr.prompt_mean + tr.target_mean) / 2), "host")])
     label_tokens = tr.instances * tr.target_mean
