@@ -2,24 +2,29 @@
 
     PYTHONPATH=. python bench/inference.py                  # GPU (bf16): T5-v1.1-base-like + TinyLlama-1.1B-like
     python bench/inference.py --small                       # CPU (fp32): small configs, same lengths, ~1 minute
+    python bench/inference.py --small --archs t5 --instr-lens 512 --input-len 64 --concat
+                                                            # T5 cached instruction K/V vs the old concatenation
 
 Models are random-weight backbones built from `transformers` configs (cost does not depend on the weights).
 Methods, per task of n instances (instruction Li tokens, input Lx, greedy output Ly, no early stop):
   tagi          once per task: instruction encoded by the frozen backbone + hypernetwork + LoRA merged into a copy
                 of the weights (the real code: TagiStudent.encode_instructions / generate_adapters, merge_into_copy);
                 per instance: generation on the input alone with the merged model, the decoder attending to the
-                instruction states too (fusion: T5 cross-attention over [instruction ; input] states, LLaMA a KV
-                prefix). HF's T5 projects the fused instruction's cross-attention K/V for every row, so the analytic
-                model is called with cache_instruction_kv=False to count what actually runs.
+                instruction too (fusion). T5: the instruction's cross-attention K/V are projected once per task
+                (fusion.t5_instruction_kv, part of the once-per-task cost) and every row attends to [them ; its
+                input's K/V] (the student's cached path; analytic cache_instruction_kv=True). LLaMA: a KV prefix.
+  tagi_concat   (T5, --concat) the path TAGI ran before issue 18: [instruction states ; input states] concatenated
+                per row, HF's T5 projecting the instruction's K/V again in every row (cache_instruction_kv=False).
   tk_instruct   instruction + input concatenated, every instance.
   no_instr      the bare backbone on the input alone: the floor.
   tk_kv_reuse   (LLaMA only) Tk-Instruct with the instruction's KV cache computed once per task and reused.
 
 Numbers: FLOPs analytic (tagi_ds.eval.flops) and counted (torch.utils.flop_counter, eager attention so the
 attention products are counted on every device), wall time. The per-instance part is measured on one batch of
-`--batch` instances of a task (median of `--reps`) and divided by the batch; the once-per-task part is measured
-separately; the cost at n instances per task is once/n + per-instance, EXTRAPOLATED (not run 1000 times). All
-columns are ratios to Tk-Instruct at the same n (Tk-Instruct has no once-per-task part).
+`--batch` instances of a task (median of `--reps`, the methods timed in turn) and divided by the batch; the
+once-per-task part is measured separately; the cost at n instances per task is once/n + per-instance, EXTRAPOLATED
+(not run 1000 times). All columns are ratios to Tk-Instruct at the same n (Tk-Instruct has no once-per-task part).
+The last lines print the analytic ratio at T5-XL shapes (issue 18), priced as `evaluate` prices it.
 """
 from __future__ import annotations
 
@@ -37,8 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from tagi_ds.eval import flops as fl  # noqa: E402
 from tagi_ds.modeling.backbone import TargetSpec, freeze  # noqa: E402
-from tagi_ds.modeling.fusion import (expand_prefix, fuse_encoder_states, llama_instruction_pass,  # noqa: E402
-                                     positions_from_mask, prefix_mask_and_positions)
+from tagi_ds.modeling.backbone import target_specs  # noqa: E402
+from tagi_ds.modeling.fusion import (cross_fusion_kwargs, expand_prefix, fuse_encoder_states,  # noqa: E402
+                                     llama_instruction_pass, positions_from_mask, prefix_mask_and_positions,
+                                     t5_instruction_kv)
+from tagi_ds.modeling.known_configs import resolve_config  # noqa: E402
 from tagi_ds.modeling.hf_compat import cache_kwargs, output_cache  # noqa: E402
 from tagi_ds.modeling.lora import merge_into_copy  # noqa: E402
 from tagi_ds.modeling.tagi import TagiStudent, build_student  # noqa: E402
@@ -46,6 +54,9 @@ from tagi_ds.modeling.tiny import tiny_llama_config, tiny_t5_config  # noqa: E40
 
 NS = (1, 10, 100, 1000)
 PAPER_TAGI_FLOPS = 0.39  # TAGI paper, SNI, FLOPs relative to Tk-Instruct
+# Issue 18's T5-XL shapes (instruction / input / output tokens) and configs/t5-xl-sni.yaml's student.
+XL_SHAPES = ((300, 80, 12), (500, 60, 8))
+XL_STUDENT = dict(name="google/t5-xl-lm-adapt", kinds=["q", "v"], r=32, hidden=512, trunk_layers=2, embed_dim=128)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hypernet-hidden", type=int, default=512)
     p.add_argument("--device", default=None, help="default: cuda when available (bf16), else cpu (fp32)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--concat", action="store_true",
+                   help="T5: also run tagi_concat, the pre-issue-18 path (instruction states concatenated per row)")
     p.add_argument("--json", default=None, help="also write the results here (atomic)")
     return p.parse_args(argv)
 
@@ -103,25 +116,29 @@ def hf_targets(specs: list[TargetSpec]) -> list[str]:
 def hypernet_flops(student: TagiStudent) -> int:
     """Analytic forward FLOPs of the hypernetwork for one task: pooler, trunk over every (type, layer), heads."""
     hn = student.hypernet
-    pairs = sum(n for n, _, _ in hn.shapes.values())
-    total = 2 * hn.input_dim * hn.hidden
-    width = hn.hidden + 2 * hn.embed_dim
-    for _ in range(hn.trunk_layers):
-        total += 2 * pairs * width * hn.hidden
-        width = hn.hidden
-    for n_layers, d_in, d_out in hn.shapes.values():
-        total += 2 * n_layers * width * hn.r * (d_in + d_out)
-    return total
+    return fl.hypernet_flops(hn.specs, hn.input_dim, hn.r, hn.hidden, hn.trunk_layers, hn.embed_dim)
+
+
+def xl_relative_flops(instr_len: int, input_len: int, out_len: int, n: int, cached: bool) -> float:
+    """Analytic TAGI / Tk-Instruct per instance at T5-XL, priced as `evaluate` does (unmerged batched LoRA)."""
+    x = XL_STUDENT
+    config = resolve_config(x["name"])
+    hyper = fl.hypernet_flops(target_specs(config, x["kinds"]), config.d_model, x["r"], x["hidden"],
+                              x["trunk_layers"], x["embed_dim"])
+    return fl.relative_flops("tagi", arch="t5", cfg_dict=config.to_dict(), instr_len=instr_len, input_len=input_len,
+                             out_len=out_len, n_instances=n, hypernet_flops=hyper, lora_rank=x["r"],
+                             lora_targets=x["kinds"], lora_mode="unmerged", cache_instruction_kv=cached)
 
 
 # ------------------------------------------------------------------------------------------------ generation
 @torch.no_grad()
 def greedy(model, arch: str, ids: torch.Tensor, mask: torch.Tensor, out_len: int, *,
-           t5_instr: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+           t5_instr: Optional[tuple[torch.Tensor, torch.Tensor]] = None, t5_instr_kv=None,
            llama_prefix: Optional[tuple] = None) -> torch.Tensor:
     """Greedy decoding of exactly out_len tokens with a KV cache, as TagiStudent.generate runs it.
 
-    t5_instr: (states (1, Li, d), mask (1, Li)) fused into the decoder's cross-attention (TAGI/HINT fusion).
+    t5_instr: (states (1, Li, d), mask (1, Li)) concatenated to every row's states (the old fusion path).
+    t5_instr_kv: the task's InstructionKV (projected once): every row cross-attends to [it ; its input K/V].
     llama_prefix: (prefix K/V per layer, instruction mask (1, Li)) used as a cached prefix of every row.
     """
     n = ids.shape[0]
@@ -131,11 +148,12 @@ def greedy(model, arch: str, ids: torch.Tensor, mask: torch.Tensor, out_len: int
         states = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         if t5_instr is not None:
             states, mask = fuse_encoder_states(t5_instr[0], t5_instr[1], states, mask, tids)
+        cross = {} if t5_instr_kv is None else cross_fusion_kwargs(t5_instr_kv, tids, 1, mask)
         step = torch.full((n, 1), model.config.decoder_start_token_id, dtype=torch.long, device=ids.device)
         cache = None
         for _ in range(out_len):
             out = model(encoder_outputs=(states,), attention_mask=mask, decoder_input_ids=step,
-                        use_cache=True, **cache_kwargs(model, cache))
+                        use_cache=True, **cache_kwargs(model, cache), **cross)
             cache = output_cache(out)
             step = out.logits[:, -1].argmax(-1, keepdim=True)
             toks.append(step)
@@ -175,6 +193,22 @@ def wall_s(fn: Callable[[], object], device: torch.device, reps: int) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def wall_s_round_robin(fns: dict[str, Callable[[], object]], device: torch.device, reps: int) -> dict[str, float]:
+    """Median seconds of each fn(), the fns timed in turn (one warm-up each, then rep after rep), so that a shared
+    machine's load drifting during the run weighs on every method alike rather than on whichever ran last."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def counted_flops(fn: Callable[[], object], models: list) -> int:
@@ -240,45 +274,57 @@ def measure(arch: str, instr_len: int, args, device: torch.device, dtype: torch.
         return fl.per_instance_flops(method, n_instances=n, **a, **kw)
 
     costs: dict[str, Cost] = {}
+    per_runs: dict[str, Callable[[], object]] = {}  # each method's per-instance batch, timed round-robin at the end
 
     # Tk-Instruct and the floor: per instance only.
     for name, ids in (("tk_instruct", full), ("no_instr", inputs)):
-        run = lambda ids=ids: greedy(model, arch, ids, ones(ids), Ly)  # noqa: E731
+        per_runs[name] = run = lambda ids=ids: greedy(model, arch, ids, ones(ids), Ly)  # noqa: E731
         method = "tk_instruct" if name == "tk_instruct" else "no_instruction"
-        costs[name] = Cost(per_flops_a=analytic(method, 1), per_flops_c=counted_flops(run, [model]) / B,
-                           per_s=wall_s(run, device, args.reps) / B)
+        costs[name] = Cost(per_flops_a=analytic(method, 1), per_flops_c=counted_flops(run, [model]) / B)
 
     # TAGI: the real student code for the once-per-task part, then the merged model on the inputs alone.
-    def tagi_once():
+    def tagi_once(project_kv: bool):
         enc = student.encode_instructions(instr, ones(instr))
         with torch.no_grad():
             adapters = student.generate_adapters(enc)
-        merged = merge_into_copy(model, student.specs, adapters, 0, student.lora_scale)
-        return enc, merged
+            merged = merge_into_copy(model, student.specs, adapters, 0, student.lora_scale)
+            kv = t5_instruction_kv(merged, enc.hidden, enc.mask, torch.zeros(1, dtype=torch.long, device=device)) \
+                if project_kv else None  # the merged weights carry the task's LoRA
+        return enc, merged, kv
 
-    once_s = wall_s(lambda: tagi_once(), device, max(1, args.reps))
-    once_c = counted_flops(tagi_once, [model])
-    enc, merged = tagi_once()
-    if arch == "t5":
-        run = lambda: greedy(merged, arch, inputs, ones(inputs), Ly, t5_instr=(enc.hidden, enc.mask))  # noqa: E731
-    else:
-        run = lambda: greedy(merged, arch, inputs, ones(inputs), Ly, llama_prefix=(enc.prefix, enc.mask))  # noqa: E731
-    tagi_kw = dict(hypernet_flops=hn_flops, lora_rank=args.r, lora_targets=targets, lora_mode="merged",
-                   cache_instruction_kv=False)
-    per_a = analytic("tagi", 10 ** 12, **tagi_kw)  # n → ∞ leaves the per-instance part
-    costs["tagi"] = Cost(once_flops_a=analytic("tagi", 1, **tagi_kw) - per_a, per_flops_a=per_a,
-                         once_flops_c=once_c, per_flops_c=counted_flops(run, [merged]) / B, once_s=once_s,
-                         per_s=wall_s(run, device, args.reps) / B)
-    del merged
+    variants = [("tagi", True)] + ([("tagi_concat", False)] if arch == "t5" and args.concat else [])
+    def tagi_run(merged, enc, kv, cached: bool) -> Callable[[], object]:
+        if arch == "llama":
+            return lambda: greedy(merged, arch, inputs, ones(inputs), Ly, llama_prefix=(enc.prefix, enc.mask))
+        if cached:
+            return lambda: greedy(merged, arch, inputs, ones(inputs), Ly, t5_instr_kv=kv)
+        return lambda: greedy(merged, arch, inputs, ones(inputs), Ly, t5_instr=(enc.hidden, enc.mask))
+
+    for name, cached in variants:  # cached: T5 instruction K/V once per task (no effect on LLaMA)
+        project_kv = arch == "t5" and cached
+        once_s = wall_s(lambda: tagi_once(project_kv), device, max(1, args.reps))
+        once_c = counted_flops(lambda: tagi_once(project_kv), [model])
+        enc, merged, kv = tagi_once(project_kv)
+        per_runs[name] = run = tagi_run(merged, enc, kv, cached)
+        tagi_kw = dict(hypernet_flops=hn_flops, lora_rank=args.r, lora_targets=targets, lora_mode="merged",
+                       cache_instruction_kv=cached)
+        per_a = analytic("tagi", 10 ** 12, **tagi_kw)  # n → ∞ leaves the per-instance part
+        costs[name] = Cost(once_flops_a=analytic("tagi", 1, **tagi_kw) - per_a, per_flops_a=per_a,
+                           once_flops_c=once_c, per_flops_c=counted_flops(run, [merged]) / B, once_s=once_s)
 
     if arch == "llama":  # Tk-Instruct with the instruction's KV cache computed once per task
         once = lambda: llama_instruction_pass(model, instr, ones(instr))  # noqa: E731
         prefix = once()
         run = lambda: greedy(model, arch, inputs, ones(inputs), Ly, llama_prefix=(prefix[1], ones(instr)))  # noqa: E731
+        per_runs["tk_kv_reuse"] = run
         per_a = analytic("tk_instruct_kv_reuse", 10 ** 12)
         costs["tk_kv_reuse"] = Cost(once_flops_a=analytic("tk_instruct_kv_reuse", 1) - per_a, per_flops_a=per_a,
                                     once_flops_c=counted_flops(once, [model]), per_flops_c=counted_flops(run, [model]) / B,
-                                    once_s=wall_s(once, device, args.reps), per_s=wall_s(run, device, args.reps) / B)
+                                    once_s=wall_s(once, device, args.reps))
+
+    for name, seconds in wall_s_round_robin(per_runs, device, args.reps).items():
+        costs[name].per_s = seconds / B
+    del per_runs  # the merged copies go with their closures
 
     base = costs["tk_instruct"]
     rows = {}
@@ -342,11 +388,20 @@ def main(argv=None) -> int:
           f"per-instance part measured on one batch of {args.batch} instances (median of {args.reps}); "
           "extrapolated, not run n times.")
     for res in results:
-        r = res["ratios"]["tagi"][100]
-        ok = "OK" if r["flops_analytic"] <= 0.4 and r["flops_counted"] <= 0.4 else "ABOVE 0.4"
-        print(f"{res['arch']} instr {res['instr_len']}: TAGI FLOPs at 100 instances/task = x{r['flops_analytic']:.3f}"
-              f" analytic, x{r['flops_counted']:.3f} counted, time x{r['time']:.3f} (paper: x{PAPER_TAGI_FLOPS} on "
-              f"SNI) [{ok}]")
+        for name in ("tagi", "tagi_concat"):
+            if name not in res["ratios"]:
+                continue
+            r = res["ratios"][name][100]
+            ok = "OK" if r["flops_analytic"] <= 0.4 and r["flops_counted"] <= 0.4 else "ABOVE 0.4"
+            print(f"{res['arch']} instr {res['instr_len']}: {name} FLOPs at 100 instances/task = "
+                  f"x{r['flops_analytic']:.3f} analytic, x{r['flops_counted']:.3f} counted, time x{r['time']:.3f} "
+                  f"(paper: x{PAPER_TAGI_FLOPS} on SNI) [{ok}]")
+    print("\nT5-XL (google/t5-xl-lm-adapt, LoRA r=32 on q,v unmerged, hypernet 512/2/128), analytic, 100 instances "
+          "per task, TAGI / Tk-Instruct per instance:")
+    for li, lx, ly in XL_SHAPES:
+        print(f"  instruction {li} / input {lx} / output {ly}: x{xl_relative_flops(li, lx, ly, 100, True):.3f} as it "
+              f"runs (instruction K/V once per task), x{xl_relative_flops(li, lx, ly, 100, False):.3f} with the "
+              "concatenation path")
     return 0 if results else 1
 
 

@@ -95,7 +95,7 @@ tagi_array_main() {
   local cmd=("$PYTHON" -m tagi_ds.cli "$stage" --config "$config" "array_index=$idx" "$@")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     local unit
-    unit="$("$PYTHON" -m tagi_ds.train.array --config "$config" --index "$idx" "$@")" || return $?
+    unit="$("$PYTHON" -m tagi_ds.run.units --config "$config" --index "$idx" "$@")" || return $?
     echo "unit: ${unit#*$'\t'} (array index $idx)"
     tagi_print_env
     local quoted; quoted="$(printf '%q ' "${cmd[@]}")"

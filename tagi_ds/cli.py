@@ -7,17 +7,17 @@ Two kinds of command:
 - tools: the module's `add_arguments(parser)` defines its own flags; `main(args)` gets them.
 
 Errors meant for a person (`TagiError`) print as one paragraph and exit 2; `--debug` shows the traceback.
+Only the chosen command's module is imported, so `--help` and a bad option answer fast.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 from dataclasses import dataclass
 
-from .errors import NotBuiltError, TagiError
+from .errors import ConfigError, TagiError
 
 
 @dataclass(frozen=True)
@@ -25,29 +25,25 @@ class Command:
     module: str
     help: str
     takes_config: bool
+    ranks: bool = True  # runs under torchrun / srun with several ranks (splits its units or trains together)
 
 
 COMMANDS: dict[str, Command] = {
-    "tasks": Command("tagi_ds.data.show", "show what a run trains and tests on (tasks, instances, prompt texts)", False),
+    "tasks": Command("tagi_ds.data.show", "show what a run trains and tests on (tasks, instances, prompt texts)", False, ranks=False),
     "backbone": Command("tagi_ds.train.backbone_stage", "build the offline tiny backbone (tokenizer + copy pretraining)", True),
     "teacher": Command("tagi_ds.train.teacher", "train per-task LoRA teachers (task=NAME | array_index=N | --list)", True),
     "cache-logits": Command("tagi_ds.train.cache_logits", "write teacher top-k log-probs to disk (task=NAME | array_index=N)", True),
-    "inspect-cache": Command("tagi_ds.distill.inspect", "print a logit cache's tasks, tokens, bytes/token, kept mass", False),
+    "inspect-cache": Command("tagi_ds.distill.inspect", "print a logit cache's tasks, tokens, bytes/token, kept mass", False, ranks=False),
     "pretrain": Command("tagi_ds.train.pretrain", "stage 1: hypernetwork pretraining on plain text (HINT split)", True),
     "finetune": Command("tagi_ds.train.finetune", "stage 2: hypernetwork distillation (CE + KL + L_ins)", True),
+    "baselines": Command("tagi_ds.train.baselines", "multitask LoRA baselines: tk_instruct, no_instruction (mode=NAME)",
+                         True),
     "evaluate": Command("tagi_ds.eval.evaluate", "evaluate methods on seen and unseen tasks, write the report", True),
     "pipeline": Command("tagi_ds.pipeline", "all stages in order: the main job (--from STAGE redoes one)", True),
-    "generate-adapter": Command("tagi_ds.adapters.generate", "instruction -> standard PEFT LoRA adapter directory", False),
-    "predict": Command("tagi_ds.adapters.predict", "predict with a generated adapter on inputs.jsonl", False),
-    "plan": Command("tagi_ds.plan.cli", "per-stage GPU / host memory, disk and time of a run on N x G GPUs", False),
+    "generate-adapter": Command("tagi_ds.adapters.generate", "instruction -> standard PEFT LoRA adapter directory", False, ranks=False),
+    "predict": Command("tagi_ds.adapters.predict", "predict with a generated adapter on inputs.jsonl", False, ranks=False),
+    "plan": Command("tagi_ds.plan.cli", "per-stage GPU / host memory, disk and time of a run on N x G GPUs", False, ranks=False),
 }
-
-
-def _is_built(cmd: Command) -> bool:
-    try:
-        return importlib.util.find_spec(cmd.module) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def build_parser(chosen: str | None = None) -> tuple[argparse.ArgumentParser, dict]:
@@ -60,19 +56,15 @@ def build_parser(chosen: str | None = None) -> tuple[argparse.ArgumentParser, di
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     modules = {}
     for name, cmd in COMMANDS.items():
-        built = _is_built(cmd)
-        mod = importlib.import_module(cmd.module) if built and name == chosen else None
+        mod = importlib.import_module(cmd.module) if name == chosen else None
         modules[name] = mod
-        help_text = cmd.help if built else cmd.help + " [not built yet]"
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
         if cmd.takes_config:
-            p.add_argument("--config", required=built, help="recipe YAML (configs/*.yaml)")
+            p.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
             p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.steps=100")
         if mod is not None and hasattr(mod, "add_arguments"):
             mod.add_arguments(p)
-        elif not built and not cmd.takes_config:
-            p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser, modules
 
 
@@ -87,6 +79,16 @@ def _split_extra(overrides: list[str], extra_keys: set[str]) -> tuple[list[str],
     return keep, extra
 
 
+def _refuse_multi_rank(command: str) -> None:
+    """A one-process tool started by torchrun / srun with N ranks would run N times and race on its output."""
+    from .run.dist import launched_ranks
+
+    n = launched_ranks()
+    if n > 1:
+        raise ConfigError(f"runs in one process, but the launcher started {n} ranks (torchrun / srun "
+                          f"--ntasks): run `tagi-ds {command}` without a launcher")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -98,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = args.debug or os.environ.get("TAGI_DEBUG") == "1"
     try:
+        if not COMMANDS[args.command].ranks:
+            _refuse_multi_rank(args.command)
         mod = modules[args.command]
-        if mod is None:
-            raise NotBuiltError(f"`tagi-ds {args.command}` is not built yet in this version; see the open issues.")
         if COMMANDS[args.command].takes_config:
             from .config import load_config
 
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     except TagiError as e:
         if debug:
             raise
-        print(f"tagi-ds {args.command}: error: {e}", file=sys.stderr)
+        kind = "stopped" if e.exit_code == 75 else "error"  # 75: run.signals.Stopped, state saved for a resume
+        print(f"tagi-ds {args.command}: {kind}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"tagi-ds {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)

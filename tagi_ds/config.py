@@ -61,7 +61,8 @@ class DataConfig:
     max_target_length: int = f(128, "tokens of the output")
     instruction_overflow: Literal["truncate", "error"] = f("truncate", "what to do with an over-long instruction")
     synthetic: SyntheticConfig = f(default_factory=SyntheticConfig, help="offline task suite settings")
-    pretrain_text: Optional[str] = f(None, "plain text / jsonl / datasets path for stage-1 pretraining; None = generated")
+    pretrain_text: Optional[str] = f(None, "stage-1 text: a .txt / .jsonl file or a tools/convert_c4.py folder; "
+                                           "'offline' = the generated demo corpus; unset is an error when stage 1 runs")
     pretrain_segment_lengths: list = f([64, 32, 32], "HINT split: tokens for (hypernet input, backbone input, target)")
     pretrain_offline_docs: int = f(2000, "stage 1 without pretrain_text: documents generated offline (each one task)")
     pretrain_offline_corpus: Literal["stories", "suite_words"] = f(
@@ -129,20 +130,35 @@ class TeacherConfig:
     checkpoint_every: int = f(100, "steps between resumable checkpoints")
     resume: Literal["auto", "never"] = f("auto", "resume a teacher batch from its checkpoint when one exists")
     grad_clip: float = f(1.0, "per-teacher gradient clipping norm (0 = off)")
-    array_concurrency: int = f(16, "Slurm array: at most this many teachers at once")
+    array_concurrency: int = f(16, "Slurm array: at most this many array elements at once")
+    units_per_job: int = f(1, "Slurm array: teacher units per array element (e.g. 756 tasks / 16 = 48 elements, each "
+                              "loading the data and the backbone once; far below a cluster's per-user job limit)")
+    write_cache: bool = f(False, "after publishing its units, the teacher stage also writes their logit-cache shards "
+                                 "with the backbone already loaded (one job per units instead of two)")
 
 
 @dataclass
 class CacheConfig:
-    top_k: int = f(64, "teacher log-probs kept per label position")
+    mode: Literal["topk", "sampled", "priority"] = f(
+        "topk", "what the cache keeps per label position: topk = the k most likely ids (exact for them, a biased KL: "
+        "the mass outside is lumped or dropped); sampled = num_samples draws from the teacher at T (unbiased); "
+        "priority = priority sampling with top_k slots, exact head + sampled tail (unbiased; bench/kd_signal.py)")
+    top_k: int = f(64, "topk: log-probs kept per label position; priority: slots per position")
+    num_samples: int = f(64, "sampled: draws from the teacher per label position")
     temperature: float = f(2.0, "temperature the cache is written at (must equal finetune.temperature)")
-    missing_mass: Literal["renormalize", "bucket"] = f("bucket", "how the KL treats teacher mass outside the top-k")
+    missing_mass: Literal["renormalize", "bucket"] = f("bucket", "topk: how the KL treats teacher mass outside the top-k")
+    estimator: Literal["distinct", "counts"] = f(
+        "distinct", "sampled: the estimate of p at a drawn id: distinct = Horvitz-Thompson over distinct ids (lower "
+        "variance), counts = count / num_samples (the paper's)")
+    control: Union[Literal["auto"], float] = f(
+        "auto", "sampled / priority: the zero-mean control variate's coefficient (auto = fitted per position from the "
+        "other positions of the micro batch; 0 = off)")
     batch_size: int = f(32, "instances per teacher forward")
 
 
 @dataclass
-class TrainConfig:
-    """One hypernetwork training stage (pretrain or finetune)."""
+class LoopConfig:
+    """The optimizer loop both hypernetwork stages share (data only: each stage's section adds its own fields)."""
 
     enabled: bool = f(True, "run this stage")
     steps: int = f(500, "optimizer steps")
@@ -150,9 +166,6 @@ class TrainConfig:
     weight_decay: float = f(0.01, "AdamW weight decay")
     warmup_steps: int = f(50, "linear warmup steps")
     schedule: Literal["linear", "cosine", "constant"] = f("linear", "decay after warmup")
-    tasks_per_batch: int = f(4, "tasks per micro batch (k)")
-    instances_per_task: int = f(8, "instances per task per micro batch (m)")
-    micro_batch_size: int = f(16, "sequences per micro batch (pretrain)")
     grad_accum: int = f(1, "gradient accumulation steps")
     grad_clip: float = f(1.0, "gradient clipping norm (0 = off)")
     time_budget_s: Optional[float] = f(None, "stop after this many seconds")
@@ -160,11 +173,38 @@ class TrainConfig:
     keep_checkpoints: int = f(2, "checkpoints kept")
     resume: Literal["auto", "never"] = f("auto", "resume from the latest checkpoint when one exists")
     log_every: int = f(10, "steps between logged scalars")
-    lambda_kl: float = f(1.0, "weight of KL_T(teacher || student) (finetune; 0 = off)")
-    lambda_ins: float = f(1.0, "weight of L_ins between generated and teacher ΔW (finetune; 0 = off)")
-    temperature: float = f(2.0, "distillation temperature T (finetune)")
+
+
+@dataclass
+class PretrainConfig(LoopConfig):
+    """Stage 1: HINT-style pretraining on plain text (CE only)."""
+
+    micro_batch_size: int = f(16, "documents per micro batch (each document is its own task)")
+
+
+@dataclass
+class FinetuneConfig(LoopConfig):
+    """Stage 2: distillation, L = CE + λ_kl·KL_T(teacher‖student) + λ_ins·L_ins."""
+
+    tasks_per_batch: int = f(4, "tasks per micro batch (k)")
+    instances_per_task: int = f(8, "instances per task per micro batch (m)")
+    lambda_kl: float = f(1.0, "weight of KL_T(teacher || student) (0 = off)")
+    lambda_ins: float = f(1.0, "weight of L_ins between generated and teacher ΔW (0 = off)")
+    temperature: float = f(2.0, "distillation temperature T (must equal cache.temperature)")
     online_teacher: bool = f(False, "compute teacher logits live instead of reading the cache")
-    init_from_pretrain: bool = f(True, "finetune starts from the pretrain export when it exists")
+    init_from_pretrain: bool = f(True, "start from the pretrain export when it exists")
+    teacher_cache_gib: float = f(2.0, "host memory for teacher adapters read ahead of their step (LRU, in GiB)")
+
+
+@dataclass
+class BaselinesConfig(LoopConfig):
+    """The multitask LoRA baselines (tk_instruct: full prompt; no_instruction: instance part alone), trained on the
+    same engine and sampler as the hypernetwork (bf16, activation checkpointing and ZeRO from backbone.* /
+    distributed.*)."""
+
+    steps: int = f(600, "optimizer steps per baseline")
+    tasks_per_batch: int = f(4, "tasks per micro batch (the hypernetwork's task-grouped sampler)")
+    instances_per_task: int = f(8, "instances per task per micro batch")
 
 
 @dataclass
@@ -180,12 +220,19 @@ class DistributedConfig:
 class EvalConfig:
     methods: list = f(["no_ft", "no_instruction", "tk_instruct", "teacher", "hint", "tagi"], "methods in the report")
     max_new_tokens: int = f(32, "greedy decoding length")
-    batch_size: int = f(64, "instances per generation batch")
-    rank_classification: Literal["sum", "mean"] = f("sum", "P3 answer-choice scoring")
-    baseline_steps: int = f(600, "steps for the multitask baselines (tk_instruct, no_instruction)")
-    baseline_lr: float = f(1e-3, "lr of the multitask baselines")
-    baseline_time_budget_s: Optional[float] = f(None, "time budget per baseline")
-    baseline_batch_size: int = f(32, "sequences per step of the multitask baselines")
+    batch_size: int = f(64, "instances per generation batch (rows of similar length decoded together)")
+    rank_classification: Literal["sum", "mean"] = f(
+        "mean", "P3 answer-choice scoring (tasks whose instances carry answer_choices): the choice with the highest "
+        "log-likelihood wins; mean = per-token mean, as TAGI's and HINT's P3 scorer (average='instance'); sum = the "
+        "summed log-likelihood, as bigscience/t-zero's evaluation. They disagree when choices differ in length")
+    rank_batch_size: int = f(8, "rank classification: instances per forward (all their answer choices together)")
+    tasks_per_batch: int = f(
+        16, "tasks answered together, the evaluation's unit of work: a hypernetwork method holds the instruction "
+        "states and generated adapters of this many tasks at once, a teacher group at most this many tasks; shards "
+        "split a split's units across ranks, so predictions do not depend on the number of ranks")
+    teacher_group_bytes: int = f(
+        4 * 2 ** 30, "method teacher: most bytes of teacher adapters (file sizes) on the device at once; units are "
+        "loaded group by group, never all together (a single larger unit is loaded alone)")
 
 
 @dataclass
@@ -201,8 +248,9 @@ class RunConfig:
     hypernet: HypernetConfig = f(default_factory=HypernetConfig, help="hypernetwork")
     teacher: TeacherConfig = f(default_factory=TeacherConfig, help="per-task LoRA teachers")
     cache: CacheConfig = f(default_factory=CacheConfig, help="teacher logit cache")
-    pretrain: TrainConfig = f(default_factory=lambda: TrainConfig(lambda_kl=0.0, lambda_ins=0.0), help="stage 1")
-    finetune: TrainConfig = f(default_factory=TrainConfig, help="stage 2")
+    pretrain: PretrainConfig = f(default_factory=PretrainConfig, help="stage 1: hypernetwork pretraining")
+    finetune: FinetuneConfig = f(default_factory=FinetuneConfig, help="stage 2: hypernetwork distillation")
+    baselines: BaselinesConfig = f(default_factory=BaselinesConfig, help="multitask LoRA baselines")
     distributed: DistributedConfig = f(default_factory=DistributedConfig, help="DeepSpeed / launcher")
     eval: EvalConfig = f(default_factory=EvalConfig, help="evaluation")
     stage_budgets_s: dict = f({}, "optional wall-clock budget per pipeline stage (s), by stage name")
@@ -281,10 +329,19 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise bad
 
 
+# Keys that moved: a config written for an older version gets told where the key lives now.
+MOVED_KEYS = {"eval.baseline_steps": "baselines.steps", "eval.baseline_lr": "baselines.lr",
+              "eval.baseline_batch_size": "baselines.tasks_per_batch x baselines.instances_per_task",
+              "eval.baseline_time_budget_s": "baselines.time_budget_s",
+              "baselines.batch_size": "baselines.tasks_per_batch x baselines.instances_per_task"}
+
+
 def _build(cls: type, data: dict, where: str, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     known = {fl.name: fl for fl in fields(cls)}
     for k in data:
+        if f"{prefix}{k}" in MOVED_KEYS:
+            raise ConfigError(f"{where}: key '{prefix}{k}' moved to '{MOVED_KEYS[prefix + k]}'")
         if k not in known:
             choices = ", ".join(sorted(known))
             raise ConfigError(f"{where}: unknown key '{prefix}{k}'; expected one of: {choices}")

@@ -19,6 +19,3 @@ class DataError(TagiError):
 class ArtifactMismatchError(TagiError):
     """An artifact on disk (cache shard, checkpoint, export) belongs to another configuration or is corrupt."""
 
-
-class NotBuiltError(TagiError):
-    """A stage that the CLI lists but that is not implemented yet."""

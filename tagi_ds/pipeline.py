@@ -1,24 +1,28 @@
 """`tagi-ds pipeline --config configs/tiny.yaml [--from STAGE]`: every stage in order, in ONE process (what
 `make demo` runs).
 
-    backbone → teacher → cache-logits → pretrain → finetune (the variants cfg.eval.methods needs) → baselines → evaluate
+    backbone → teacher → cache-logits → pretrain → finetune (per variant) → baselines (per mode) → evaluate
 
-- Each stage's wall-clock budget: cfg.stage_budgets_s[stage] when given (teacher: all teachers together; finetune:
-  each variant; baselines: each baseline), else the stage's own time_budget_s.
-- A finished stage leaves a done-marker <run_dir>/.pipeline/<stage>.json holding the hash of the config sections
-  that decide its output; a rerun skips every stage whose marker matches (and the stages' own skip logic applies
-  underneath: published teachers, complete cache shards, trained baselines). A stage whose inputs changed runs
-  again; a stage interrupted half-way resumes from its own checkpoints.
+The stages are a table (`STAGES`): each is a recipe module with `run(cfg, ...)` and `identity(cfg, sub)`, and a rule
+for which units it runs (`subs`: finetune variants, baseline modes). A finished stage leaves a done-marker
+<run_dir>/.pipeline/<stage>[__<sub>].json holding the hash of its identity; a rerun skips a stage whose marker matches
+(and the stages' own skip logic applies underneath: published teachers, complete cache shards, trained baselines,
+stage records). A stage interrupted half-way resumes from its own checkpoints.
+
+- Each stage's wall-clock cap: cfg.stage_budgets_s[stage] (teacher: all teachers together; finetune: each variant;
+  baselines: each baseline), else the stage's own time_budget_s.
 - `--from STAGE` removes that stage's outputs and markers and those of every later stage, then runs them again.
 - The resolved config is written to <run_dir>/config.yaml; stage timings to <run_dir>/pipeline.json.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import copy
+import importlib
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,214 +31,205 @@ import torch
 from .config import dump_yaml
 from .errors import ConfigError
 from .io_utils import atomic_write_json, atomic_write_text, sha256_json
+from .run.methods import baseline_modes, finetune_variants, needs_teachers, variant_config
+from .run.dist import barrier, join_ranks
+from .run.identity import stage_record_hash
+from .run.paths import RunPaths
 
-STAGES = ("backbone", "teacher", "cache-logits", "pretrain", "finetune", "baselines", "evaluate")
-MARKER_DIR = ".pipeline"
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the pipeline: the recipe module, which units it runs, where its outputs live."""
+
+    name: str
+    module: str                                        # recipe module: run(cfg, ...) and identity(cfg, sub)
+    subs: Callable[[Any], list[Optional[str]]]          # the units it runs for this config ([None] = once)
+    outputs: Callable[[RunPaths], list[Path]]          # what `--from` removes (the committed asset never)
+    budget: Optional[str] = None                        # the config field stage_budgets_s[name] caps, if any
+    record: Optional[Callable[[RunPaths], Path]] = None  # a folder whose stage.json, not a marker, says "done"
+
+    def recipe(self):
+        return importlib.import_module(self.module)
+
+
+def _once(cfg) -> list[Optional[str]]:
+    return [None]
+
+
+def _if_teachers(cfg) -> list[Optional[str]]:
+    return [None] if needs_teachers(cfg) else []
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("backbone", "tagi_ds.train.backbone_stage", _once, lambda p: [p.backbone]),
+    Stage("teacher", "tagi_ds.train.teacher", _if_teachers, lambda p: [p.teachers, p.tb("teacher")],
+          "teacher.time_budget_s"),
+    Stage("cache-logits", "tagi_ds.train.cache_logits", _if_teachers, lambda p: [p.logit_cache]),
+    Stage("pretrain", "tagi_ds.train.pretrain", lambda cfg: [None] if cfg.pretrain.enabled else [],
+          lambda p: [p.pretrain, p.tb("pretrain")], "pretrain.time_budget_s"),
+    Stage("finetune", "tagi_ds.train.finetune", finetune_variants, lambda p: [p.finetune_root, p.tb("finetune")],
+          "finetune.time_budget_s"),
+    Stage("baselines", "tagi_ds.train.baselines", baseline_modes,
+          lambda p: [p.baselines_root] + [p.tb(f"baseline_{m}") for m in ("tk_instruct", "no_instruction")],
+          "baselines.time_budget_s"),
+    # The report says itself which configuration it belongs to (eval/stage.json): a standalone `tagi-ds evaluate`
+    # of another configuration changes what "done" means here, so no marker can go stale.
+    Stage("evaluate", "tagi_ds.eval.evaluate", _once,
+          lambda p: [p.eval, p.report, p.report_json] + sorted(p.run_dir.glob("*.png")), record=lambda p: p.eval),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def stage(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise ConfigError(f"unknown pipeline stage {name!r}; expected one of {', '.join(STAGE_NAMES)}")
 
 
 # ------------------------------------------------------------------------------------------------ config pieces
 def with_budgets(cfg: Any) -> Any:
     """A copy of cfg with cfg.stage_budgets_s written into the stages' own budget fields."""
-    bad = sorted(set(cfg.stage_budgets_s) - set(STAGES))
+    bad = sorted(set(cfg.stage_budgets_s) - set(STAGE_NAMES))
     if bad:
-        raise ConfigError(f"stage_budgets_s: unknown stage(s) {bad}; expected some of {list(STAGES)}")
-    out = _deepcopy(cfg)
-    b = cfg.stage_budgets_s
-    if "teacher" in b:
-        out.teacher.time_budget_s = float(b["teacher"])
-    if "pretrain" in b:
-        out.pretrain.time_budget_s = float(b["pretrain"])
-    if "finetune" in b:
-        out.finetune.time_budget_s = float(b["finetune"])
-    if "baselines" in b:
-        out.eval.baseline_time_budget_s = float(b["baselines"])
+        raise ConfigError(f"stage_budgets_s: unknown stage(s) {bad}; expected some of {list(STAGE_NAMES)}")
+    out = copy.deepcopy(cfg)
+    for name, seconds in cfg.stage_budgets_s.items():
+        field = stage(name).budget
+        if field is None:
+            raise ConfigError(f"stage_budgets_s.{name}: this stage has no time budget")
+        section, key = field.split(".")
+        setattr(getattr(out, section), key, float(seconds))
     return out
 
 
-def _deepcopy(cfg: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(cfg)
-
-
-def _sections(cfg: Any, *names: str) -> dict:
-    d = dataclasses.asdict(cfg)
-    return {n: d[n] for n in names}
+def stage_config(cfg: Any, st: Stage, sub: Optional[str]) -> Any:
+    """The config a unit runs with: a finetune variant's overrides applied."""
+    return variant_config(cfg, sub) if st.name == "finetune" else cfg
 
 
-def stage_key(cfg: Any, stage: str, sub: Optional[str] = None) -> dict:
-    """The config sections that decide a stage's output (later stages include their inputs' sections)."""
-    base = ("seed", "data", "backbone")
-    if stage == "backbone":
-        key = _sections(cfg, "seed", "backbone")
-        if cfg.backbone.name_or_path == "auto":  # the built backbone's recipe (SNI mode: the train split it reads)
-            from .train.backbone_stage import recipe
-
-            key["recipe"] = recipe(cfg)["hash"]
-        return key
-    if stage == "teacher":
-        return _sections(cfg, *base, "lora", "teacher")
-    if stage == "cache-logits":
-        return _sections(cfg, *base, "lora", "teacher", "cache")
-    if stage == "pretrain":
-        return _sections(cfg, *base, "lora", "hypernet", "pretrain", "distributed")
-    if stage == "finetune":
-        from .eval.methods import variant_config
-
-        v = variant_config(cfg, sub)
-        return {"variant": sub, **_sections(v, *base, "lora", "hypernet", "teacher", "cache", "pretrain",
-                                            "finetune", "distributed")}
-    if stage == "baselines":
-        return {"mode": sub, **_sections(cfg, *base, "lora"),
-                "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k.startswith("baseline")}}
-    if stage == "evaluate":
-        d = dataclasses.asdict(cfg)
-        return {k: v for k, v in d.items() if k not in ("name", "runs_dir", "stage_budgets_s", "threads", "device")}
-    raise ConfigError(f"unknown pipeline stage {stage!r}; expected one of {list(STAGES)}")
+def identity(cfg: Any, st: Stage, sub: Optional[str]) -> dict:
+    return st.recipe().identity(stage_config(cfg, st, sub), sub)
 
 
-def finetune_variants(cfg: Any) -> list[str]:
-    from .eval.methods import HYPERNET_METHODS, check_methods
-
-    return [m for m in check_methods(cfg.eval.methods) if m in HYPERNET_METHODS]
-
-
-def baseline_modes(cfg: Any) -> list[str]:
-    from .eval.methods import BASELINES
-
-    return [m for m in cfg.eval.methods if m in BASELINES]
+def plan(cfg: Any) -> list[tuple[Stage, Optional[str]]]:
+    """(stage, sub) in order; sub = finetune variant or baseline mode."""
+    return [(st, sub) for st in STAGES for sub in st.subs(cfg)]
 
 
 # ------------------------------------------------------------------------------------------------ markers
 class Markers:
-    def __init__(self, run_dir: Path):
-        self.root = Path(run_dir) / MARKER_DIR
+    def __init__(self, paths: RunPaths):
+        self.root = paths.markers
 
-    def path(self, stage: str, sub: Optional[str] = None) -> Path:
-        return self.root / (f"{stage}__{sub}.json" if sub else f"{stage}.json")
+    def path(self, stage_name: str, sub: Optional[str] = None) -> Path:
+        return self.root / (f"{stage_name}__{sub}.json" if sub else f"{stage_name}.json")
 
-    def done(self, stage: str, sub: Optional[str], key_hash: str) -> bool:
+    def done(self, stage_name: str, sub: Optional[str], key_hash: str) -> bool:
         try:
-            return json.loads(self.path(stage, sub).read_text()).get("hash") == key_hash
+            return json.loads(self.path(stage_name, sub).read_text()).get("hash") == key_hash
         except (OSError, ValueError, AttributeError):
             return False
 
-    def mark(self, stage: str, sub: Optional[str], key_hash: str, seconds: float) -> None:
-        atomic_write_json(self.path(stage, sub), {"stage": stage, "sub": sub, "hash": key_hash,
-                                                  "seconds": round(seconds, 2), "finished_at": time.time()})
+    def mark(self, stage_name: str, sub: Optional[str], key_hash: str, seconds: float) -> None:
+        atomic_write_json(self.path(stage_name, sub), {"stage": stage_name, "sub": sub, "hash": key_hash,
+                                                       "seconds": round(seconds, 2), "finished_at": time.time()})
 
-    def clear(self, stage: str) -> None:
+    def clear(self, stage_name: str) -> None:
         if self.root.is_dir():
-            for p in self.root.glob(f"{stage}*.json"):
-                if p.name == f"{stage}.json" or p.name.startswith(f"{stage}__"):
+            for p in self.root.glob(f"{stage_name}*.json"):
+                if p.name == f"{stage_name}.json" or p.name.startswith(f"{stage_name}__"):
                     p.unlink()
 
 
-def stage_outputs(run_dir: Path, stage: str) -> list[Path]:
-    """What `--from` removes for a stage (the backbone stage's committed asset is never touched)."""
-    r = Path(run_dir)
-    return {"backbone": [r / "backbone"], "teacher": [r / "teachers", r / "tb" / "teacher"],
-            "cache-logits": [r / "logit_cache"], "pretrain": [r / "pretrain", r / "tb" / "pretrain"],
-            "finetune": [r / "finetune", r / "tb" / "finetune"], "baselines": [r / "baselines"],
-            "evaluate": [r / "eval"]}[stage]
+# ------------------------------------------------------------------------------------------------ running
+def run_stage(cfg: Any, st: Stage, sub: Optional[str], progress: bool, log: Log) -> None:
+    """One unit of one stage: every recipe's `run(cfg, sub, *, progress, log)`."""
+    st.recipe().run(stage_config(cfg, st, sub), sub, progress=progress, log=log)
 
 
-# ------------------------------------------------------------------------------------------------ stages
-def _run_stage(cfg: Any, stage: str, sub: Optional[str], progress: bool, log: Callable[[str], None]) -> None:
-    if stage == "backbone":
-        from .train import backbone_stage
-
-        backbone_stage.run(cfg, progress=progress)
-    elif stage == "teacher":
-        from .train import teacher
-
-        teacher.run(cfg, progress=progress, log=log)
-    elif stage == "cache-logits":
-        from .train import cache_logits
-
-        cache_logits.run(cfg, log=log)
-    elif stage == "pretrain":
-        from .train import pretrain
-
-        pretrain.run(cfg, show_progress=progress)
-    elif stage == "finetune":
-        from .eval.methods import variant_config
-        from .train import finetune
-
-        finetune.run(variant_config(cfg, sub), variant=sub, show_progress=progress)
-    elif stage == "baselines":
-        from .eval.methods import ensure_baseline
-
-        ensure_baseline(cfg, sub, log=log, progress=progress)
-    elif stage == "evaluate":
-        from .eval import evaluate
-
-        evaluate.run(cfg, log=log)
+def archive_report(paths: RunPaths, log: Log) -> None:
+    """A report of another configuration is versioned, never overwritten: eval/ and the report files move to
+    eval_archive/<its identity hash>/ before the evaluation reruns."""
+    old = stage_record_hash(paths.eval)
+    if old is None:
+        return
+    dest = paths.eval_archive(old)
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in stage("evaluate").outputs(paths):
+        if p.exists():
+            shutil.move(str(p), str(dest / p.name))
+    log(f"pipeline: evaluate: the previous report (another configuration) moved to {dest}")
 
 
-def plan(cfg: Any) -> list[tuple[str, Optional[str]]]:
-    """(stage, sub) in order; sub = finetune variant or baseline mode."""
-    steps: list[tuple[str, Optional[str]]] = []
-    for stage in STAGES:
-        if stage == "pretrain" and not cfg.pretrain.enabled:
-            continue
-        if stage == "finetune":
-            steps += [("finetune", v) for v in finetune_variants(cfg)]
-        elif stage == "baselines":
-            steps += [("baselines", m) for m in baseline_modes(cfg)]
-        elif stage in ("teacher", "cache-logits"):
-            if "teacher" in cfg.eval.methods or finetune_variants(cfg):
-                steps.append((stage, None))
-        else:
-            steps.append((stage, None))
-    return steps
-
-
-def run(cfg: Any, from_stage: Optional[str] = None, progress: bool = True,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(cfg: Any, from_stage: Optional[str] = None, progress: bool = True, log: Log = print) -> dict[str, Any]:
     """Run the pipeline; returns {"stages": [{stage, sub, status, seconds}], "seconds"}."""
-    if from_stage is not None and from_stage not in STAGES:
-        raise ConfigError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
+    if from_stage is not None and from_stage not in STAGE_NAMES:
+        raise ConfigError(f"--from {from_stage!r}: expected one of {', '.join(STAGE_NAMES)}")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     ecfg = with_budgets(cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_yaml(ecfg))
-    markers = Markers(run_dir)
-    if from_stage is not None:
-        for stage in STAGES[STAGES.index(from_stage):]:
-            markers.clear(stage)
-            for p in stage_outputs(run_dir, stage):
-                shutil.rmtree(p, ignore_errors=True)
-        log(f"pipeline: --from {from_stage}: removed the outputs of {', '.join(STAGES[STAGES.index(from_stage):])}")
+    steps = plan(ecfg)
+    # Each recipe's cheap checks (a missing corpus, say) before anything runs or is deleted: a scale run must not
+    # learn of a bad path hours in, after the teachers.
+    for st in {st.name: st for st, _ in steps}.values():
+        check = getattr(st.recipe(), "preflight", None)
+        if check is not None:
+            check(ecfg)
+    paths = RunPaths.of(cfg)
+    # Under torchrun / srun every rank runs the pipeline: the stages split their units (teachers, shards) or train
+    # together (DeepSpeed); only rank 0 deletes or writes the pipeline's own files, the others wait at a barrier.
+    r, _ = join_ranks(cfg.distributed.timeout_s)
+    main_rank = r == 0
+    markers = Markers(paths)
+    if main_rank:
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths.config, dump_yaml(ecfg))
+    if from_stage is not None and main_rank:
+        redo = STAGE_NAMES[STAGE_NAMES.index(from_stage):]
+        for name in redo:
+            markers.clear(name)
+            for p in stage(name).outputs(paths):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        log(f"pipeline: --from {from_stage}: removed the outputs of {', '.join(redo)}")
+    barrier()
     t_all = time.perf_counter()
     record = []
-    for stage, sub in plan(ecfg):
-        name = stage + (f" ({sub})" if sub else "")
-        key_hash = sha256_json(stage_key(ecfg, stage, sub))
-        if markers.done(stage, sub, key_hash):
+    for st, sub in steps:
+        name = st.name + (f" ({sub})" if sub else "")
+        key_hash = sha256_json(identity(ecfg, st, sub))
+        done = (stage_record_hash(st.record(paths)) == key_hash if st.record is not None
+                else markers.done(st.name, sub, key_hash))
+        if done:
             log(f"pipeline: {name}: skipped (done, config hash {key_hash[:12]})")
-            record.append({"stage": stage, "sub": sub, "status": "skipped", "seconds": 0.0})
+            record.append({"stage": st.name, "sub": sub, "status": "skipped", "seconds": 0.0})
             continue
         log(f"pipeline: {name}: running")
+        if st.name == "evaluate" and main_rank:
+            archive_report(paths, log)
+        barrier()
         t0 = time.perf_counter()
-        _run_stage(ecfg, stage, sub, progress, log)
+        run_stage(ecfg, st, sub, progress, log)
+        barrier()
         secs = time.perf_counter() - t0
-        markers.mark(stage, sub, key_hash, secs)
-        budget = cfg.stage_budgets_s.get(stage)
+        if main_rank:
+            markers.mark(st.name, sub, key_hash, secs)
+        budget = cfg.stage_budgets_s.get(st.name)
         over = f" (over its {budget:.0f} s budget)" if budget is not None and secs > 1.25 * budget + 30 else ""
         log(f"pipeline: {name}: done in {secs:.0f} s{over}")
-        record.append({"stage": stage, "sub": sub, "status": "ran", "seconds": round(secs, 2)})
+        record.append({"stage": st.name, "sub": sub, "status": "ran", "seconds": round(secs, 2)})
     total = time.perf_counter() - t_all
     summary = {"stages": record, "seconds": round(total, 2), "from": from_stage}
-    atomic_write_json(run_dir / "pipeline.json", summary)
-    log(f"pipeline: finished in {total:.0f} s; report: {run_dir / 'report.md'}")
+    if main_rank:
+        atomic_write_json(paths.pipeline_record, summary)
+    log(f"pipeline: finished in {total:.0f} s; report: {paths.report}")
     return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="from_stage", default=None, choices=STAGES,
+    parser.add_argument("--from", dest="from_stage", default=None, choices=STAGE_NAMES,
                         help="redo this stage and every later one (their outputs are removed first)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

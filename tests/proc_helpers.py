@@ -1,14 +1,16 @@
-"""Launching and killing real worker processes in tests (torchrun launches, SIGKILL mid-run). Importable from every
-test folder: pytest puts tests/ on sys.path for the root conftest."""
+"""Launching and killing real worker processes in tests (torchrun launches, SIGKILL mid-run)."""
 from __future__ import annotations
 
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -21,7 +23,8 @@ def worker_env(warnings: str = "ignore::FutureWarning", **extra: str) -> dict:
     """The environment of a launched worker: CPU DeepSpeed, offline hubs, one thread, no inherited rank variables
     (a test run under a launcher must not leak its own RANK/MASTER_* into the workers it starts)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS=warnings,
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     env.update(extra)
@@ -48,3 +51,18 @@ def sigkill_when_ready(launcher: subprocess.Popen, pid_files: Sequence[Path], ti
         os.killpg(int(p.read_text()), signal.SIGKILL)
     launcher.wait(timeout=30)
     return launcher.returncode
+
+
+_PEAK_RSS = ("import atexit, resource, sys\n"
+             "atexit.register(lambda: print(f'PEAK_RSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', "
+             "file=sys.stderr))\n"
+             "from tagi_ds.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+
+
+def cli_peak_rss(args: Sequence[str], timeout: float = 600, **env: str) -> tuple[int, int, str]:
+    """Run `tagi-ds ARGS` in a fresh process; (return code, its own peak RSS in KiB, stderr)."""
+    r = subprocess.run([sys.executable, "-c", _PEAK_RSS, *args], env=worker_env(**env), capture_output=True,
+                       text=True, timeout=timeout, cwd=REPO)
+    peak = [int(line.split("=", 1)[1]) for line in r.stderr.splitlines() if line.startswith("PEAK_RSS_KB=")]
+    return r.returncode, (peak[-1] if peak else -1), r.stderr

@@ -23,9 +23,24 @@ def test_yaml_and_overrides_are_typed(tmp_path):
     assert cfg.finetune.lr == 1.0 and isinstance(cfg.finetune.lr, float)  # int widens to float
     assert cfg.finetune.lambda_kl == 0.0 and cfg.data.max_tasks is None and cfg.hypernet.fusion is False
     assert cfg.backbone.target_modules == ["q", "k"]
-    # untouched sections keep their defaults, and the pretrain stage has its distillation terms off
-    assert cfg.pretrain.lambda_kl == 0.0 and cfg.pretrain.lambda_ins == 0.0 and cfg.lora.r == 32
+    # untouched sections keep their defaults
+    assert cfg.pretrain.steps == 500 and cfg.lora.r == 32
     assert load_config(None, ["name=x"]).run_dir.name == "x"
+
+
+@pytest.mark.parametrize("key", ["pretrain.lambda_kl", "pretrain.temperature", "pretrain.tasks_per_batch",
+                                 "finetune.micro_batch_size"])
+def test_each_stage_takes_only_its_own_keys(key):
+    """Stage 1 has no distillation terms and stage 2 no document batches: such a key was once accepted and silently
+    ignored; now it is an unknown key."""
+    with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
+        load_config(None, [f"{key}=1"])
+
+
+def test_a_moved_key_says_where_it_lives_now(tmp_path):
+    p = write(tmp_path, "old.yaml", "eval:\n  baseline_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml: key 'eval\.baseline_steps' moved to 'baselines\.steps'"):
+        load_config(p)
 
 
 def test_unknown_key_names_file_and_key(tmp_path):

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from student_helpers import suite_backbone_dir
+from tests.tiny import backbone_dir
 from tagi_ds.cli import main as cli_main
 from tagi_ds.config import load_config
 from tagi_ds.errors import ArtifactMismatchError, ConfigError
 from tagi_ds.eval.evaluate import read_predictions
-from tagi_ds.eval.metrics import compute_metrics
+from tagi_ds.metrics import compute_metrics
 from tagi_ds.eval.report import SPLITS, read_report
 
 METHODS = ["no_ft", "no_instruction", "tk_instruct", "teacher", "hint", "tagi"]
@@ -23,7 +23,7 @@ STAGES = ["backbone", "teacher", "cache-logits", "pretrain", "finetune", "baseli
 
 def build_backbone(out: Path) -> Path:
     """A sentencepiece tokenizer on the suite's wording + a seeded random 2-layer LLaMA (hidden 32)."""
-    return suite_backbone_dir(out, hidden=32, ffn=64, vocab=400, suite_size=(10, 2))
+    return backbone_dir(out, hidden=32, ffn=64, vocab=400, suite_size=(10, 2))
 
 
 MICRO = """\
@@ -38,6 +38,7 @@ data:
   max_source_length: 160
   max_input_length: 24
   max_target_length: 12
+  pretrain_text: offline
   pretrain_offline_docs: 20
   pretrain_segment_lengths: [16, 8, 8]
   synthetic: {instances_per_task: 12, held_back_per_task: 2}
@@ -50,7 +51,8 @@ pretrain: {steps: 2, micro_batch_size: 4, warmup_steps: 1, checkpoint_every: 0, 
 finetune: {steps: 2, tasks_per_batch: 2, instances_per_task: 2, warmup_steps: 1, checkpoint_every: 0, log_every: 1,
            temperature: 2.0, lambda_ins: 0.5}
 distributed: {use_deepspeed: false}
-eval: {max_new_tokens: 3, batch_size: 32, baseline_steps: 2, baseline_batch_size: 4}
+eval: {max_new_tokens: 3, batch_size: 32}
+baselines: {steps: 2, tasks_per_batch: 2, instances_per_task: 2}
 stage_budgets_s: {teacher: 10, pretrain: 10, finetune: 10, baselines: 10}
 """
 
@@ -151,22 +153,41 @@ def test_from_evaluate_redoes_only_evaluate(micro):
 
 
 def test_changed_baseline_config_is_refused_not_mixed(micro):
-    from tagi_ds.eval.methods import ensure_baseline
+    from tagi_ds.train import baselines
 
     _, _, yaml, overrides = micro
-    cfg = load_config(yaml, overrides + ["eval.baseline_lr=0.5"])
-    with pytest.raises(ArtifactMismatchError, match="tk_instruct baseline was trained for another configuration"):
-        ensure_baseline(cfg, "tk_instruct")
+    cfg = load_config(yaml, overrides + ["baselines.lr=0.5"])
+    with pytest.raises(ArtifactMismatchError, match=r"baselines \(tk_instruct\) outputs of another configuration"):
+        baselines.run(cfg, "tk_instruct")
 
 
-def test_standalone_evaluate_reuses_the_pipeline_baselines(micro, capsys):
-    """`tagi-ds evaluate` alone (no stage budgets applied by the pipeline) finds the baselines the pipeline trained."""
+def test_standalone_stages_reuse_the_pipeline_outputs(micro, capsys):
+    """`tagi-ds baselines` / `tagi-ds evaluate` alone (no stage budgets applied by the pipeline) see the pipeline's
+    own outputs as done: same identity."""
     run_dir, _, yaml, overrides = micro
     capsys.readouterr()
-    assert cli_main(["evaluate", "--config", str(yaml), *overrides]) == 0
+    assert cli_main(["baselines", "--config", str(yaml), *overrides]) == 0
     out = capsys.readouterr().out
     assert "baseline tk_instruct: skipped" in out and "baseline no_instruction: skipped" in out
+    assert cli_main(["evaluate", "--config", str(yaml), *overrides]) == 0
     read_report(run_dir)
+
+
+def test_a_standalone_evaluate_of_another_configuration_is_refused_and_the_pipeline_versions_it(micro, capsys):
+    """evaluate has an identity like every stage: alone, another configuration's evaluation is refused before
+    anything is written; the pipeline (which runs the new configuration on purpose) archives the old report."""
+    run_dir, argv, yaml, overrides = micro
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "eval").rglob("*") if p.is_file()}
+    report = (run_dir / "report.json").read_bytes()
+    assert cli_main(["evaluate", "--config", str(yaml), *overrides, "eval.methods=[no_ft]"]) == 2
+    assert "eval.methods" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "eval").rglob("*") if p.is_file()} == before
+    assert cli_main(argv + ["eval.methods=[no_ft, tagi]"]) == 0
+    assert set(json.loads((run_dir / "report.json").read_text())) == {"no_ft", "tagi"}
+    archived = list((run_dir / "eval_archive").glob("*/report.json"))
+    assert len(archived) == 1 and archived[0].read_bytes() == report
+    assert cli_main(argv) == 0  # back to the first configuration: evaluated again (and the other one archived)
+    assert json.loads((run_dir / "report.json").read_text()) == json.loads(report)
 
 
 def test_unknown_stage_budget_and_from_stage_are_refused(micro):
@@ -211,3 +232,16 @@ def test_sigkill_at_a_random_point_then_rerun_gives_the_same_report(micro):
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads((kill_root / "micro" / "report.json").read_text()) == expected
+
+
+@pytest.mark.parametrize("override,expected", [([], "data/c4-en does not exist"), (["data.pretrain_text=null"],
+                                                                                      "not set")])
+def test_a_scale_config_without_its_pretraining_text_stops_before_any_stage(tmp_path, capsys, override, expected):
+    """Issue 18: stage 1 at scale silently trained on ~2,000 generated stories. Now an unset or missing
+    data.pretrain_text stops the pipeline before the teachers (hours earlier), naming the key; nothing is written."""
+    runs = tmp_path / "runs"
+    argv = ["pipeline", "--config", "configs/t5-xl-sni.yaml", "--no-progress", f"runs_dir={runs}", *override]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data.pretrain_text" in err and expected in err, err
+    assert not runs.exists()

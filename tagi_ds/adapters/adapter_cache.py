@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ArtifactMismatchError
 from ..io_utils import sha256_file
-from .peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_peft_adapter, write_peft_adapter
+from ..run.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_peft_adapter, write_peft_adapter
 
 CACHE_ENV = "TAGI_DS_ADAPTER_CACHE"
 CACHE_META = "tagi_cache.json"

@@ -3,7 +3,7 @@
     tagi-ds generate-adapter --hypernet runs/x/finetune/tagi/export --instruction "Answer yes or no." --out my_adapter
     tagi-ds generate-adapter --hypernet DIR --task-file tasks/task1624_x.json --out my_adapter    # Def + 2 Pos
 
-The export loads WITHOUT DeepSpeed (train/export.py), with its frozen backbone from the recorded id (or --backbone);
+The export loads WITHOUT DeepSpeed (run/export_io.py), with its frozen backbone from the recorded id (or --backbone);
 the instruction is encoded once by the backbone, the hypernetwork makes A/B for every target module, and the result
 is written with peft_io, so `peft.PeftModel.from_pretrained(backbone, DIR)` loads it. Adapters are cached on disk
 (adapter_cache.py): asking again for the same instruction runs no hypernetwork forward.
@@ -29,7 +29,7 @@ from ..errors import ArtifactMismatchError, DataError, TagiError
 from ..modeling.lora import Adapters
 from ..modeling.tagi import TagiStudent, TaskEncoding
 from .adapter_cache import AdapterCache, TaskAdapters, default_cache_dir, export_fingerprint
-from .peft_io import ADAPTER_CONFIG, write_peft_adapter
+from ..run.peft_io import ADAPTER_CONFIG, write_peft_adapter
 
 TASK_TYPE = {"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM"}
 ADAPTER_META = "tagi_adapter.json"
@@ -45,7 +45,7 @@ class LoadedExport:
 
     student: TagiStudent
     tokenizer: object
-    config: dict          # the export's config (train/export.py: backbone_id, arch, r, alpha, fusion, ...)
+    config: dict          # the export's config (run/export_io.py: backbone_id, arch, r, alpha, fusion, ...)
     export_dir: Path
     backbone_id: str      # what the backbone was loaded from (--backbone, else the export's record)
     export_hash: str      # sha256 of the export's config.json (it holds the weights' sha256)
@@ -93,7 +93,7 @@ def load_export(export_dir: str | Path, backbone: Optional[str] = None, tokenize
     from transformers import AutoTokenizer
 
     from ..modeling.backbone import load_backbone
-    from ..train.export import load_student_from_export, read_export_config
+    from ..run.export_io import load_student_from_export, read_export_config
 
     export_dir = Path(export_dir)
     if not export_dir.is_dir():

@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ..data.collate import decode_generated, encode_prompt, pad_id, pad_rows
+from ..data.collate import encode_student_input
 from ..data.prompts import build_task_input
 from ..data.tasks import Instance, Task
 from ..data.jsonl import iter_jsonl_objects
@@ -31,6 +31,7 @@ from ..errors import DataError, TagiError
 from ..io_utils import atomic_write_text
 from ..modeling.lora import Adapters, merge_into_copy
 from ..modeling.tagi import TagiStudent, TaskEncoding
+from ..run.decode import decode_student
 from .generate import (add_common_arguments, adapters_for_instructions, default_device, load_export, read_task_file,
                        task_instruction)
 
@@ -135,13 +136,6 @@ def merged_backbone(student: TagiStudent, adapters: Adapters, task_index: int = 
         student.backbone = original
 
 
-def input_batch(tokenizer, texts: Sequence[str], arch: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backbone input of each instance (the Tk-Instruct instance part), padded for generation (LLaMA: left)."""
-    rows = [encode_prompt(tokenizer, build_task_input(Instance("", t, ("",), "")), max_length) for t in texts]
-    left = arch == "llama"
-    return pad_rows(rows, pad_id(tokenizer), left), pad_rows([[1] * len(r) for r in rows], 0, left)
-
-
 @torch.no_grad()
 def predict(student: TagiStudent, tokenizer, instructions: Sequence[str], inputs: Sequence[str],
             task_of_row: Sequence[int], *, merge: bool = True, batch_size: int = 16, max_input_length: int = 128,
@@ -154,21 +148,12 @@ def predict(student: TagiStudent, tokenizer, instructions: Sequence[str], inputs
                                     need_encoding=student.fusion, r=r, alpha=alpha, overflow=overflow)
     device = next(student.backbone.parameters()).device
     encoding = gen.encoding if gen.encoding is not None else _no_fusion_encoding(len(instructions), device)
-    eos = student.backbone.config.eos_token_id
-    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [int(eos)])
-    order = sorted(range(len(inputs)), key=lambda i: (task_of_row[i], len(inputs[i])))  # similar lengths together
-    preds: list[Optional[str]] = [None] * len(inputs)
+    rows = [encode_student_input(tokenizer, build_task_input(Instance("", t, ("",), "")), max_input_length,
+                                 student.fusion) for t in inputs]  # LLaMA fusion: no second bos after the prefix
     ctx = merged_backbone(student, gen.adapters) if merge and len(instructions) == 1 else contextlib.nullcontext()
     with ctx:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            ids, mask = input_batch(tokenizer, [inputs[i] for i in idx], student.arch, max_input_length)
-            task_ids = torch.tensor([task_of_row[i] for i in idx], dtype=torch.long, device=device)
-            tokens = student.generate(encoding, task_ids, ids.to(device), mask.to(device), max_new_tokens,
-                                      adapters=gen.adapters)
-            for i, text in zip(idx, decode_generated(tokenizer, tokens.cpu(), eos_ids)):
-                preds[i] = text
-    return [p if p is not None else "" for p in preds]
+        return decode_student(student, tokenizer, encoding, gen.adapters, rows, task_of_row, device=device,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def _no_fusion_encoding(n_tasks: int, device) -> TaskEncoding:

@@ -41,6 +41,9 @@ class PromptSettings:
     max_input_length: int = 128            # student backbone input (instance part)
     max_target_length: int = 128
     instruction_overflow: Literal["truncate", "error"] = "truncate"
+    # The student's input continues an instruction prefix (LLaMA fusion: hypernet.fusion): no bos of its own.
+    # False for a student without fusion, whose input is the whole sequence and starts with bos.
+    student_input_after_prefix: bool = True
 
     @property
     def instruction_length(self) -> int:
@@ -97,6 +100,20 @@ def pad_id(tokenizer) -> int:
 def encode_prompt(tokenizer, text: str, max_length: int) -> list[int]:
     """Prompt ids with the tokenizer's own special tokens (T5: text + eos; LLaMA: bos + text), cut to max_length."""
     return list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+
+
+def encode_student_input(tokenizer, text: str, max_length: int, after_prefix: bool) -> list[int]:
+    """The student backbone's input ids (the instance part), at most max_length, the start kept.
+
+    after_prefix (a LLaMA student with fusion): the input continues the instruction's KV prefix, whose row already
+    starts with the tokenizer's bos, so a leading bos is dropped here: the backbone reads [bos instruction ; input],
+    one bos, the sequence Tk-Instruct's prompt would be. Tokenizers that add no bos (T5: text + eos, an encoder
+    sequence of its own) and students without a prefix get `encode_prompt`'s ids unchanged."""
+    ids = encode_prompt(tokenizer, text, max_length)
+    bos = tokenizer.bos_token_id
+    if not after_prefix or bos is None or not ids or ids[0] != bos:
+        return ids
+    return encode_prompt(tokenizer, text, max_length + 1)[1:]  # one longer, so the cap still holds without bos
 
 
 def encode_target(tokenizer, text: str, max_length: int) -> list[int]:
@@ -186,8 +203,8 @@ def collate_student(pairs: Sequence[Pair], tokenizer, settings: PromptSettings, 
         if task.name not in cache:
             cache[task.name] = instruction_ids(task, tokenizer, settings)
         instr_rows.append(cache[task.name])
-    prompt_rows = [encode_prompt(tokenizer, prompts.build_task_input(inst), settings.max_input_length)
-                   for _, inst in pairs]
+    prompt_rows = [encode_student_input(tokenizer, prompts.build_task_input(inst), settings.max_input_length,
+                                        settings.student_input_after_prefix) for _, inst in pairs]
     target_texts = list(targets) if targets is not None else [inst.label for _, inst in pairs]
     input_ids, attention_mask, labels = _encode_pairs(prompt_rows, target_texts, tokenizer, settings.arch,
                                                       settings.max_target_length, for_generation)
@@ -222,6 +239,45 @@ def collate_full(pairs: Sequence[Pair], tokenizer, settings: PromptSettings, wit
     return FullPromptBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                            decoder_input_ids=None, task_ids=task_ids, task_names=[t.name for t in tasks],
                            instance_ids=[inst.id for _, inst in pairs])
+
+
+# ------------------------------------------------------------------------------------------ encoded pairs
+@dataclass(frozen=True)
+class EncodedPair:
+    """One training example, tokenized once: the full prompt's ids and the target ids (+ eos)."""
+
+    prompt: tuple[int, ...]
+    target: tuple[int, ...]
+
+
+def _round_up(rows: list[list[int]], value: int, multiple: int) -> list[list[int]]:
+    """Pad the first row so the batch width becomes a multiple of `multiple` (pad_rows pads the rest to it)."""
+    if multiple <= 1 or not rows:
+        return rows
+    width = max(len(r) for r in rows)
+    target = -(-width // multiple) * multiple
+    return [rows[0] + [value] * (target - len(rows[0]))] + rows[1:]
+
+
+def assemble(pairs: Sequence[EncodedPair], arch: str, pad: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Tensors in `collate.collate_full`'s layout (right padding). T5: input_ids = prompt, labels = target;
+    causal: input_ids = prompt + target, labels = -100 on the prompt and padding.
+
+    `pad_to_multiple_of` > 1 rounds the widths up: fixed shapes whatever the batch holds (kernel choice, and a
+    unit's numbers then do not depend on the other units' lengths: see the module docstring)."""
+    m = pad_to_multiple_of
+    if arch == "t5":
+        prompts = [list(p.prompt) for p in pairs]
+        masks = _round_up([[1] * len(r) for r in prompts], 0, m)
+        return {"input_ids": pad_rows(_round_up(prompts, pad, m), pad), "attention_mask": pad_rows(masks, 0),
+                "labels": pad_rows(_round_up([list(p.target) for p in pairs], IGNORE, m), IGNORE)}
+    if arch == "llama":
+        seqs = [list(p.prompt) + list(p.target) for p in pairs]
+        labels = [[IGNORE] * len(p.prompt) + list(p.target) for p in pairs]
+        return {"input_ids": pad_rows(_round_up(seqs, pad, m), pad),
+                "attention_mask": pad_rows(_round_up([[1] * len(s) for s in seqs], 0, m), 0),
+                "labels": pad_rows(_round_up(labels, IGNORE, m), IGNORE)}
+    raise DataError(f"backbone arch must be 't5' or 'llama', got {arch!r}")
 
 
 # ------------------------------------------------------------------------------------------ dataset adapter

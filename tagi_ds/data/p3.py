@@ -1,6 +1,7 @@
 """bigscience/P3 on local disk → `Task`, with T0's train / held-out split as data.
 
-Layout read here (a P3 export converted to files `datasets.load_dataset` reads; P3's own tfrecords are not):
+Layout read here (P3's released TFRecord shards converted by `python tools/convert_p3.py SRC OUT`, or any export
+to files `datasets.load_dataset` reads):
     <p3_dir>[/data]/<dataset>_<prompt>/train.{jsonl,json,parquet,arrow}   (also train-00000-of-00001.parquet, …)
                                        /validation.*  /test.*
 with columns `inputs_pretokenized`, `targets_pretokenized` and, for classification prompts, `answer_choices`.
@@ -122,6 +123,14 @@ def split_files(folder: Path, split: str) -> list[Path]:
     return files
 
 
+def _release_hint(folder: Path) -> str:
+    """A pointer to the converter when `folder` holds the release's TFRecord shards instead of data files."""
+    if any(folder.glob("*.tfrecord-*-of-*")):
+        return (" (it holds P3's released TFRecord shards: convert the release first with "
+                "`python tools/convert_p3.py SRC OUT` and set data.p3_dir to OUT)")
+    return ""
+
+
 class _Rows:
     """One split's rows, memory-mapped by `datasets` (P3's larger prompts hold millions): only the rows picked
     as demonstrations or instances are turned into Python objects, and only those are type-checked."""
@@ -184,7 +193,7 @@ def load_p3_prompt(folder: Path, dataset: P3Dataset, prompt: str, heldout: bool,
     train_files = split_files(folder, "train")
     if not heldout:
         if not train_files:
-            raise DataError(f"{folder}: training prompt has no train.* data file")
+            raise DataError(f"{folder}: training prompt has no train.* data file{_release_hint(folder)}")
         rows = _Rows(train_files)
         if len(rows) <= num_demonstrations:
             raise DataError(f"{train_files[0]}: {len(rows)} rows, need more than {num_demonstrations} "
@@ -200,7 +209,8 @@ def load_p3_prompt(folder: Path, dataset: P3Dataset, prompt: str, heldout: bool,
         eval_split = "validation" if split_files(folder, "validation") else "test"
         eval_files = split_files(folder, eval_split)
         if not eval_files:
-            raise DataError(f"{folder}: held-out prompt has no validation.* or test.* data file")
+            raise DataError(f"{folder}: held-out prompt has no validation.* or test.* data file"
+                            f"{_release_hint(folder)}")
         eval_rows = _Rows(eval_files)
         if train_files:
             train_rows = _Rows(train_files)

@@ -1,51 +1,103 @@
-"""Plain-text documents for stage-1 hypernetwork pretraining, and HINT's three-way split of a token sequence.
+"""Plain-text documents for stage-1 hypernetwork pretraining, streamed, and HINT's three-way split of a sequence.
 
 HINT (Ivison et al., 2023) pretrains the hypernetwork on plain text: each sequence is cut at two random points;
 segment a goes to the hypernetwork (as if it were an instruction), segment b to the backbone's input, and the
 backbone must generate segment c. Each segment is capped by a length from the config; the caps keep b and c
 contiguous (b keeps its last tokens, c its first), and a keeps its last tokens, closest to b.
+
+A corpus (`TextCorpus`) is one file, a folder of shard files (sorted by name), a folder indexed by
+`tools/convert_c4.py` (corpus_index.json: shard list + documents per shard), or a local `datasets` folder:
+- `.txt` (any other suffix too): documents separated by blank lines; `.jsonl` / `.json`: one object per line with a
+  string "text" (C4's layout); any of them may be gzipped (`.json.gz`, C4's shards).
+- Documents are numbered 0, 1, … in file order (a jsonl line is a document even when its text is empty; empty
+  ones are never yielded). `iter(start, rank, world_size)` streams documents i ≥ start with i % world_size == rank:
+  every rank reads its own disjoint share, the same every run, and resumes from a document position. Lines of
+  other ranks are counted, not parsed; with an index, whole shards before `start` are skipped unread.
+Only one line (or one text document) is held at a time, never the corpus.
 """
 from __future__ import annotations
 
+import argparse
+import gzip
+import json
 import random
+import sys
+import zlib
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
-from ..errors import DataError
-from .jsonl import iter_jsonl_objects, read_utf8
+from ..errors import DataError, TagiError
+from ..io_utils import atomic_write_json
+
+INDEX_FILE = "corpus_index.json"
+INDEX_FORMAT = "tagi-ds text corpus index v1"
+SHARD_SUFFIXES = (".txt", ".jsonl", ".json", ".txt.gz", ".jsonl.gz", ".json.gz")
+_DATASETS_MARKERS = ("dataset_info.json", "dataset_dict.json")
 
 
-# ------------------------------------------------------------------------------------------------- documents
-def documents_from_text(text: str) -> list[str]:
-    """Blank-line separated documents; lines inside a document are joined with a newline."""
-    docs, cur = [], []
-    for line in text.splitlines():
+# ------------------------------------------------------------------------------------------- streaming documents
+def _is_jsonl(path: Path) -> bool:
+    return path.name.lower().removesuffix(".gz").endswith((".jsonl", ".json"))
+
+
+def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a plain or gzipped file, streamed; read errors name the file and line."""
+    lineno = 0
+    try:
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as fh:
+            for lineno, line in enumerate(fh, 1):
+                yield lineno, line
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut gzip stream an EOFError
+        raise DataError(f"{path}:{lineno + 1}: cannot read past line {lineno} ({e}); is the file corrupt or "
+                        f"truncated?") from None
+
+
+def _utf8(path: Path, lineno: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _slots(path: Path) -> Iterator[tuple[int, Union[bytes, str]]]:
+    """One item per document, unparsed where that is cheap: (line, raw jsonl line) or (first line, text)."""
+    if _is_jsonl(path):
+        for lineno, line in _raw_lines(path):
+            if line.strip():
+                yield lineno, line
+        return
+    cur: list[str] = []
+    first = 0
+    for lineno, raw in _raw_lines(path):
+        line = _utf8(path, lineno, raw).rstrip()
         if line.strip():
-            cur.append(line.rstrip())
+            first = first if cur else lineno
+            cur.append(line)
         elif cur:
-            docs.append("\n".join(cur))
+            yield first, "\n".join(cur)
             cur = []
     if cur:
-        docs.append("\n".join(cur))
-    return docs
+        yield first, "\n".join(cur)
 
 
-def documents_from_jsonl(path: Path) -> list[str]:
-    docs = []
-    for lineno, row in iter_jsonl_objects(path, "an object with a string key 'text'"):
-        if not isinstance(row.get("text"), str):
-            raise DataError(f"{path}:{lineno}: expected an object with a string key 'text'")
-        if row["text"].strip():
-            docs.append(row["text"])
-    return docs
+def _text(path: Path, lineno: int, payload: Union[bytes, str]) -> str:
+    if isinstance(payload, str):
+        return payload
+    try:
+        obj = json.loads(_utf8(path, lineno, payload))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise DataError(f"{path}:{lineno}: expected an object with a string key 'text'")
+    return obj["text"]
 
 
-def documents_from_datasets(path: Path, split: str = "train") -> list[str]:
+def _open_datasets(path: Path, split: str = "train"):
     """A local `datasets` folder: `save_to_disk` output, or anything `load_dataset(path)` reads; column `text`."""
     import datasets
 
     try:
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        if any((path / m).is_file() for m in _DATASETS_MARKERS):
             ds = datasets.load_from_disk(str(path))
         else:
             ds = datasets.load_dataset(str(path), split=split)
@@ -57,24 +109,174 @@ def documents_from_datasets(path: Path, split: str = "train") -> list[str]:
         ds = ds[split]
     if "text" not in ds.column_names:
         raise DataError(f"{path}: column 'text' is missing (have: {', '.join(ds.column_names)})")
-    return [t for t in ds["text"] if isinstance(t, str) and t.strip()]
+    return ds
+
+
+def _datasets_slots(ds, batch: int = 1024) -> Iterator[tuple[int, str]]:
+    for lo in range(0, len(ds), batch):  # memory-mapped: one batch of rows in Python at a time
+        for k, t in enumerate(ds[lo:lo + batch]["text"]):
+            yield lo + k + 1, t if isinstance(t, str) else ""
+
+
+def _read_index(folder: Path) -> tuple[list[Path], list[int]]:
+    index = folder / INDEX_FILE
+    try:
+        meta = json.loads(index.read_text(encoding="utf-8"))
+        shards = meta["shards"]
+        files = [Path(s["path"]) if Path(s["path"]).is_absolute() else folder / s["path"] for s in shards]
+        counts = [int(s["documents"]) for s in shards]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{index}: not a corpus index written by tools/convert_c4.py ({e!r})") from None
+    for f, s in zip(files, shards):
+        if not f.is_file() or f.stat().st_size != s.get("bytes"):
+            raise DataError(f"{index}: shard {f} is missing or changed since it was indexed (size "
+                            f"{f.stat().st_size if f.is_file() else 'missing'}, indexed {s.get('bytes')}); "
+                            f"rerun tools/convert_c4.py")
+    return files, counts
+
+
+class TextCorpus:
+    """A pretraining corpus (see the module docstring), streamed document by document."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.files: list[Path] = [self.path]
+        self.counts: Optional[list[int]] = None  # documents per file, when an index gives them
+        self._datasets = None
+        if not self.path.exists():
+            raise DataError(f"{self.path}: pretraining text not found")
+        if self.path.is_dir():
+            if (self.path / INDEX_FILE).is_file():
+                self.files, self.counts = _read_index(self.path)
+                return
+            self.files = sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith(".")
+                                and p.name.lower().endswith(SHARD_SUFFIXES))
+            if not self.files or any((self.path / m).is_file() for m in _DATASETS_MARKERS):
+                self.files, self._datasets = [], _open_datasets(self.path)
+
+    def _file_slots(self) -> Iterator[tuple[Path, Optional[int], Iterator[tuple[int, Union[bytes, str]]]]]:
+        if self._datasets is not None:
+            yield self.path, None, _datasets_slots(self._datasets)
+            return
+        for k, f in enumerate(self.files):
+            yield f, None if self.counts is None else self.counts[k], _slots(f)
+
+    def iter_slots(self, start: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, str]]:
+        """(document index, text) for i >= start with i % world_size == rank, empty texts included."""
+        if world_size < 1 or not 0 <= rank < world_size or start < 0:
+            raise ValueError(f"need 0 <= rank < world_size and start >= 0, got rank={rank}, "
+                             f"world_size={world_size}, start={start}")
+        i = 0
+        for f, count, slots in self._file_slots():
+            if count is not None and i + count <= start:
+                slots.close()
+                i += count  # a whole indexed shard before the resume point: never opened
+                continue
+            first = i
+            for lineno, payload in slots:
+                if i >= start and i % world_size == rank:
+                    yield i, _text(f, lineno, payload)
+                i += 1
+            if count is not None and i - first != count:  # numbering past this shard would shift silently
+                raise DataError(f"{f}: {i - first} documents, its index says {count}; rerun tools/convert_c4.py")
+
+    def iter(self, start: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, str]]:
+        """(document index, text) of this rank's non-empty documents from `start` on."""
+        for i, text in self.iter_slots(start, rank, world_size):
+            if text.strip():
+                yield i, text
+
+    def document(self, i: int) -> str:
+        """Document i ("" for an empty jsonl text); IndexError past the end."""
+        for _, text in self.iter_slots(start=i):
+            return text
+        raise IndexError(f"{self.path}: document {i} is past the end of the corpus")
+
+    def num_documents(self) -> int:
+        """Document slots in the corpus: from the index when there is one, else one counting pass."""
+        if self.counts is not None:
+            return sum(self.counts)
+        if self._datasets is not None:
+            return len(self._datasets)
+        return sum(1 for f in self.files for _ in _slots(f))
+
+
+def iter_documents(path: str | Path, start: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[str]:
+    """The non-empty documents of a corpus, streamed (see `TextCorpus.iter` for start / rank / world_size)."""
+    for _, text in TextCorpus(path).iter(start, rank, world_size):
+        yield text
 
 
 def load_documents(path: str | Path) -> list[str]:
-    """Documents from a plain text file (blank-line separated), a .jsonl/.json file with `text`, or a folder
-    `datasets` can read. A source with no documents is an error."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: pretraining text not found")
-    if path.is_dir():
-        docs = documents_from_datasets(path)
-    elif path.suffix in (".jsonl", ".json"):
-        docs = documents_from_jsonl(path)
-    else:
-        docs = documents_from_text(read_utf8(path))
+    """Every document of a corpus, in memory (small corpora; large ones should use `iter_documents`). A source
+    with no documents is an error."""
+    docs = list(iter_documents(path))
     if not docs:
         raise DataError(f"{path}: no documents found (empty text)")
     return docs
+
+
+# -------------------------------------------------------------------------------------------------- C4 shards
+def index_shard(path: Path) -> dict:
+    """Check every line of a C4-style jsonl(.gz) shard (JSON object, string "text") and count its documents."""
+    if not _is_jsonl(path):
+        raise DataError(f"{path}: expected a .json.gz / .jsonl(.gz) shard with one JSON object per line")
+    n = 0
+    for lineno, payload in _slots(path):
+        _text(path, lineno, payload)
+        n += 1
+    if n == 0:
+        raise DataError(f"{path}: no documents")
+    return {"path": str(path.resolve()), "name": path.name, "bytes": path.stat().st_size, "documents": n}
+
+
+def convert_c4(sources: Sequence[str | Path], out: str | Path, progress: bool = True) -> dict:
+    """Validate C4 shards and write OUT/corpus_index.json (shards sorted by name, documents per shard) so that
+    `data.pretrain_text: OUT` streams them in place, deterministic and resumable. The index is rewritten after
+    every shard and a shard already indexed at the same size is not read again, so a rerun resumes."""
+    from tqdm.auto import tqdm
+
+    files = sorted((Path(s) for s in sources), key=lambda p: p.name)
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"{f}: C4 shard not found")
+    names = [f.name for f in files]
+    if len(set(names)) != len(names):
+        raise DataError(f"shards share a file name: {sorted({n for n in names if names.count(n) > 1})[:3]}")
+    out = Path(out)
+    index_path = out / INDEX_FILE
+    done: dict[str, dict] = {}
+    if index_path.is_file():
+        try:
+            done = {s["path"]: s for s in json.loads(index_path.read_text(encoding="utf-8"))["shards"]}
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{index_path}: unreadable index from an earlier run ({e!r}); delete it") from None
+    shards = []
+    for f in tqdm(files, desc="C4 shards", unit="shard", disable=not progress):
+        prior = done.get(str(f.resolve()))
+        shards.append(prior if prior and prior.get("bytes") == f.stat().st_size else index_shard(f))
+        atomic_write_json(index_path, {"format": INDEX_FORMAT, "documents": sum(s["documents"] for s in shards),
+                                       "shards": shards})
+    return {"format": INDEX_FORMAT, "documents": sum(s["documents"] for s in shards), "shards": shards}
+
+
+def convert_c4_main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="convert_c4.py", description="Check C4 json.gz shards and index them for "
+                                 "stage-1 pretraining (data.pretrain_text: OUT); the shards are read in place.")
+    ap.add_argument("paths", nargs="+", metavar="SRC... OUT", help="C4 shards (c4-train.NNNNN-of-01024.json.gz), "
+                    "then the output folder for corpus_index.json")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if len(args.paths) < 2:
+        ap.error("give at least one shard and the output folder")
+    try:
+        index = convert_c4(args.paths[:-1], args.paths[-1], not args.no_progress)
+    except TagiError as e:
+        print(f"convert_c4: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"indexed {len(index['shards'])} shard(s), {index['documents']} documents: "
+          f"{Path(args.paths[-1]) / INDEX_FILE}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ HINT split

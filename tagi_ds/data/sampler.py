@@ -14,6 +14,8 @@ from __future__ import annotations
 import random
 from typing import Iterator, Sequence
 
+from ..errors import DataError
+
 Batch = list[tuple[int, int]]  # (task_idx, instance_idx) pairs
 
 
@@ -103,3 +105,31 @@ class TaskGroupedSampler:
 
     def __len__(self) -> int:
         return self._layout()[1]
+
+
+class EpochPositions:
+    """A GLOBAL micro-batch position → its batch keys, as a pure function of (seed, position). Rank r of W takes
+    positions r, r + W, r + 2W, ... in its local steps, so a position is a property of the data, not of the world
+    size: a resumed run (on any number of ranks) continues with exactly the batches the uninterrupted run would see,
+    and every rank runs the same number of steps (ZeRO-3) without padding.
+
+    Epochs may hold different numbers of batches (the task-grouped sampler packs leftovers differently each epoch),
+    so positions are walked epoch by epoch from the start (the last epoch found is cached), never divided by one
+    epoch's length."""
+
+    def __init__(self, sampler: TaskGroupedSampler) -> None:
+        self.sampler = sampler
+        self._epoch, self._first = 0, 0  # the epoch holding the last position asked for, and its first position
+
+    def keys(self, position: int) -> Batch:
+        epoch, first = (self._epoch, self._first) if position >= self._first else (0, 0)
+        while True:
+            self.sampler.set_epoch(epoch)
+            n = len(self.sampler.global_batches())
+            if n == 0:
+                raise DataError("the training data gives no batch (no tasks or no instances)")
+            if position < first + n:
+                break
+            epoch, first = epoch + 1, first + n
+        self._epoch, self._first = epoch, first
+        return list(self.sampler.global_batches()[position - first])

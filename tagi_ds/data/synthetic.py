@@ -304,13 +304,6 @@ def build_suite(seed: int = 0, instances_per_task: int = 200, held_back_per_task
     return SuiteSplits(train, seen_eval, unseen_paraphrase, unseen_composition)
 
 
-def suite_from_config(syn) -> SuiteSplits:
-    """`build_suite` from a `config.SyntheticConfig` section (recipes call this; modules below take plain args)."""
-    return build_suite(seed=syn.seed, instances_per_task=syn.instances_per_task,
-                       held_back_per_task=syn.held_back_per_task, num_unseen_compositions=syn.num_unseen_compositions,
-                       min_words=syn.min_words, max_words=syn.max_words, sorted_fraction=syn.sorted_fraction)
-
-
 def task_weights(tasks: Sequence[Task], primitive_share: float = 0.6) -> list[float]:
     """Sampling weights giving primitives `primitive_share` of the mix and compositions the rest (evidence: 60/40)."""
     kinds = [t.meta.get("kind", "composition") for t in tasks]
@@ -343,7 +336,7 @@ def all_wording(suite: SuiteSplits, prompts_per_task: int = 2) -> list[str]:
 
 def echo_reference(tasks: Sequence[Task], max_instances_per_task: Optional[int] = None) -> dict[str, float]:
     """Scores of answering every instance with its input unchanged (ROUGE-L gives list tasks ~30 for free)."""
-    from ..eval.metrics import compute_metrics
+    from ..metrics import compute_metrics
 
     preds, refs = [], []
     for t in tasks:

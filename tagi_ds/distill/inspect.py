@@ -1,8 +1,10 @@
 """`tagi-ds inspect-cache DIR`: what a teacher logit cache holds, per task and in total.
 
-Per task: instances, label tokens, bytes per token (the top-k log-prob + id rows; offsets and manifests count in the
-total size only), and the mean top-k kept mass (the teacher probability the k cached ids cover,
-exp(logsumexp(logprobs)); low values mean k is too small, above all for the "renormalize" KL).
+Per task: the cache mode and its width (k, or N draws), instances, label tokens, bytes per token (the per-position
+arrays: log-probs, ids, and the counts / threshold of the sampled modes; offsets and manifests count in the total
+size only), and the mean kept mass (the teacher probability the cached ids cover, exp(logsumexp(logprobs)): for a
+top-k cache low values mean k is too small, above all for the "renormalize" KL; for the sampled modes it only says
+how much of the teacher the drawn ids hold, the estimate stays unbiased).
 DIR is a cache root (one sub-folder per task) or a single shard folder.
 """
 from __future__ import annotations
@@ -15,19 +17,22 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactMismatchError
-from .logit_cache import DATA_FILES, IDS_FILE, LOGPROBS_FILE, MANIFEST_FILE, CacheShardReader
+from .logit_cache import MANIFEST_FILE, CacheShardReader, data_files
 
 
 def shard_stats(reader: CacheShardReader, chunk_rows: int = 1 << 16) -> dict[str, Any]:
     tokens = reader.tokens
-    nbytes = sum((reader.dir / f).stat().st_size for f in (*DATA_FILES, MANIFEST_FILE))
-    row_bytes = sum((reader.dir / f).stat().st_size for f in (LOGPROBS_FILE, IDS_FILE))  # per-token payload
+    files = data_files(reader.mode, reader.vocab_size)
+    nbytes = sum((reader.dir / f).stat().st_size for f in (*files, MANIFEST_FILE))
+    row_bytes = sum((reader.dir / f).stat().st_size for f in files[:-1])  # per-token payload (not the offsets)
     mass_sum = 0.0
     for s in range(0, tokens, chunk_rows):  # memory-mapped, chunked: flat memory on big shards
         lp = np.asarray(reader.logprobs[s:s + chunk_rows], dtype=np.float64)  # (c, k)
+        if "counts" in reader.arrays:  # padding slots of the sampled mode hold log p = 0: leave them out
+            lp = np.where(np.asarray(reader.arrays["counts"][s:s + chunk_rows]) > 0, lp, -np.inf)
         m = lp.max(axis=1, keepdims=True)
         mass_sum += float(np.exp(m[:, 0] + np.log(np.exp(lp - m).sum(axis=1))).sum())
-    return {"task": reader.task, "instances": len(reader), "tokens": tokens, "k": reader.k,
+    return {"task": reader.task, "mode": reader.mode.name, "instances": len(reader), "tokens": tokens, "k": reader.k,
             "temperature": reader.temperature, "bytes": nbytes, "row_bytes": row_bytes,
             "bytes_per_token": row_bytes / tokens if tokens else None,
             "mean_kept_mass": mass_sum / tokens if tokens else None}
@@ -62,12 +67,12 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{'task':<40} {'inst':>6} {'tokens':>9} {'k':>4} {'bytes/tok':>10} {'kept mass':>10}"]
+    lines = [f"{'task':<40} {'mode':>8} {'inst':>6} {'tokens':>9} {'k':>4} {'bytes/tok':>10} {'kept mass':>10}"]
     for r in report["tasks"]:
-        lines.append(f"{r['task'][:40]:<40} {r['instances']:>6} {r['tokens']:>9} {r['k']:>4} "
+        lines.append(f"{r['task'][:40]:<40} {r['mode']:>8} {r['instances']:>6} {r['tokens']:>9} {r['k']:>4} "
                      f"{_fmt(r['bytes_per_token'], '.1f'):>10} {_fmt(r['mean_kept_mass'], '.4f'):>10}")
     t = report["total"]
-    lines.append(f"{'TOTAL (' + str(t['tasks']) + ' tasks)':<40} {t['instances']:>6} {t['tokens']:>9} {'':>4} "
+    lines.append(f"{'TOTAL (' + str(t['tasks']) + ' tasks)':<40} {'':>8} {t['instances']:>6} {t['tokens']:>9} {'':>4} "
                  f"{_fmt(t['bytes_per_token'], '.1f'):>10} {_fmt(t['mean_kept_mass'], '.4f'):>10}")
     lines.append(f"total size on disk (with offsets and manifests): {t['bytes'] / 2**20:.3f} MiB")
     return "\n".join(lines)

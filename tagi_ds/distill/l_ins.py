@@ -10,6 +10,8 @@ updates leaves 1e-6 of the terms), so fp32 accumulation loses most digits. The f
 """
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 import torch
 
 
@@ -63,3 +65,35 @@ def delta_w_distance_dense(A_g: torch.Tensor, B_g: torch.Tensor, s_g: float | to
     if normalize:
         dist = dist / dw_t.pow(2).sum(dim=(-2, -1))
     return dist
+
+
+def l_ins_per_task(generated: Mapping[str, tuple[torch.Tensor, torch.Tensor]], s_g: float | torch.Tensor,
+                   teachers: Sequence[tuple[Mapping[str, tuple[torch.Tensor, torch.Tensor]], float]]) -> torch.Tensor:
+    """L_ins of every task of a batch, one `delta_w_distance` call per module type (not per task x module type).
+
+    generated: module_type -> (A_g (n_tasks, L, r, d_in), B_g (n_tasks, L, d_out, r)), the hypernetwork's output;
+    s_g its LoRA scale; teachers: per task (in the same order) its adapters module_type -> (A_t (L, r_t, d_in),
+    B_t (L, d_out, r_t)) and scale s_t (all teachers share one rank per module type: they are stacked).
+    Returns (n_tasks,) float32: per task, the mean over every (module type, layer) of the normalised
+    ||dW_gen - dW_teacher||^2_F, the same value as looping `delta_w_distance` over tasks and module types and
+    taking `torch.cat(per_module).mean()` per task. Differentiable in the generated factors.
+    """
+    if not generated:
+        raise ValueError("l_ins_per_task: no generated adapters")
+    n = next(iter(generated.values()))[0].shape[0]
+    if len(teachers) != n:
+        raise ValueError(f"l_ins_per_task: {n} generated tasks but {len(teachers)} teachers")
+    dists = []
+    for mt, (A_g, B_g) in generated.items():
+        missing = [i for i, (ad, _) in enumerate(teachers) if mt not in ad]
+        if missing:
+            raise ValueError(f"l_ins_per_task: the teachers of tasks {missing} have no module type {mt!r}")
+        shapes = {(tuple(ad[mt][0].shape), tuple(ad[mt][1].shape)) for ad, _ in teachers}
+        if len(shapes) != 1:
+            raise ValueError(f"l_ins_per_task: module type {mt!r}: teachers of different shapes {sorted(shapes)} "
+                             f"cannot be stacked")
+        A_t = torch.stack([ad[mt][0] for ad, _ in teachers]).to(A_g.device)  # (n, L, r_t, d_in)
+        B_t = torch.stack([ad[mt][1] for ad, _ in teachers]).to(A_g.device)  # (n, L, d_out, r_t)
+        s_t = torch.tensor([float(s) for _, s in teachers], dtype=torch.float64, device=A_g.device)[:, None]
+        dists.append(delta_w_distance(A_g, B_g, s_g, A_t, B_t, s_t))  # (n, L)
+    return torch.cat(dists, dim=1).float().mean(dim=1)

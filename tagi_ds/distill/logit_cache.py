@@ -1,11 +1,15 @@
-"""Teacher logit cache: per task, the teacher's top-k log-probabilities at every label position, on disk.
+"""Teacher logit cache: per task, what the teacher says at every label position, on disk, in one of three modes.
 
-One shard per task, a folder `<cache_root>/<task>/`:
-  logprobs.bin   (tokens, k) float16, row-major: log_softmax(teacher_logits / T) top-k, sorted descending
-  ids.bin        (tokens, k) uint16 when vocab_size <= 65535, else int32: the vocabulary ids of those log-probs
+One shard per task, a folder `<cache_root>/<task>/`; the mode (`teacher_rows.CacheMode`: topk | sampled | priority)
+decides the per-position arrays, each a raw row-major file of shape (tokens, columns):
+  logprobs.bin   (tokens, w) float16: log_softmax(teacher_logits / T) at the row's ids (topk: sorted descending)
+  ids.bin        (tokens, w) uint16 when vocab_size <= 65535, else int32: vocabulary ids
+  counts.bin     sampled only, (tokens, N) uint8 (uint16 for N > 255): how often each id was drawn (0 = padding)
+  threshold.bin  priority only, (tokens, 1) float32: log tau, the (k+1)-th priority key
   offsets.json   {"instances": {instance_id: [start, end)}}: the token rows of each instance
-  manifest.json  what produced the shard (tokenizer hash, backbone, teacher adapter hash, k, T, prompt format,
-                 max lengths), dtypes, counts, vocab size and the sha256 + byte size of every data file
+  manifest.json  what produced the shard (tokenizer hash, backbone, teacher adapter hash, mode and its parameters
+                 (k | num_samples, sample_seed), T, prompt format, max lengths), dtypes, counts, vocab size and the
+                 sha256 + byte size of every data file
 
 Raw `.bin` files (shape and dtype in the manifest) rather than `.npy`, because the writer streams rows as they come
 and only knows the final shape at `close()`. Readers memory-map them.
@@ -23,28 +27,30 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
 from ..errors import ArtifactMismatchError, DataError
 from ..io_utils import atomic_dir, sha256_file
+from .teacher_rows import LOGPROB_DTYPE, CacheMode, decode_rows, encode_instance, ids_dtype
 
 FORMAT = "tagi-ds/logit-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a manifest without "mode" is a top-k shard of this same format
 LOGPROBS_FILE = "logprobs.bin"
 IDS_FILE = "ids.bin"
 OFFSETS_FILE = "offsets.json"
 MANIFEST_FILE = "manifest.json"
-DATA_FILES = (LOGPROBS_FILE, IDS_FILE, OFFSETS_FILE)
-LOGPROB_DTYPE = np.float16
-REQUIRED_FIELDS = ("k", "temperature", "vocab_size")
+DATA_FILES = (LOGPROBS_FILE, IDS_FILE, OFFSETS_FILE)  # the top-k shard's files (see `data_files` for any mode)
+REQUIRED_FIELDS = ("temperature", "vocab_size")
+__all__ = ["CacheShardWriter", "CacheShardReader", "CacheMode", "manifest_fields", "shard_is_complete",
+           "tokenizer_hash", "dir_hash", "ids_dtype", "LOGPROB_DTYPE", "data_files"]
 
 
-def ids_dtype(vocab_size: int) -> np.dtype:
-    """uint16 holds ids < 65536; bigger vocabularies (LLaMA-3: 128k) need int32."""
-    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.int32)
+def data_files(mode: CacheMode, vocab_size: int) -> tuple[str, ...]:
+    """Every data file of a shard of this mode (the per-row arrays, then the offsets)."""
+    return (*(f"{name}.bin" for name in mode.layout(vocab_size)), OFFSETS_FILE)
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -69,19 +75,29 @@ def dir_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def manifest_fields(*, tokenizer_hash: str, backbone_id: str, teacher_adapter_hash: str, k: int,
-                    temperature: float, prompt_format: str, max_source_length: int, max_target_length: int,
-                    vocab_size: int) -> dict[str, Any]:
+def manifest_fields(*, tokenizer_hash: str, backbone_id: str, teacher_adapter_hash: str, temperature: float,
+                    prompt_format: str, max_source_length: int, max_target_length: int, vocab_size: int,
+                    k: Optional[int] = None, mode: Union[str, CacheMode] = "topk", num_samples: Optional[int] = None,
+                    sample_seed: Optional[int] = None) -> dict[str, Any]:
     """The fields that say which configuration produced a shard; a reader's `expect` is compared with these.
 
     `vocab_size` is the size of the teacher's logit dimension (can exceed len(tokenizer), e.g. T5's padded 32128).
+    Mode parameters (`teacher_rows.CacheMode.make`): topk: k; sampled: num_samples, sample_seed; priority: k,
+    sample_seed. A ready CacheMode may be passed as `mode` instead.
     """
-    if k < 1 or k > vocab_size:
-        raise ValueError(f"manifest_fields: k={k} must be in [1, vocab_size={vocab_size}]")
+    if isinstance(mode, CacheMode):
+        cm = CacheMode.make(mode.name, k=None if mode.name == "sampled" else mode.width,
+                            num_samples=mode.width if mode.name == "sampled" else None, seed=mode.seed,
+                            vocab_size=vocab_size)
+    else:
+        try:
+            cm = CacheMode.make(mode, k=k, num_samples=num_samples, seed=sample_seed, vocab_size=vocab_size)
+        except ValueError as e:
+            raise ValueError(f"manifest_fields: {e}") from None
     if not temperature > 0:
         raise ValueError(f"manifest_fields: temperature={temperature} must be > 0")
     return {"tokenizer_hash": tokenizer_hash, "backbone_id": backbone_id,
-            "teacher_adapter_hash": teacher_adapter_hash, "k": int(k), "temperature": float(temperature),
+            "teacher_adapter_hash": teacher_adapter_hash, **cm.fields(), "temperature": float(temperature),
             "prompt_format": prompt_format, "max_source_length": int(max_source_length),
             "max_target_length": int(max_target_length), "vocab_size": int(vocab_size)}
 
@@ -97,8 +113,11 @@ def _stale_temp_dirs(out_dir: Path, task: str) -> list[Path]:
     return [p for p in out_dir.iterdir() if p.is_dir() and pat.match(p.name)] if out_dir.is_dir() else []
 
 
+Rows = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor], Mapping[str, Any]]
+
+
 class CacheShardWriter:
-    """Stream one task's teacher top-k into a temp folder; `close()` publishes `<out_dir>/<task>` atomically.
+    """Stream one task's teacher rows into a temp folder; `close()` publishes `<out_dir>/<task>` atomically.
 
     Use as a context manager (an exception discards the shard) or call `close()` / `abort()` yourself.
     """
@@ -111,60 +130,84 @@ class CacheShardWriter:
         self.out_dir = Path(out_dir)
         self.task = task
         self.fields = json.loads(json.dumps(dict(manifest_fields)))  # plain JSON types, a private copy
-        self.k = int(self.fields["k"])
+        self.fields.setdefault("mode", "topk")
+        self.mode = CacheMode.from_manifest(self.fields, f"CacheShardWriter({task})")
         self.temperature = float(self.fields["temperature"])
         self.vocab_size = int(self.fields["vocab_size"])
-        self.ids_dtype = ids_dtype(self.vocab_size)
+        self.layout = self.mode.layout(self.vocab_size)  # name -> (dtype, columns)
+        self.ids_dtype = self.layout["ids"][0]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for stale in _stale_temp_dirs(self.out_dir, task):  # left by a killed writer of this task
             shutil.rmtree(stale, ignore_errors=True)
         self._stack = contextlib.ExitStack()
         self._tmp: Path = self._stack.enter_context(atomic_dir(self.out_dir / task))
-        self._lp_fh = open(self._tmp / LOGPROBS_FILE, "wb")
-        self._id_fh = open(self._tmp / IDS_FILE, "wb")
-        self._lp_hash, self._id_hash = hashlib.sha256(), hashlib.sha256()
+        self._fh = {name: open(self._tmp / f"{name}.bin", "wb") for name in self.layout}
+        self._hash = {name: hashlib.sha256() for name in self.layout}
         self._offsets: dict[str, list[int]] = {}
         self._rows = 0
         self._open = True
 
     @property
+    def k(self) -> int:
+        """Slots per label position (k, or N draws in the sampled mode)."""
+        return self.mode.width
+
+    @property
     def final_dir(self) -> Path:
         return self.out_dir / self.task
 
-    def add(self, instance_id: str, logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Append one instance: teacher logits (L, V) at its label positions, or an already computed
-        (topk_logprobs (L, k), topk_ids (L, k)) pair taken from log_softmax(logits / T)."""
+    def add(self, instance_id: str, logits: Rows) -> None:
+        """Append one instance: teacher logits (L, V) at its label positions (encoded by `teacher_rows.encode_rows`,
+        seeded per (sample_seed, task, instance)), or rows already encoded: `encode_rows`'s dict, or for a top-k
+        shard a (topk_logprobs (L, k), topk_ids (L, k)) pair taken from log_softmax(logits / T)."""
         if not self._open:
             raise RuntimeError(f"CacheShardWriter({self.task}) is closed")
         instance_id = str(instance_id)
         if instance_id in self._offsets:
             raise DataError(f"cache shard {self.task}: instance id {instance_id!r} added twice")
         if isinstance(logits, tuple):
-            lp, ids = logits
+            if self.mode.name != "topk":
+                raise DataError(f"cache shard {self.task}: a (logprobs, ids) pair is a top-k row, but this shard's "
+                                f"mode is {self.mode.name!r}; pass logits or encode_rows(...)")
+            rows = {"logprobs": logits[0].detach().float().cpu().numpy(), "ids": logits[1].detach().cpu().numpy()}
+        elif isinstance(logits, torch.Tensor):
+            rows = self._encode(instance_id, logits)
         else:
-            lp, ids = self._topk(logits)
-        lp, ids = lp.detach(), ids.detach()
-        if lp.dim() != 2 or lp.shape != ids.shape or lp.shape[1] != self.k:
-            raise DataError(f"cache shard {self.task}, instance {instance_id!r}: expected top-k log-probs and ids "
-                            f"of shape (L, k={self.k}), got {tuple(lp.shape)} and {tuple(ids.shape)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise DataError(f"cache shard {self.task}, instance {instance_id!r}: token ids outside "
-                            f"[0, vocab_size={self.vocab_size})")
-        lp_np = np.ascontiguousarray(lp.to(torch.float32).cpu().numpy().astype(LOGPROB_DTYPE))  # (L, k)
-        id_np = np.ascontiguousarray(ids.cpu().numpy().astype(self.ids_dtype))  # (L, k)
-        for fh, h, arr in ((self._lp_fh, self._lp_hash, lp_np), (self._id_fh, self._id_hash, id_np)):
+            rows = dict(logits)
+        arrays = self._check_rows(instance_id, rows)
+        for name, arr in arrays.items():
             b = arr.tobytes()
-            fh.write(b)
-            h.update(b)
-        self._offsets[instance_id] = [self._rows, self._rows + lp_np.shape[0]]
-        self._rows += lp_np.shape[0]
+            self._fh[name].write(b)
+            self._hash[name].update(b)
+        n = arrays["ids"].shape[0]
+        self._offsets[instance_id] = [self._rows, self._rows + n]
+        self._rows += n
 
-    def _topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, instance_id: str, logits: torch.Tensor) -> dict[str, np.ndarray]:
         if logits.dim() != 2 or logits.shape[1] != self.vocab_size:
             raise DataError(f"cache shard {self.task}: expected teacher logits (L, V={self.vocab_size}), "
                             f"got {tuple(logits.shape)}")
-        logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)  # (L, V)
-        return torch.topk(logp, self.k, dim=-1, sorted=True)  # values (L, k), indices (L, k)
+        return encode_instance(logits, self.mode, self.temperature, self.task, instance_id)
+
+    def _check_rows(self, instance_id: str, rows: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        where = f"cache shard {self.task}, instance {instance_id!r}"
+        if set(rows) != set(self.layout):
+            raise DataError(f"{where}: rows hold {sorted(rows)}, mode {self.mode.name!r} stores {sorted(self.layout)}")
+        out, n = {}, None
+        for name, (dtype, cols) in self.layout.items():
+            a = rows[name]
+            a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+            n = a.shape[0] if n is None else n
+            if a.ndim != 2 or a.shape != (n, cols):
+                raise DataError(f"{where}: expected {name} of shape (L, {cols}) for mode {self.mode.name!r}, got "
+                                f"{tuple(a.shape)}")
+            out[name] = np.ascontiguousarray(a.astype(dtype))
+        ids = out["ids"]
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise DataError(f"{where}: token ids outside [0, vocab_size={self.vocab_size})")
+        if "counts" in out and n and not (out["counts"].astype(np.int64).sum(1) == self.mode.width).all():
+            raise DataError(f"{where}: sampled counts must sum to num_samples={self.mode.width} in every row")
+        return out
 
     def close(self) -> Path:
         """Write offsets + manifest, fsync, and rename the temp folder onto `<out_dir>/<task>`."""
@@ -172,17 +215,15 @@ class CacheShardWriter:
             return self.final_dir
         self._open = False
         try:
-            self._lp_fh.close()
-            self._id_fh.close()
+            for fh in self._fh.values():
+                fh.close()
             (self._tmp / OFFSETS_FILE).write_text(json.dumps({"instances": self._offsets}, sort_keys=True))
-            files = {
-                LOGPROBS_FILE: {"sha256": self._lp_hash.hexdigest(), "bytes": (self._tmp / LOGPROBS_FILE).stat().st_size},
-                IDS_FILE: {"sha256": self._id_hash.hexdigest(), "bytes": (self._tmp / IDS_FILE).stat().st_size},
-                OFFSETS_FILE: {"sha256": sha256_file(self._tmp / OFFSETS_FILE),
-                               "bytes": (self._tmp / OFFSETS_FILE).stat().st_size},
-            }
+            files = {f"{name}.bin": {"sha256": self._hash[name].hexdigest(),
+                                     "bytes": (self._tmp / f"{name}.bin").stat().st_size} for name in self.layout}
+            files[OFFSETS_FILE] = {"sha256": sha256_file(self._tmp / OFFSETS_FILE),
+                                   "bytes": (self._tmp / OFFSETS_FILE).stat().st_size}
             manifest = {**self.fields, "format": FORMAT, "format_version": FORMAT_VERSION, "task": self.task,
-                        "dtypes": {"logprobs": np.dtype(LOGPROB_DTYPE).name, "ids": self.ids_dtype.name},
+                        "dtypes": {name: np.dtype(dt).name for name, (dt, _) in self.layout.items()},
                         "counts": {"instances": len(self._offsets), "tokens": self._rows}, "files": files}
             (self._tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         except BaseException as e:
@@ -197,8 +238,8 @@ class CacheShardWriter:
             return
         self._open = False
         with contextlib.suppress(Exception):
-            self._lp_fh.close()
-            self._id_fh.close()
+            for fh in self._fh.values():
+                fh.close()
         err = RuntimeError("aborted")
         self._stack.__exit__(RuntimeError, err, None)  # atomic_dir removes its temp folder
 
@@ -216,12 +257,20 @@ def _normalise(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
+# The mode and its parameters are compared first, so a shard of another mode is refused by naming 'mode'
+# (not by a parameter that the other mode does not have).
+_FIRST = ("mode", "k", "num_samples", "sample_seed")
+
+
 def check_expect(manifest: Mapping[str, Any], expect: Mapping[str, Any], where: str) -> None:
     """Raise ArtifactMismatchError naming the first field whose value differs from `expect` (both values shown)."""
-    for key, want in _normalise(dict(expect)).items():
+    want_all = _normalise(dict(expect))
+    keys = [k for k in _FIRST if k in want_all] + [k for k in want_all if k not in _FIRST]
+    for key in keys:
+        want = want_all[key]
         if key not in manifest:
             raise ArtifactMismatchError(f"{where}: manifest has no field '{key}' (expected {want!r}); "
-                                        f"the cache was written by another version or configuration")
+                                        f"the cache was written by another version, mode or configuration")
         have = manifest[key]
         if have != want:
             raise ArtifactMismatchError(f"{where}: manifest field '{key}' is {have!r} but this run expects {want!r}; "
@@ -242,29 +291,39 @@ class CacheShardReader:
             raise ArtifactMismatchError(f"{mpath}: manifest is not valid JSON ({e})") from None
         if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
             raise ArtifactMismatchError(f"{mpath}: format {self.manifest.get('format')!r} version "
-                                        f"{self.manifest.get('format_version')!r}, expected {FORMAT!r} {FORMAT_VERSION}")
+                                        f"{self.manifest.get('format_version')!r}, expected {FORMAT!r} "
+                                        f"{FORMAT_VERSION}")
+        self.manifest.setdefault("mode", "topk")  # written before modes existed
         check_expect(self.manifest, expect or {}, str(mpath))
-        self.k = int(self.manifest["k"])
+        self.mode = CacheMode.from_manifest(self.manifest, str(mpath))
         self.temperature = float(self.manifest["temperature"])
         self.vocab_size = int(self.manifest["vocab_size"])
         self.tokens = int(self.manifest["counts"]["tokens"])
-        lp_dtype = np.dtype(self.manifest["dtypes"]["logprobs"])
-        id_dtype = np.dtype(self.manifest["dtypes"]["ids"])
-        want_bytes = {LOGPROBS_FILE: self.tokens * self.k * lp_dtype.itemsize,
-                      IDS_FILE: self.tokens * self.k * id_dtype.itemsize}
-        for name in DATA_FILES:
-            self._check_file(name, want_bytes.get(name), verify)
+        layout = self.mode.layout(self.vocab_size)
+        dtypes = self.manifest.get("dtypes", {})
+        shapes: dict[str, tuple[np.dtype, int]] = {}
+        for name, (_, cols) in layout.items():
+            if name not in dtypes:
+                raise ArtifactMismatchError(f"{mpath}: no dtype recorded for {name} (mode {self.mode.name!r})")
+            shapes[name] = (np.dtype(dtypes[name]), cols)
+            self._check_file(f"{name}.bin", self.tokens * cols * shapes[name][0].itemsize, verify)
+        self._check_file(OFFSETS_FILE, None, verify)
         offsets = json.loads((self.dir / OFFSETS_FILE).read_text())["instances"]
         self._offsets: dict[str, tuple[int, int]] = {k: (int(v[0]), int(v[1])) for k, v in offsets.items()}
         if len(self._offsets) != int(self.manifest["counts"]["instances"]) or any(
                 not 0 <= s <= e <= self.tokens for s, e in self._offsets.values()):
             raise ArtifactMismatchError(f"{self.dir / OFFSETS_FILE}: offsets disagree with the manifest counts")
-        shape = (self.tokens, self.k)
         # np.memmap refuses a zero-byte file: an empty shard gets empty in-memory arrays
-        self.logprobs = (np.memmap(self.dir / LOGPROBS_FILE, dtype=lp_dtype, mode="r", shape=shape)
-                         if self.tokens else np.zeros(shape, lp_dtype))
-        self.ids = (np.memmap(self.dir / IDS_FILE, dtype=id_dtype, mode="r", shape=shape)
-                    if self.tokens else np.zeros(shape, id_dtype))
+        self.arrays: dict[str, np.ndarray] = {
+            name: (np.memmap(self.dir / f"{name}.bin", dtype=dt, mode="r", shape=(self.tokens, cols))
+                   if self.tokens else np.zeros((self.tokens, cols), dt))
+            for name, (dt, cols) in shapes.items()}
+        self.logprobs, self.ids = self.arrays["logprobs"], self.arrays["ids"]
+
+    @property
+    def k(self) -> int:
+        """Slots per label position (k, or N draws in the sampled mode)."""
+        return self.mode.width
 
     def _check_file(self, name: str, want_bytes: int | None, verify: bool) -> None:
         path = self.dir / name
@@ -307,12 +366,15 @@ class CacheShardReader:
             raise ArtifactMismatchError(f"{self.dir}: instance {instance_id!r} is not in this cache shard "
                                         f"({len(self._offsets)} instances); was the cache built from other data?") from None
 
-    def get(self, instance_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logprobs (L, k) float32, ids (L, k) int64) of one instance."""
+    def rows(self, instance_id: str) -> dict[str, torch.Tensor]:
+        """Every stored array of one instance, (L, columns) each: float32 log-probs / threshold, int64 ids / counts."""
         s, e = self._span(instance_id)
-        lp = torch.from_numpy(np.asarray(self.logprobs[s:e], dtype=np.float32))
-        ids = torch.from_numpy(np.asarray(self.ids[s:e]).astype(np.int64))
-        return lp, ids
+        return decode_rows({name: arr[s:e] for name, arr in self.arrays.items()})
+
+    def get(self, instance_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs (L, w) float32, ids (L, w) int64) of one instance (see `rows` for a mode's other arrays)."""
+        r = self.rows(instance_id)
+        return r["logprobs"], r["ids"]
 
 
 def shard_is_complete(shard_dir: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> bool:

@@ -28,7 +28,7 @@ def _plogp_ratio(p_lp: torch.Tensor, s_lp: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (p_lp - s_lp), torch.zeros_like(p)).sum(-1)
 
 
-def _token_kl(z: torch.Tensor, t_lp: torch.Tensor, t_ids: torch.Tensor, temperature: float,
+def token_kl(z: torch.Tensor, t_lp: torch.Tensor, t_ids: torch.Tensor, temperature: float,
               missing_mass: str) -> torch.Tensor:
     """Per-token KL (no T^2). z (c, V) student logits; t_lp (c, k) teacher log-probs at T; t_ids (c, k) -> (c,)."""
     zt = z / temperature  # (c, V)
@@ -60,7 +60,7 @@ class _SparseKL(torch.autograd.Function):
         total = torch.zeros((), dtype=dtype, device=flat.device)
         for s in range(0, rows.numel(), chunk):
             r = rows[s:s + chunk]
-            total = total + _token_kl(flat.index_select(0, r).to(dtype), t_lp[s:s + chunk], t_ids[s:s + chunk],
+            total = total + token_kl(flat.index_select(0, r).to(dtype), t_lp[s:s + chunk], t_ids[s:s + chunk],
                                       temperature, missing_mass).sum()
         ctx.save_for_backward(flat, rows, t_lp, t_ids)
         ctx.cfg = (temperature, missing_mass, chunk, dtype)
@@ -76,7 +76,7 @@ class _SparseKL(torch.autograd.Function):
             r = rows[s:s + chunk]
             with torch.enable_grad():
                 z = flat.index_select(0, r).detach().to(dtype).requires_grad_(True)  # (c, V)
-                loss = _token_kl(z, t_lp[s:s + chunk], t_ids[s:s + chunk], temperature, missing_mass).sum()
+                loss = token_kl(z, t_lp[s:s + chunk], t_ids[s:s + chunk], temperature, missing_mass).sum()
                 (g,) = torch.autograd.grad(loss, z)
             grad.index_copy_(0, r, (g * grad_out).to(flat.dtype))
         return grad, None, None, None, None, None, None, None

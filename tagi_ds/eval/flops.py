@@ -6,7 +6,8 @@ Norms, softmax, activations, embeddings and T5's relative bias are elementwise a
 
 Generation is greedy with a KV cache, as `generate(max_new_tokens=out)` runs it:
 - T5: the encoder runs once over the source; decoder step i = 1..out feeds one token, self-attends over i keys, and
-  cross-attends over the source (+ `extra_cross_len` fused instruction states). Cross K/V are projected at step 1 only.
+  cross-attends over the source (+ `extra_cross_len` fused instruction states). Cross K/V are projected at step 1 only
+  (the fused instruction's: per row at step 1 on the concatenation path, once per task on TagiStudent's cached path).
 - LLaMA: prefill of the prompt (lm_head on its last position only, `logits_to_keep=1`) yields token 1, then steps
   i = 1..out-1 feed one token each over prefix + prompt + i keys. A prefix of P cached keys (KV reuse, TAGI fusion)
   is attended to but never recomputed. GQA: K/V projections have num_key_value_heads·head_dim outputs.
@@ -167,9 +168,11 @@ def t5_encoder_flops(cfg: Mapping[str, Any], src_len: int, lora_rank: int = 0, l
     return acc.total
 
 
-def t5_cross_kv_flops(cfg: Mapping[str, Any], n_states: int) -> int:
-    """K/V projections of n encoder states in every decoder cross-attention (cacheable once per task)."""
-    acc = _Acc()
+def t5_cross_kv_flops(cfg: Mapping[str, Any], n_states: int, lora_rank: int = 0,
+                      lora_targets: Iterable[str] = ()) -> int:
+    """K/V projections of n encoder states in every decoder cross-attention (the instruction's: once per task on
+    TagiStudent's cached path), with an unmerged LoRA's products when k / v are targets."""
+    acc = _acc(lora_rank, lora_targets)
     _t5_cross_kv(acc, t5_shape(cfg), n_states)
     return acc.total
 
@@ -278,8 +281,10 @@ def per_instance_flops(method: str, arch: Arch, cfg_dict: Mapping[str, Any], ins
     tagi: once per task [instruction encoding (T5 encoder / LLaMA prefill, no lm_head) + hypernet + LoRA merge]
       / n, plus per instance the input-only generation with the merged adapter and fusion's extra attention over
       the instruction states (T5: instr_len more cross-attention keys; LLaMA: a prefix of instr_len cached keys).
-      T5 instruction K/V for cross-attention are projected once per task when cache_instruction_kv, else per
-      instance. lora_mode="unmerged" pays the LoRA products per token instead of the merge (batched multi-task).
+      T5 instruction K/V for cross-attention are projected once per task when cache_instruction_kv (what
+      TagiStudent runs: `TagiStudent.instruction_kv`, computed once per task and reused), else per instance (the
+      concatenation path, `TagiStudent(cache_cross_kv=False)`). lora_mode="unmerged" pays the LoRA products per
+      token instead of the merge (batched multi-task), the instruction K/V's included.
     tagi_no_fusion: tagi without the extra attention. tk_instruct_kv_reuse (LLaMA only): instruction prefill once
       per task, then each input attends to its cached keys.
     """
@@ -314,7 +319,7 @@ def per_instance_flops(method: str, arch: Arch, cfg_dict: Mapping[str, Any], ins
     if arch == "t5":
         once += t5_encoder_flops(cfg_dict, instr_len)
         if fusion and cache_instruction_kv:
-            once += t5_cross_kv_flops(cfg_dict, instr_len)
+            once += t5_cross_kv_flops(cfg_dict, instr_len, per_rank, per_targets)
         per = t5_flops(cfg_dict, input_len, out_len, extra_cross_len=instr_len if fusion else 0,
                        extra_kv_projected=not cache_instruction_kv, lora_rank=per_rank, lora_targets=per_targets)
     else:
@@ -322,6 +327,23 @@ def per_instance_flops(method: str, arch: Arch, cfg_dict: Mapping[str, Any], ins
         per = llama_flops(cfg_dict, input_len, out_len, prefix_len=instr_len if fusion else 0,
                           lora_rank=per_rank, lora_targets=per_targets)
     return once / n_instances + per
+
+
+def hypernet_flops(specs: Iterable[Any], input_dim: int, r: int, hidden: int, trunk_layers: int,
+                   embed_dim: int) -> int:
+    """Forward FLOPs of one HyperNetwork call for one task (modeling/hypernet.py): the pooler, the trunk over every
+    (module type, layer) pair, and each type's head writing A and B. specs: TargetSpec-like (module_type, layer,
+    d_in, d_out), e.g. `backbone.target_specs(config, kinds)` (config only: no weights need to exist)."""
+    shapes: dict[str, tuple[int, int, int]] = {}
+    for sp in specs:
+        n, _, _ = shapes.get(sp.module_type, (0, sp.d_in, sp.d_out))
+        shapes[sp.module_type] = (max(n, sp.layer + 1), sp.d_in, sp.d_out)
+    pairs = sum(n for n, _, _ in shapes.values())
+    total, width = 2 * input_dim * hidden, hidden + 2 * embed_dim
+    for _ in range(trunk_layers):
+        total += 2 * pairs * width * hidden
+        width = hidden
+    return total + sum(2 * n * width * r * (d_in + d_out) for n, d_in, d_out in shapes.values())
 
 
 def relative_flops(method: str, baseline: str = "tk_instruct", **kwargs: Any) -> float:

@@ -1,365 +1,428 @@
-"""Every evaluated method as one function: (config, tasks of one split) → one greedy prediction per instance.
+"""Every evaluated method as one object: which splits it answers, which files it reads, and how it answers one work
+unit of tasks (eval/shards.py). Evaluation only READS finished stage folders; a method whose folder is missing has
+no numbers.
 
-Methods and how they run at test time (the same backbone, tokenizer, prompts and decoding for all):
-- no_ft: the frozen backbone reads the full Tk-Instruct prompt (definition + positive examples + input).
-- no_instruction / tk_instruct: the multitask LoRA baselines (train/multitask.py) on the instance part alone / on
-  the full prompt; trained here when missing (`ensure_baseline`), LoRA merged for inference.
-- teacher: each seen task's own LoRA teacher on the full prompt (all teachers batched through the LoRA hooks);
-  it has no number on unseen tasks (no teacher exists for them).
-- hint, tagi and the ablations: a hypernetwork export (finetune/<variant>/export). The instruction is encoded ONCE
-  per task and the adapters of all the split's tasks are generated in one hypernetwork call; the instances of all
-  tasks are then decoded together, each row with its task's LoRA (batched hooks) and instruction prefix (fusion).
-
-Finetune variants are the finetune stage with overrides (`VARIANT_OVERRIDES`); the pipeline trains them, the
-evaluation reads their exports.
+How each method runs at test time (run/methods.py names them; the same backbone, tokenizer, prompt encoder, greedy
+decoder and rank classifier for all):
+- no_ft: the frozen backbone reads the full Tk-Instruct prompt.
+- no_instruction / tk_instruct: the multitask LoRA baselines (baselines/<mode>, a PEFT adapter folder), merged into
+  the run's own backbone for the method's duration and restored exactly afterwards (the original target weights wait
+  on the host: never a second copy of the backbone on the device).
+- teacher: each seen task's own LoRA teacher on the full prompt, through the batched LoRA hooks; teachers are loaded
+  unit by unit of work, at most eval.teacher_group_bytes of adapters at once. No number on unseen tasks.
+- hint, tagi and the ablations: a hypernetwork export (finetune/<variant>/export) wrapped around the run's backbone.
+  Per unit of at most eval.tasks_per_batch tasks: the instructions are encoded once per task, the adapters generated
+  in one hypernetwork call, then the unit's instances are answered together, each row with its task's LoRA and
+  instruction states (fusion).
+Tasks whose instances carry answer choices (P3's classification prompts) are rank-classified
+(eval/rank_classification.py: one forward callable per task, the same scorer for every method); the others are
+answered by greedy decoding (run/decode.py). Rows: {"task", "id", "prediction"} (+ "choice", "label", "scores" when
+rank-classified; "prediction" is then the chosen answer's text).
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 
-from ..data.collate import (PromptSettings, decode_generated, encode_prompt, full_prompt_text, instruction_ids,
-                            pad_id, pad_rows)
+from ..data.collate import encode_student_input, instruction_ids, pad_id
 from ..data.prompts import build_task_input
 from ..data.tasks import Task
 from ..errors import ArtifactMismatchError, ConfigError
-from ..io_utils import atomic_write_json, sha256_json
+from ..modeling.lora import BatchedLoraHooks, delta_weight
+from ..run.backbone import LoadedBackbone
+from ..run.decode import DecodeStats, OnBatch, decode_prompts, decode_student
+from ..run.export_io import EXPORT_CONFIG, load_student_from_export
+from ..run.methods import ALL_METHODS, BASELINES, HYPERNET_METHODS
+from ..run.paths import RunPaths
+from ..run.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_peft_adapter
+from ..run.prompts import prompt_settings, source_ids
+from ..run.units import teacher_unit
+from .rank_classification import ForwardFn, has_answer_choices, module_forward, rank_classify_ids
 
-BASELINES = ("no_instruction", "tk_instruct")
-HYPERNET_METHODS = ("hint", "tagi", "tagi_no_kl", "tagi_no_ins", "tagi_no_pretrain", "tagi_no_fusion")
-ALL_METHODS = ("no_ft",) + BASELINES + ("teacher",) + HYPERNET_METHODS
-# A finetune variant = the finetune stage with these dotted overrides (its export lives in finetune/<variant>).
-VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
-    "tagi": {},
-    "hint": {"finetune.lambda_kl": 0.0, "finetune.lambda_ins": 0.0},  # CE only, from the pretrain export
-    "tagi_no_kl": {"finetune.lambda_kl": 0.0},
-    "tagi_no_ins": {"finetune.lambda_ins": 0.0},
-    "tagi_no_pretrain": {"finetune.init_from_pretrain": False},
-    "tagi_no_fusion": {"hypernet.fusion": False},
-}
-BASELINE_MARKER = "baseline.json"
+Log = Callable[[str], None]
 
 
-def check_methods(methods: Sequence[str]) -> list[str]:
-    bad = [m for m in methods if m not in ALL_METHODS]
-    if bad:
-        raise ConfigError(f"eval.methods: unknown method(s) {bad}; expected some of {list(ALL_METHODS)}")
-    return list(methods)
+@dataclass
+class Answerer:
+    """How a method answers the tasks of one unit (task indices are positions in the unit's task list)."""
+
+    sources: Callable[[int], list[list[int]]]    # task → the token ids each of its instances reads
+    generate: Callable[[list[list[int]], list[int], DecodeStats, OnBatch], list[str]]  # (rows, row → task) → texts
+    forward: Callable[[int], ForwardFn]           # task → its rank-classification forward
 
 
-def set_dotted(cfg: Any, dotted: str, value: Any) -> None:
-    *path, leaf = dotted.split(".")
-    node = cfg
-    for p in path:
-        node = getattr(node, p)
-    if not hasattr(node, leaf):
-        raise ConfigError(f"override {dotted!r}: no such config key")
-    setattr(node, leaf, value)
+@dataclass
+class UnitStats:
+    """What answering produced: instances, generated tokens, rank-classified instances and the tokens they fed."""
+
+    decode: DecodeStats = field(default_factory=DecodeStats)
+    rank_classified: int = 0
+    forwarded_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"generated": self.decode.rows, "generated_tokens": self.decode.new_tokens,
+                "rank_classified": self.rank_classified, "forwarded_tokens": self.forwarded_tokens}
 
 
-def variant_config(cfg: Any, variant: str) -> Any:
-    """A copy of `cfg` with the finetune variant's overrides applied."""
-    if variant not in VARIANT_OVERRIDES:
-        raise ConfigError(f"finetune variant {variant!r}: expected one of {list(VARIANT_OVERRIDES)}")
-    out = copy.deepcopy(cfg)
-    for key, value in VARIANT_OVERRIDES[variant].items():
-        set_dotted(out, key, value)
-    return out
+class Method(Protocol):
+    name: str
+
+    def answers(self, split: str) -> bool: ...
+    def artifacts(self) -> list[Path]: ...
+    def unit_of(self) -> Optional[Callable[[Task], str]]: ...
+    def unit_bytes(self, unit: str) -> int: ...
+    def session(self) -> contextlib.AbstractContextManager: ...
+    def unit(self, tasks: Sequence[Task]) -> contextlib.AbstractContextManager[Answerer]: ...
 
 
-def export_dir(cfg: Any, method: str) -> Path:
-    from ..train.export import EXPORT_SUBDIR
+# ------------------------------------------------------------------------------------------------ answering
+def answer_unit(ans: Answerer, tasks: Sequence[Task], bb: LoadedBackbone, *, reduction: str, rank_batch_size: int,
+                stats: UnitStats, on_batch: OnBatch = None) -> list[dict[str, Any]]:
+    """One row per instance of `tasks`, in order: rank classification for tasks with answer choices, greedy
+    decoding (all the unit's other tasks batched together by length) for the rest."""
+    out: list[Optional[list[dict]]] = [None] * len(tasks)
+    gen = [ti for ti, t in enumerate(tasks) if not has_answer_choices(t)]
+    if gen:
+        srcs = {ti: ans.sources(ti) for ti in gen}
+        rows = [s for ti in gen for s in srcs[ti]]
+        texts = iter(ans.generate(rows, [ti for ti in gen for _ in srcs[ti]], stats.decode, on_batch))
+        for ti in gen:
+            out[ti] = [{"task": tasks[ti].name, "id": inst.id, "prediction": next(texts)}
+                       for inst in tasks[ti].instances]
+    pad = pad_id(bb.tokenizer)
+    for ti, task in enumerate(tasks):
+        if out[ti] is not None:
+            continue
+        res = rank_classify_ids(ans.forward(ti), bb.arch, bb.tokenizer, task, ans.sources(ti), pad, reduction,
+                                rank_batch_size, device=bb.device, on_batch=on_batch)
+        stats.rank_classified += len(task.instances)
+        stats.forwarded_tokens += res.forwarded_tokens
+        out[ti] = [{"task": task.name, "id": inst.id, "prediction": inst.answer_choices[p], "choice": p, "label": y,
+                    "scores": [round(s, 6) for s in sc]}
+                   for inst, p, y, sc in zip(task.instances, res.predictions, res.labels, res.scores)]
+    return [row for rows in out for row in rows]
 
-    return Path(cfg.run_dir) / "finetune" / method / EXPORT_SUBDIR
+
+def _plain_answerer(model, bb: LoadedBackbone, cfg: Any, tasks: Sequence[Task], with_instruction: bool = True,
+                    hooks: Optional[BatchedLoraHooks] = None, adapters=None,
+                    slot_of_task: Optional[Sequence[int]] = None) -> Answerer:
+    """A backbone reading full prompts (or instance parts): no_ft, the merged baselines, the teachers (hooks with
+    adapters stacked per slot; slot_of_task[i] = task i's teacher)."""
+    settings = prompt_settings(cfg, bb.arch)
+    e = cfg.eval
+
+    def sources(ti: int) -> list[list[int]]:
+        return [source_ids(tasks[ti], inst, bb.tokenizer, settings, with_instruction) for inst in tasks[ti].instances]
+
+    def generate(rows, task_of_row, stats, on_batch):
+        slots = None if hooks is None else [slot_of_task[ti] for ti in task_of_row]
+        return decode_prompts(model, bb.tokenizer, bb.arch, rows, device=bb.device, max_new_tokens=e.max_new_tokens,
+                              batch_size=e.batch_size, hooks=hooks, adapters=adapters, row_unit=slots, stats=stats,
+                              on_batch=on_batch)
+
+    def forward(ti: int) -> ForwardFn:
+        plain = module_forward(model, bb.arch)
+        if hooks is None:
+            return plain
+
+        def with_teacher(input_ids, attention_mask, labels):
+            slot = torch.full((input_ids.shape[0],), slot_of_task[ti], dtype=torch.long, device=input_ids.device)
+            with hooks.apply(adapters, slot):
+                return plain(input_ids, attention_mask, labels)
+        return with_teacher
+
+    return Answerer(sources, generate, forward)
 
 
-def baseline_dir(cfg: Any, mode: str) -> Path:
-    return Path(cfg.run_dir) / "baselines" / mode
+# ------------------------------------------------------------------------------------------------ methods
+@dataclass
+class NoFinetune:
+    cfg: Any
+    bb: LoadedBackbone
+    name: str = "no_ft"
+
+    def answers(self, split: str) -> bool:
+        return True
+
+    def artifacts(self) -> list[Path]:
+        return []
+
+    def unit_of(self):
+        return None
+
+    def unit_bytes(self, unit: str) -> int:
+        return 0
+
+    def session(self):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def unit(self, tasks: Sequence[Task]) -> Iterator[Answerer]:
+        yield _plain_answerer(self.bb.model, self.bb, self.cfg, tasks)
 
 
-# ------------------------------------------------------------------------------------------------ results
+@contextlib.contextmanager
+def merged_lora(model: torch.nn.Module, specs: Sequence, adapters: dict, scale: float) -> Iterator[torch.nn.Module]:
+    """`model` with one LoRA (adapters: module type → (A (layers, r, d_in), B (layers, d_out, r))) merged into its
+    target weights, W + s·B·A in float32 then cast back; the original weights are copied to the host first and put
+    back on exit, bit for bit (an unmerge by subtraction would not be exact in bf16)."""
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for spec in specs:
+                linear = model.get_submodule(spec.name)
+                A, B = adapters[spec.module_type]
+                new_w = linear.weight.float() + delta_weight(A[spec.layer].to(linear.weight.device),
+                                                             B[spec.layer].to(linear.weight.device), scale)
+                if not torch.isfinite(new_w).all():
+                    raise ArtifactMismatchError(f"merging the baseline LoRA into {spec.name} gives non-finite weights")
+                saved[spec.name] = linear.weight.detach().to("cpu", copy=True)
+                linear.weight.copy_(new_w.to(linear.weight.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                model.get_submodule(name).weight.copy_(w)
+
+
+@dataclass
+class Baseline:
+    cfg: Any
+    bb: LoadedBackbone
+    name: str
+    folder: Path
+
+    def answers(self, split: str) -> bool:
+        return True
+
+    def artifacts(self) -> list[Path]:
+        return [self.folder / ADAPTER_CONFIG, self.folder / ADAPTER_WEIGHTS]
+
+    def unit_of(self):
+        return None
+
+    def unit_bytes(self, unit: str) -> int:
+        return 0
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        acfg = json.loads((self.folder / ADAPTER_CONFIG).read_text())
+        for flag in ("use_dora", "use_rslora"):
+            if acfg.get(flag):
+                raise ArtifactMismatchError(f"{self.folder / ADAPTER_CONFIG}: {flag}=true; the evaluation merges plain "
+                                            f"LoRA (W + alpha/r * B A) only")
+        adapters, scale, _ = read_peft_adapter(self.folder, self.bb.specs, device="cpu")
+        with merged_lora(self.bb.model, self.bb.specs, adapters, scale):
+            yield
+
+    @contextlib.contextmanager
+    def unit(self, tasks: Sequence[Task]) -> Iterator[Answerer]:
+        yield _plain_answerer(self.bb.model, self.bb, self.cfg, tasks, with_instruction=self.name == "tk_instruct")
+
+
+@dataclass
+class Teachers:
+    cfg: Any
+    bb: LoadedBackbone
+    units: list[str]                 # the seen split's teacher units
+    name: str = "teacher"
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths.of(self.cfg)
+
+    def answers(self, split: str) -> bool:
+        return split == "seen"
+
+    def artifacts(self) -> list[Path]:
+        return [self.paths.teacher(u) / ADAPTER_WEIGHTS for u in self.units]
+
+    def unit_of(self) -> Callable[[Task], str]:
+        return lambda task: teacher_unit(task, self.cfg.teacher.group_by)
+
+    def unit_bytes(self, unit: str) -> int:
+        return (self.paths.teacher(unit) / ADAPTER_WEIGHTS).stat().st_size
+
+    def session(self):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def unit(self, tasks: Sequence[Task]) -> Iterator[Answerer]:
+        """Only this unit's teachers on the device (stacked on the host, then moved: one device copy)."""
+        unit_of = self.unit_of()
+        names = sorted({unit_of(t) for t in tasks})
+        loaded = [read_peft_adapter(self.paths.teacher(u), self.bb.specs, device="cpu") for u in names]
+        scales = {round(s, 8) for _, s, _ in loaded}
+        if len(scales) != 1:
+            raise ArtifactMismatchError(f"{self.paths.teachers}: teachers {names} have different LoRA scales "
+                                        f"{sorted(scales)}")
+        adapters = {mt: (torch.stack([a[mt][0] for a, _, _ in loaded]).to(self.bb.device),
+                         torch.stack([a[mt][1] for a, _, _ in loaded]).to(self.bb.device)) for mt in loaded[0][0]}
+        del loaded
+        hooks = BatchedLoraHooks(self.bb.model, self.bb.specs, scales.pop())
+        slot = {u: i for i, u in enumerate(names)}
+        try:
+            yield _plain_answerer(self.bb.model, self.bb, self.cfg, tasks, hooks=hooks, adapters=adapters,
+                                  slot_of_task=[slot[unit_of(t)] for t in tasks])
+        finally:
+            hooks.remove()
+
+
+@dataclass
+class Hypernet:
+    cfg: Any
+    bb: LoadedBackbone
+    name: str
+    export: Path
+    student: Any = None
+
+    def answers(self, split: str) -> bool:
+        return True
+
+    def artifacts(self) -> list[Path]:
+        return sorted(p for p in self.export.iterdir() if p.is_file())
+
+    def unit_of(self):
+        return None
+
+    def unit_bytes(self, unit: str) -> int:
+        return 0
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        # The student wraps the run's own backbone (its hooks removed on exit): never a second copy of the weights.
+        self.student = load_student_from_export(self.export, backbone=self.bb.model, device=self.bb.device,
+                                                backend=self.cfg.hypernet.kernel)
+        try:
+            yield
+        finally:
+            self.student.hooks.remove()
+            self.student = None
+
+    @contextlib.contextmanager
+    def unit(self, tasks: Sequence[Task]) -> Iterator[Answerer]:
+        """The unit's instruction states and adapters, computed once per task and held for the unit only."""
+        st, bb, e = self.student, self.bb, self.cfg.eval
+        settings = prompt_settings(self.cfg, bb.arch)
+        with torch.no_grad():
+            rows = [instruction_ids(t, bb.tokenizer, settings) for t in tasks]
+            encoding = st.encode_instruction_rows(rows, pad_id(bb.tokenizer), bb.device).to(bb.device)
+            adapters = st.generate_adapters(encoding)
+
+        def sources(ti: int) -> list[list[int]]:
+            # LLaMA with fusion: the input continues the instruction prefix, so no second bos (as in training)
+            return [encode_student_input(bb.tokenizer, build_task_input(inst), settings.max_input_length, st.fusion)
+                    for inst in tasks[ti].instances]
+
+        def generate(rows, task_of_row, stats, on_batch):
+            return decode_student(st, bb.tokenizer, encoding, adapters, rows, task_of_row, device=bb.device,
+                                  max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, stats=stats,
+                                  on_batch=on_batch)
+
+        def forward(ti: int) -> ForwardFn:
+            def student_forward(input_ids, attention_mask, labels):
+                task_ids = torch.full((input_ids.shape[0],), ti, dtype=torch.long, device=input_ids.device)
+                if bb.arch == "t5":  # decoder inputs from the labels (-100 → pad), no loss computed
+                    dec = st.backbone._shift_right(labels)
+                    return st(encoding, task_ids, input_ids, attention_mask, decoder_input_ids=dec,
+                              adapters=adapters).logits
+                return st(encoding, task_ids, input_ids, attention_mask, adapters=adapters).logits
+            return student_forward
+
+        yield Answerer(sources, generate, forward)
+
+
+# ------------------------------------------------------------------------------------------------ lookup
+def build_method(cfg: Any, method: str, splits: dict[str, list[Task]], bb: LoadedBackbone,
+                 log: Log = print) -> Optional[Method]:
+    """The method object, or None (logged) when the folder it reads is missing: it then has no numbers. Cheap: the
+    weights are read in `session()` / `unit()`."""
+    paths = RunPaths.of(cfg)
+    if method == "no_ft":
+        return NoFinetune(cfg, bb)
+    if method in BASELINES:
+        folder = paths.baseline(method)
+        if not (folder / ADAPTER_CONFIG).is_file():
+            log(f"evaluate: {method}: no trained baseline at {folder} (run the `baselines` stage); no numbers")
+            return None
+        return Baseline(cfg, bb, method, folder)
+    if method == "teacher":
+        seen = splits.get("seen") or []
+        units = sorted({teacher_unit(t, cfg.teacher.group_by) for t in seen})
+        missing = [u for u in units if not (paths.teacher(u) / ADAPTER_CONFIG).is_file()]
+        if not seen or missing:
+            if missing:
+                log(f"evaluate: teacher: no published teacher for {len(missing)} unit(s) (e.g. {missing[0]}); "
+                    f"no teacher numbers")
+            return None
+        return Teachers(cfg, bb, units)
+    if method in HYPERNET_METHODS:
+        export = paths.finetune_export(method)
+        if not (export / EXPORT_CONFIG).is_file():
+            log(f"evaluate: {method}: no export at {export} (run the pipeline's finetune stage); no numbers")
+            return None
+        return Hypernet(cfg, bb, method, export)
+    raise ConfigError(f"eval.methods: unknown method {method!r}; expected some of {list(ALL_METHODS)}")
+
+
+# ------------------------------------------------------------------------------------------------ one process
+def method_units(cfg: Any, method: Method, tasks: Sequence[Task]) -> list[list[int]]:
+    """The split's work units for `method` (eval/shards.py: the same for any number of shards)."""
+    from .shards import work_units
+
+    e = cfg.eval
+    unit_of = method.unit_of()
+    return work_units(tasks, e.tasks_per_batch, unit_of, method.unit_bytes if unit_of else None,
+                      e.teacher_group_bytes if unit_of else None)
+
+
+def answer_tasks(cfg: Any, method: Method, tasks: Sequence[Task], units: Sequence[Sequence[int]],
+                 bb: LoadedBackbone, stats: UnitStats, on_batch: OnBatch = None) -> list[dict[str, Any]]:
+    """Rows of the tasks in `units` (in unit order), unit by unit, inside an open `method.session()`."""
+    rows: list[dict[str, Any]] = []
+    for unit in units:
+        unit_tasks = [tasks[i] for i in unit]
+        with method.unit(unit_tasks) as ans:
+            rows += answer_unit(ans, unit_tasks, bb, reduction=cfg.eval.rank_classification,
+                                rank_batch_size=cfg.eval.rank_batch_size, stats=stats, on_batch=on_batch)
+    return rows
+
+
 @dataclass
 class MethodPredictions:
-    """Predictions per split (None: the method has no number there) and the seconds spent producing them
-    (tokenization + instruction encoding / adapter generation + decoding; model loading excluded)."""
+    """Predictions per split (None: the method has no number there) and the seconds spent producing them."""
 
     by_split: dict[str, Optional[list[str]]]
     seconds: float
     instances: int
 
 
-def _device(cfg: Any) -> torch.device:
-    from ..train.teacher import resolve_device
+def predict_method(cfg: Any, method: str, splits: dict[str, list[Task]], bb: LoadedBackbone,
+                   log: Log = print) -> MethodPredictions:
+    """Every split of one method in this process, unsharded (tests and tools; the stage shards the same units)."""
+    import time
 
-    return resolve_device(cfg)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _eos_ids(tokenizer, model_config) -> list[int]:
-    eos = getattr(model_config, "eos_token_id", None)
-    ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [int(eos)])
-    return ids or [int(tokenizer.eos_token_id)]
-
-
-# ------------------------------------------------------------------------------------------------ full prompt
-@torch.no_grad()
-def generate_full_prompt(model, tokenizer, arch: str, prompts: Sequence[Sequence[int]], *, device, max_new_tokens: int,
-                         batch_size: int, hooks=None, adapters=None, row_unit: Optional[Sequence[int]] = None
-                         ) -> list[str]:
-    """Greedy answers of the plain backbone (or with per-row LoRA through `hooks`) to tokenized prompts.
-    Rows are decoded in length-sorted batches (less padding), answers returned in input order."""
-    import contextlib
-
-    pad = pad_id(tokenizer)
-    eos = _eos_ids(tokenizer, model.config)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    left = arch == "llama"
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        rows = [list(prompts[i]) for i in idx]
-        ids = pad_rows(rows, pad, left).to(device)
-        mask = pad_rows([[1] * len(r) for r in rows], 0, left).to(device)
-        ctx = contextlib.nullcontext()
-        if hooks is not None:
-            ctx = hooks.apply(adapters, torch.tensor([row_unit[i] for i in idx], dtype=torch.long, device=device))
-        with ctx:
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 num_beams=1, pad_token_id=pad, eos_token_id=eos)
-        new = gen if arch == "t5" else gen[:, ids.shape[1]:]
-        for i, text in zip(idx, decode_generated(tokenizer, new.cpu(), eos)):
-            out[i] = text
-    return out
-
-
-def _settings(cfg: Any, arch: str) -> PromptSettings:
-    from ..train.teacher import prompt_settings
-
-    return prompt_settings(cfg, arch)
-
-
-def _full_prompts(tasks: Sequence[Task], tokenizer, settings: PromptSettings) -> list[list[int]]:
-    """The teacher's exact prompt encoding (teacher.encode_examples / collate.collate_full)."""
-    return [encode_prompt(tokenizer, full_prompt_text(t, i, tokenizer, settings), settings.max_source_length)
-            for t in tasks for i in t.instances]
-
-
-def predict_no_ft(cfg: Any, splits: dict[str, list[Task]], bb) -> MethodPredictions:
-    settings = _settings(cfg, bb.arch)
-    model = bb.model
-    out, secs, n = {}, 0.0, 0
-    for split, tasks in splits.items():
-        t0 = time.perf_counter()
-        prompts = _full_prompts(tasks, bb.tokenizer, settings)
-        out[split] = generate_full_prompt(model, bb.tokenizer, bb.arch, prompts, device=bb.device,
-                                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
-        _sync(bb.device)
-        secs += time.perf_counter() - t0
-        n += len(prompts)
-    return MethodPredictions(out, secs, n)
-
-
-def predict_teacher(cfg: Any, splits: dict[str, list[Task]], bb) -> MethodPredictions:
-    """Seen split only: every task's teacher (task or category unit), all units batched in the hooks."""
-    from ..adapters.peft_io import read_peft_adapter
-    from ..modeling.lora import BatchedLoraHooks
-    from ..train.finetune import teacher_unit
-    from ..train.run_paths import RunPaths
-
-    paths = RunPaths.of(cfg)
+    m = build_method(cfg, method, splits, bb, log)
     out: dict[str, Optional[list[str]]] = {s: None for s in splits}
-    tasks = splits.get("seen") or []
-    units = sorted({teacher_unit(t, cfg.teacher.group_by) for t in tasks})
-    missing = [u for u in units if not (paths.teacher(u) / "adapter_config.json").is_file()]
-    if not tasks or missing:
-        if missing:
-            print(f"evaluate: teacher: no published teacher for {len(missing)} unit(s) (e.g. {missing[0]}); "
-                  f"no teacher numbers")
+    if m is None:
         return MethodPredictions(out, 0.0, 0)
-    loaded = [read_peft_adapter(paths.teacher(u), bb.specs, device=bb.device) for u in units]
-    scales = {round(s, 8) for _, s, _ in loaded}
-    if len(scales) != 1:
-        raise ArtifactMismatchError(f"{paths.teachers}: teachers have different LoRA scales {sorted(scales)}")
-    adapters = {mt: (torch.stack([a[mt][0] for a, _, _ in loaded]), torch.stack([a[mt][1] for a, _, _ in loaded]))
-                for mt in loaded[0][0]}
-    hooks = BatchedLoraHooks(bb.model, bb.specs, loaded[0][1])
-    try:
-        settings = _settings(cfg, bb.arch)
-        unit_pos = {u: i for i, u in enumerate(units)}
-        t0 = time.perf_counter()
-        prompts = _full_prompts(tasks, bb.tokenizer, settings)
-        row_unit = [unit_pos[teacher_unit(t, cfg.teacher.group_by)] for t in tasks for _ in t.instances]
-        out["seen"] = generate_full_prompt(bb.model, bb.tokenizer, bb.arch, prompts, device=bb.device,
-                                           max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                                           hooks=hooks, adapters=adapters, row_unit=row_unit)
-        _sync(bb.device)
-        secs = time.perf_counter() - t0
-    finally:
-        hooks.remove()
-    return MethodPredictions(out, secs, len(prompts))
+    t0, n = time.perf_counter(), 0
+    with m.session():
+        for split, tasks in splits.items():
+            if m.answers(split) and tasks:
+                rows = answer_tasks(cfg, m, tasks, method_units(cfg, m, tasks), bb, UnitStats())
+                out[split] = [r["prediction"] for r in rows]
+                n += len(rows)
+    return MethodPredictions(out, time.perf_counter() - t0, n)
 
 
-# ------------------------------------------------------------------------------------------------ baselines
-def baseline_budget(cfg: Any) -> Optional[float]:
-    """Seconds per baseline: the pipeline's stage_budgets_s["baselines"] when given (the same number whether the
-    pipeline or `tagi-ds evaluate` trains it), else eval.baseline_time_budget_s."""
-    b = cfg.stage_budgets_s.get("baselines")
-    return float(b) if b is not None else cfg.eval.baseline_time_budget_s
-
-
-def baseline_spec(cfg: Any, mode: str, backbone_id: str) -> dict:
-    """What decides a multitask baseline's weights; its hash marks the trained folder."""
-    d = cfg.data
-    body = {"mode": mode, "backbone_id": backbone_id, "seed": cfg.seed, "data": _plain(d),
-            "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": list(cfg.backbone.target_modules)},
-            "steps": cfg.eval.baseline_steps, "lr": cfg.eval.baseline_lr,
-            "time_budget_s": baseline_budget(cfg), "batch": cfg.eval.baseline_batch_size}
-    return {**body, "hash": sha256_json(body)}
-
-
-def _plain(section: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.asdict(section)
-
-
-def ensure_baseline(cfg: Any, mode: str, log: Callable[[str], None] = print, progress: bool = True) -> Path:
-    """Train the `mode` baseline unless its folder holds this config's hash; returns the folder."""
-    from ..data.registry import load_run_tasks_from_config
-    from ..data.synthetic import task_weights
-    from ..train.multitask import train_multitask
-    from ..train.teacher import backbone_identity, load_run_backbone
-
-    bb = load_run_backbone(cfg)
-    spec = baseline_spec(cfg, mode, backbone_identity(bb.path))
-    out = baseline_dir(cfg, mode)
-    marker = out / BASELINE_MARKER
-    if out.exists():
-        try:
-            have = json.loads(marker.read_text()).get("hash")
-        except (OSError, ValueError, AttributeError):
-            have = None
-        if have == spec["hash"]:
-            log(f"baseline {mode}: skipped (trained at {out}, hash {have[:12]})")
-            return out
-        raise ArtifactMismatchError(f"{out}: an existing {mode} baseline was trained for another configuration "
-                                    f"(hash {have!r} in {marker}; this run expects {spec['hash']!r}); remove that "
-                                    f"folder to retrain it (or rerun the pipeline with --from baselines)")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    train = load_run_tasks_from_config(cfg)["train"]
-    weights = task_weights(train, 0.6) if cfg.data.source == "synthetic" else None
-    leaf = sorted({s.name.rsplit(".", 1)[-1] for s in bb.specs})  # PEFT target names of the run's LoRA kinds
-    t0 = time.perf_counter()
-    train_multitask(bb.path, train, out, mode=mode, steps=cfg.eval.baseline_steps, lr=cfg.eval.baseline_lr,
-                    batch=cfg.eval.baseline_batch_size, time_budget_s=baseline_budget(cfg),
-                    seed=cfg.seed, lora=(cfg.lora.r, cfg.lora.alpha, tuple(leaf)), task_weights=weights,
-                    num_pos=cfg.data.num_pos_examples, max_len=cfg.data.max_source_length,
-                    device=str(bb.device), tb_dir=Path(cfg.run_dir) / "tb" / f"baseline_{mode}", progress=progress)
-    atomic_write_json(marker, spec)
-    stats = json.loads((out / "train.json").read_text())
-    log(f"baseline {mode}: {stats['steps']} steps in {time.perf_counter() - t0:.0f} s, loss "
-        f"{stats['loss_first10']:.3f} -> {stats['loss_last10']:.3f}")
-    return out
-
-
-def predict_baseline(cfg: Any, mode: str, splits: dict[str, list[Task]], bb, train_if_missing: bool = True
-                     ) -> MethodPredictions:
-    from ..train.multitask import generate_greedy, load_model_and_tokenizer, prompt_for
-
-    folder = baseline_dir(cfg, mode)
-    if train_if_missing:
-        folder = ensure_baseline(cfg, mode)
-    model, tok = load_model_and_tokenizer(folder, str(bb.device))
-    model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # no per-token LoRA cost
-    max_len = cfg.data.max_source_length if mode == "tk_instruct" else cfg.data.max_input_length
-    out, secs, n = {}, 0.0, 0
-    for split, tasks in splits.items():
-        t0 = time.perf_counter()
-        prompts = [prompt_for(t, i, mode, cfg.data.num_pos_examples) for t in tasks for i in t.instances]
-        out[split] = generate_greedy(model, tok, prompts, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, max_len=max_len, device=str(bb.device))
-        _sync(bb.device)
-        secs += time.perf_counter() - t0
-        n += len(prompts)
-    return MethodPredictions(out, secs, n)
-
-
-# ------------------------------------------------------------------------------------------------ hypernetwork
-def load_student(cfg: Any, method: str, bb):
-    """The TAGI student of a finetune variant's export, on a fresh copy of the backbone (its own hooks)."""
-    from ..modeling.backbone import load_backbone
-    from ..train.export import load_student_from_export
-
-    src = export_dir(cfg, method)
-    backbone, _ = load_backbone(bb.path, bb.arch, cfg.backbone.dtype, cfg.backbone.attn_implementation)
-    return load_student_from_export(src, backbone=backbone, device=bb.device, backend=cfg.hypernet.kernel)
-
-
-@torch.no_grad()
-def student_predict(student, tokenizer, tasks: Sequence[Task], settings: PromptSettings, *, device,
-                    max_new_tokens: int, batch_size: int) -> list[str]:
-    """All instances of `tasks`: instructions encoded once per task, adapters generated once for all tasks, then
-    batched greedy decoding across tasks (each row its task's LoRA and instruction prefix)."""
-    from ..train.hypernet_trainer import precompute_encodings
-
-    pad = pad_id(tokenizer)
-    rows = [instruction_ids(t, tokenizer, settings) for t in tasks]
-    encoding = precompute_encodings(student, rows, pad, device).to(device)  # (n_tasks, ...) once per task
-    adapters = student.generate_adapters(encoding)  # one hypernetwork call for every task of the split
-    eos = _eos_ids(tokenizer, student.backbone.config)
-    items = [(ti, encode_prompt(tokenizer, build_task_input(inst), settings.max_input_length))
-             for ti, t in enumerate(tasks) for inst in t.instances]
-    order = sorted(range(len(items)), key=lambda i: len(items[i][1]))
-    out = [""] * len(items)
-    left = student.arch == "llama"
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        ids = pad_rows([items[i][1] for i in idx], pad, left).to(device)
-        mask = pad_rows([[1] * len(items[i][1]) for i in idx], 0, left).to(device)
-        task_ids = torch.tensor([items[i][0] for i in idx], dtype=torch.long, device=device)
-        tokens = student.generate(encoding, task_ids, ids, mask, max_new_tokens, adapters=adapters)
-        for i, text in zip(idx, decode_generated(tokenizer, tokens.cpu(), eos)):
-            out[i] = text
-    return out
-
-
-def predict_hypernet(cfg: Any, method: str, splits: dict[str, list[Task]], bb) -> MethodPredictions:
-    if not (export_dir(cfg, method) / "config.json").is_file():
-        print(f"evaluate: {method}: no export at {export_dir(cfg, method)} (run the pipeline's finetune stage); "
-              f"no numbers")
-        return MethodPredictions({s: None for s in splits}, 0.0, 0)
-    student = load_student(cfg, method, bb)
-    settings = _settings(cfg, bb.arch)
-    out, secs, n = {}, 0.0, 0
-    for split, tasks in splits.items():
-        t0 = time.perf_counter()
-        out[split] = student_predict(student, bb.tokenizer, tasks, settings, device=bb.device,
-                                     max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
-        _sync(bb.device)
-        secs += time.perf_counter() - t0
-        n += sum(len(t.instances) for t in tasks)
-    return MethodPredictions(out, secs, n)
-
-
-def predict_method(cfg: Any, method: str, splits: dict[str, list[Task]], bb) -> MethodPredictions:
-    if method == "no_ft":
-        return predict_no_ft(cfg, splits, bb)
-    if method in BASELINES:
-        return predict_baseline(cfg, method, splits, bb)
-    if method == "teacher":
-        return predict_teacher(cfg, splits, bb)
-    if method in HYPERNET_METHODS:
-        return predict_hypernet(cfg, method, splits, bb)
-    raise ConfigError(f"eval.methods: unknown method {method!r}; expected some of {list(ALL_METHODS)}")
-
+def predict_baseline(cfg: Any, mode: str, splits: dict[str, list[Task]], bb: LoadedBackbone,
+                     log: Log = print) -> MethodPredictions:
+    if mode not in BASELINES:
+        raise ConfigError(f"baselines: unknown mode {mode!r}; expected one of {list(BASELINES)}")
+    return predict_method(cfg, mode, splits, bb, log)

@@ -137,9 +137,12 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def render_markdown(report: Mapping[str, Mapping[str, Any]], timings: Mapping[str, float],
                     echo: Optional[Mapping[str, Any]], extra_tables: Mapping[str, Sequence[Mapping[str, Any]]],
-                    plots: Sequence[tuple[str, str]], title: str) -> str:
+                    plots: Sequence[tuple[str, str]], title: str, notes: Sequence[str] = (),
+                    split_labels: Optional[Mapping[str, str]] = None) -> str:
     splits = [s for s in SPLITS if any(report[m][s] is not None for m in report) or (echo or {}).get(s)]
-    header = ["method"] + [f"{s} {lab}" for s in splits for lab in ("R-L", "EM")] + ["rel. FLOPs", "time/inst (s)"]
+    label = {s: (split_labels or {}).get(s, s) for s in splits}
+    header = ["method"] + [f"{label[s]} {lab}" for s in splits for lab in ("R-L", "EM")] + ["rel. FLOPs",
+                                                                                           "time/inst (s)"]
     rows = []
     for m in _ordered(list(report)):
         cells = [m]
@@ -158,6 +161,8 @@ def render_markdown(report: Mapping[str, Mapping[str, Any]], timings: Mapping[st
              "ROUGE-L (R-L) and exact match (EM) as SNI's official script computes them (×100); relative FLOPs are "
              "analytic per-instance inference FLOPs over Tk-Instruct's (instruction + input every instance); "
              "— means no number.", "", _md_table(header, rows), ""]
+    for note in notes:
+        parts += [note, ""]
     for name, table in extra_tables.items():
         if not table:
             continue
@@ -175,13 +180,16 @@ def write_report(run_dir: str | Path, results: Mapping[str, Mapping[str, Any]],
                  curves: Optional[Mapping[str, Sequence[Sequence[float]]]] = None,
                  extra_tables: Optional[Mapping[str, Sequence[Mapping[str, Any]]]] = None,
                  echo: Optional[Mapping[str, Any]] = None, timings: Optional[Mapping[str, float]] = None,
-                 title: str = "TAGI evaluation report") -> dict[str, Path]:
+                 title: str = "TAGI evaluation report", notes: Sequence[str] = (),
+                 split_labels: Optional[Mapping[str, str]] = None) -> dict[str, Path]:
     """Write report.json, report.md and the PNG plots under run_dir; returns {name: path} of what was written.
 
     results: method → {split: {"rougeL", "exact_match"} | None, "relative_flops": float | None, "time_s": float?}
     curves: curve name → [(step, value), …]; echo: split → metrics of the copy-the-input baseline;
     timings: method → measured seconds per instance (overrides results[m]["time_s"]);
-    extra_tables: title → list of row dicts (e.g. P3 accuracy per dataset).
+    extra_tables: title → list of row dicts (e.g. P3 accuracy per dataset); notes: paragraphs under the main table
+    (e.g. what the seen split measures); split_labels: a split's column name in the markdown (report.json keeps the
+    split keys).
     """
     run_dir = Path(run_dir)
     report = normalize_results(results)
@@ -198,7 +206,7 @@ def write_report(run_dir: str | Path, results: Mapping[str, Mapping[str, Any]],
         plots.append(("Training curves", CURVES_PLOT))
     atomic_write_json(run_dir / "report.json", report)
     written["json"] = run_dir / "report.json"
-    md = render_markdown(report, times, echo_n or None, extra_tables or {}, plots, title)
+    md = render_markdown(report, times, echo_n or None, extra_tables or {}, plots, title, notes, split_labels)
     atomic_write_text(run_dir / "report.md", md)
     written["markdown"] = run_dir / "report.md"
     return written

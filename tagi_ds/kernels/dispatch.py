@@ -13,11 +13,13 @@ from __future__ import annotations
 import functools
 import os
 from types import ModuleType
+from typing import Optional
 
 import torch
 
 from ..errors import ConfigError
 from . import reference
+from .grouped_lora import TaskGroups, grouped_lora
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -63,10 +65,12 @@ def _triton_module(name: str) -> ModuleType:
 
 
 def segmented_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, task_ids: torch.Tensor, scale: float,
-                   backend: str = "auto") -> torch.Tensor:
+                   backend: str = "auto", groups: Optional[TaskGroups] = None) -> torch.Tensor:
     """s · (x @ A_tᵀ) @ B_tᵀ per batch row; shapes as in `reference.segmented_lora`.
 
     A and B may be strided views (e.g. `A_all[:, layer]` from `hyper_head`); rows may be in any task order.
+    `groups` (`TaskGroups.of(task_ids)`, made once per forward by the hooks) lets the torch path run one matmul pair
+    per task (`grouped_lora`) instead of gathering A/B for every row; without it the torch path is the reference.
     """
     if x.dim() != 3 or A.dim() != 3 or B.dim() != 3 or task_ids.dim() != 1:
         raise ValueError(f"segmented_lora: expected x (N, T, d_in), A (n_tasks, r, d_in), B (n_tasks, d_out, r), "
@@ -77,8 +81,25 @@ def segmented_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, task_ids: 
         raise ValueError(f"segmented_lora: inconsistent shapes x {tuple(x.shape)}, A {tuple(A.shape)}, "
                          f"B {tuple(B.shape)}, task_ids {tuple(task_ids.shape)}")
     if resolve_backend(backend, x.device) == "reference":
+        if groups is not None and use_groups(groups):
+            if sum(groups.counts) != x.shape[0]:
+                raise ValueError(f"segmented_lora: groups cover {sum(groups.counts)} rows, x has {x.shape[0]}")
+            return grouped_lora(x, A, B, groups, scale)
         return reference.segmented_lora(x, A, B, task_ids, scale)
     return _triton_module("lora").segmented_lora(x, A, B, task_ids.to(torch.long), scale)
+
+
+# Grouping pays when each task's rows already sit together (the finetune's batches: tasks x instances, collated task
+# by task): no A/B gather per row, and the backward has no scatter. Rows of interleaved tasks would need x permuted
+# and y permuted back (a copy each way and two scatters in the backward), which costs about what the gather saves,
+# and a batch of many tasks with a row or two each (evaluation sorted by length) would become one small matmul pair
+# per task: those keep the per-row gather (bench/step_cost.py measures all three).
+MIN_ROWS_PER_GROUP = 2
+
+
+def use_groups(groups: TaskGroups) -> bool:
+    """Whether the grouped path is taken for this batch (see the comment above)."""
+    return groups.order is None and (groups.uniform or sum(groups.counts) >= MIN_ROWS_PER_GROUP * len(groups.counts))
 
 
 # "auto" keeps the hypernetwork head on cuBLAS. Measured on H100 (bench/kernels.py: 8 tasks x 24 layers, d_h=512,

@@ -52,6 +52,12 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+# The frozen backbone never drops out: with HF activation checkpointing (teachers, baselines) it must sit in train()
+# mode for the recompute, which used to switch T5's dropout (0.1) on exactly when checkpointing was on. Dropout is a
+# property of what trains (the LoRA's own `lora.dropout`), not of the frozen weights.
+NO_DROPOUT = {"t5": {"dropout_rate": 0.0}, "llama": {"attention_dropout": 0.0}}
+
+
 def load_backbone(name_or_path: str, arch: str = "auto", dtype: str = "float32",
                   attn_implementation: str | None = None) -> tuple[nn.Module, Arch]:
     """from_pretrained the backbone (T5ForConditionalGeneration or AutoModelForCausalLM), frozen, in eval mode."""
@@ -64,7 +70,7 @@ def load_backbone(name_or_path: str, arch: str = "auto", dtype: str = "float32",
         arch = detect_arch(AutoConfig.from_pretrained(name_or_path))
     if arch not in ("t5", "llama"):
         raise ConfigError(f"backbone.arch: expected auto/t5/llama, got {arch!r}")
-    kw = {"dtype": torch_dtype}
+    kw = {"dtype": torch_dtype, **NO_DROPOUT[arch]}
     if attn_implementation is not None:
         kw["attn_implementation"] = attn_implementation
     cls = T5ForConditionalGeneration if arch == "t5" else AutoModelForCausalLM
@@ -146,3 +152,22 @@ def module_types(specs: Sequence[TargetSpec]) -> list[str]:
     for s in specs:
         seen.setdefault(s.module_type, None)
     return list(seen)
+
+
+def enable_hf_checkpointing(backbone: torch.nn.Module, enabled: bool = True) -> None:
+    """Non-reentrant gradient checkpointing of a transformers backbone by transformers itself (a switch): for plain
+    backbones (teachers, baselines); the TAGI student has its own (modeling/checkpointing.py).
+
+    Non-reentrant (use_reentrant=False) because the backbone is frozen: the reentrant variant drops the gradient
+    of a checkpointed block whose inputs do not require grad, which would cut the LoRA terms' gradients.
+    transformers only recomputes when the backbone is in train() mode; the KV cache is turned off.
+    """
+    if not getattr(backbone, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(backbone).__name__} does not support gradient checkpointing "
+                          f"(backbone.gradient_checkpointing)")
+    if not enabled:
+        backbone.gradient_checkpointing_disable()
+        return
+    if getattr(backbone, "config", None) is not None:
+        backbone.config.use_cache = False
+    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -55,3 +55,59 @@ def find_cache(kwargs: Mapping[str, Any]) -> Any:
         if isinstance(value, Cache):
             return value
     return next((v for v in kwargs.values() if isinstance(v, Cache)), None)
+
+
+# ------------------------------------------------------------------------------------------------ T5 cross-attention
+# What the TAGI student's cached instruction K/V (fusion.py) needs from transformers' T5, asked of the objects:
+# - the decoder's cross-attention modules (`decoder.block[i].layer[1].EncDecAttention`: q/k/v/o linears, n_heads,
+#   key_value_proj_dim, layer_idx);
+# - keyword arguments a T5ForConditionalGeneration call receives travel down to every attention module (5.x: the
+#   decoder stack, its blocks and their sublayers all forward **kwargs; 4.x dropped unknown keywords);
+# - a cross-attention module returns (output, position_bias, attention_weights) (5.x; 4.x returned the cache too);
+# - the input's cross K/V live in an EncoderDecoderCache's cross_attention_cache, flagged in `is_updated`.
+T5_FUSION_KWARG = "tagi_instruction_kv"  # the keyword that carries the instruction K/V to the cross-attentions
+
+
+def t5_cross_attentions(model: nn.Module) -> list[nn.Module]:
+    """The decoder's cross-attention modules of a T5ForConditionalGeneration, in layer order."""
+    return [block.layer[1].EncDecAttention for block in model.decoder.block]
+
+
+def _takes_var_kwargs(fn) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+
+
+def t5_kwargs_reach_cross_attention(model: nn.Module) -> bool:
+    """True when a keyword given to the model's forward reaches the decoder's cross-attention modules (5.x layout:
+    every level forwards **kwargs and the cross-attention returns (output, position_bias, weights))."""
+    block = model.decoder.block[0]
+    attn = block.layer[1].EncDecAttention
+    levels = (type(model).forward, type(model.decoder).forward, type(block).forward, type(block.layer[1]).forward,
+              type(attn).forward)
+    params = inspect.signature(type(attn).forward).parameters
+    return all(_takes_var_kwargs(f) for f in levels) and "output_attentions" not in params
+
+
+def cross_attention_result(output, position_bias=None, weights=None) -> tuple:
+    """What a T5 cross-attention module returns to its T5LayerCrossAttention (5.x layout)."""
+    return output, position_bias, weights
+
+
+def cached_cross_kv(cache: Any, layer_idx: int):
+    """The (keys, values) an EncoderDecoderCache already holds for layer `layer_idx`'s cross-attention, else None."""
+    from transformers import EncoderDecoderCache
+
+    if isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(layer_idx):
+        layer = cache.cross_attention_cache.layers[layer_idx]
+        return layer.keys, layer.values
+    return None
+
+
+def store_cross_kv(cache: Any, layer_idx: int, keys, values) -> None:
+    """Keep the cross-attention (keys, values) of layer `layer_idx` in an EncoderDecoderCache for the next decode
+    steps (what HF's own T5 does); no cache (teacher forcing): nothing to keep."""
+    from transformers import EncoderDecoderCache
+
+    if isinstance(cache, EncoderDecoderCache):
+        cache.cross_attention_cache.update(keys, values, layer_idx)
+        cache.is_updated[layer_idx] = True

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import ArtifactMismatchError, TagiError
 from ..kernels import dispatch
+from ..kernels.grouped_lora import TaskGroups
 from .backbone import TargetSpec, module_types
 
 # module_type → (A (n_tasks, n_layers, r, d_in), B (n_tasks, n_layers, d_out, r))
@@ -33,7 +34,7 @@ class _LoraHook:
         state = self.owner._state
         if state is None:
             return None  # outside `apply`: the plain linear
-        adapters, task_ids = state
+        adapters, task_ids, groups = state
         A, B = adapters[self.spec.module_type]
         x = inputs[0]
         squeeze = x.dim() == 2  # (N, d_in): one token per row
@@ -44,7 +45,7 @@ class _LoraHook:
                 f"LoRA hook on {self.spec.name}: the batch has {x.shape[0]} rows but task_ids has "
                 f"{task_ids.shape[0]}; every row needs one task id (greedy decoding only: no beam expansion)")
         delta = dispatch.segmented_lora(x, A[:, self.spec.layer], B[:, self.spec.layer], task_ids,
-                                        self.owner.scale, backend=self.owner.backend)  # (N, T, d_out)
+                                        self.owner.scale, backend=self.owner.backend, groups=groups)  # (N, T, d_out)
         if squeeze:
             delta = delta.squeeze(1)
         return output + delta.to(output.dtype)
@@ -57,7 +58,7 @@ class BatchedLoraHooks:
         self.specs = list(specs)
         self.scale = float(scale)
         self.backend = backend
-        self._state: tuple[Adapters, torch.Tensor] | None = None
+        self._state: tuple[Adapters, torch.Tensor, TaskGroups | None] | None = None
         self._handles = []
         self._shapes: dict[str, tuple[int, int, int]] = {}  # module_type → (n_layers, d_in, d_out)
         for spec in self.specs:
@@ -94,18 +95,23 @@ class BatchedLoraHooks:
         task_ids = task_ids.long()
         if task_ids.dim() != 1 or (task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= n_tasks)):
             raise TagiError(f"task_ids must be a 1-D tensor of indices in [0, {n_tasks}), got {task_ids.tolist()}")
-        self._state = (adapters, task_ids)
+        # rows grouped by task once per forward, for every hooked linear (torch path only: the fused kernel reads
+        # task_ids itself, and grouping costs a device-to-host copy of them)
+        ref = dispatch.resolve_backend(self.backend, task_ids.device) == "reference"
+        groups = TaskGroups.of(task_ids) if ref and task_ids.numel() else None
+        self._state = (adapters, task_ids, groups)
         try:
             yield
         finally:
             self._state = None
 
-    def current_state(self) -> tuple[Adapters, torch.Tensor] | None:
-        """The (adapters, task_ids) active now, or None outside `apply`."""
+    def current_state(self) -> tuple[Adapters, torch.Tensor, TaskGroups | None] | None:
+        """The (adapters, task_ids, task groups) active now, or None outside `apply` (opaque: give it back to
+        `use_state`)."""
         return self._state
 
     @contextlib.contextmanager
-    def use_state(self, state: tuple[Adapters, torch.Tensor] | None) -> Iterator[None]:
+    def use_state(self, state: tuple[Adapters, torch.Tensor, TaskGroups | None] | None) -> Iterator[None]:
         """Re-install a state taken by `current_state()` (activation checkpointing: the recompute in backward runs
         after `apply` has ended and must add the same LoRA terms); the previous state comes back on exit."""
         prev, self._state = self._state, state

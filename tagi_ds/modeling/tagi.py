@@ -1,9 +1,16 @@
 """The TAGI student: frozen backbone + hypernetwork-generated per-task LoRA + instruction fusion.
 
     instruction ─► frozen backbone (once per task; callers cache the TaskEncoding) ─► pooled ─► hypernetwork ─► LoRA
-    input ─► backbone with each row's task LoRA (batched hooks) + instruction states / KV prefix ─► logits / tokens
+    input ─► backbone with each row's task LoRA (batched hooks) + instruction K/V (T5 cross-attention, LLaMA
+             prefix) ─► logits / tokens
 
 Rows of one batch may belong to different tasks: `task_ids[i]` indexes the encoding's tasks.
+
+T5 fusion: the instruction's keys/values in every decoder cross-attention are projected once per task and shared by
+the task's rows and decode steps (`instruction_kv`, fusion.py). When the cross-attention k or v is a LoRA target,
+the instruction K/V carry that task's LoRA, so "once per task" means once per task per `instruction_kv` call: a
+forward / generate call computes them for the distinct tasks of its batch, unless the caller passes an InstructionKV
+it computed once for its tasks and reuses across batches (what the FLOPs model counts).
 """
 from __future__ import annotations
 
@@ -20,8 +27,9 @@ from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput
 from ..errors import ConfigError, TagiError
 from .backbone import TargetSpec, target_specs
 from .checkpointing import enable_block_checkpointing, hf_checkpointing_on
-from .fusion import (PrefixKV, expand_prefix, fuse_encoder_states, llama_instruction_pass,
-                     positions_from_mask, prefix_mask_and_positions, select_prefix)
+from .fusion import (InstructionKV, PrefixKV, cross_fusion_kwargs, expand_prefix, fuse_encoder_states,
+                     install_cached_cross_attention, lazy_prefix_cache, llama_instruction_pass, positions_from_mask,
+                     prefix_mask_and_positions, select_prefix, t5_instruction_kv)
 from .hf_compat import cache_kwargs, output_cache
 from .hypernet import HyperNetwork, masked_mean_pool
 from .lora import Adapters, BatchedLoraHooks
@@ -74,11 +82,15 @@ def _all_done(done: torch.Tensor, synced_gpus: bool) -> bool:
 
 class TagiStudent(nn.Module):
     def __init__(self, backbone: nn.Module, arch: str, specs: Sequence[TargetSpec], hypernet: HyperNetwork,
-                 lora_scale: float, fusion: bool = True, train_encoder: bool = False, backend: str = "auto"):
+                 lora_scale: float, fusion: bool = True, train_encoder: bool = False, backend: str = "auto",
+                 cache_cross_kv: bool = True):
         super().__init__()
         if arch not in ("t5", "llama"):
             raise ConfigError(f"backbone.arch: expected t5 or llama, got {arch!r}")
         self.arch, self.fusion, self.train_encoder = arch, fusion, train_encoder
+        # T5: instruction K/V once per task (True) or [instruction ; input] states concatenated per row (False: the
+        # pre-issue-18 path, same numbers, kept for benchmarks). No effect on LLaMA (its prefix is always reused).
+        self.cache_cross_kv = bool(cache_cross_kv)
         self.specs = list(specs)
         self.lora_scale = float(lora_scale)
         # HINT-style trainable instruction encoder: a copy made BEFORE the hooks exist, so it carries none.
@@ -91,6 +103,9 @@ class TagiStudent(nn.Module):
         self.backbone = backbone
         self.hypernet = hypernet
         self.hooks = BatchedLoraHooks(backbone, self.specs, self.lora_scale, backend=backend)
+        self._cross_lora = any(s.module_type in ("dec_cross.k", "dec_cross.v") for s in self.specs)
+        if arch == "t5" and fusion and self.cache_cross_kv:
+            install_cached_cross_attention(backbone)
 
     def train(self, mode: bool = True) -> "TagiStudent":
         super().train(mode)
@@ -137,19 +152,76 @@ class TagiStudent(nn.Module):
             pooled = masked_mean_pool(hidden, attention_mask)  # (n_tasks, d)
         return TaskEncoding(pooled, hidden, attention_mask, prefix)
 
+    def encode_instruction_rows(self, rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str,
+                                chunk: int = 16) -> TaskEncoding:
+        """Encode token rows of instructions once, in fixed chunks of one common width (every rank runs the same
+        forwards: ZeRO-3 gathers stay in step). Returns a CPU TaskEncoding of len(rows) tasks."""
+        if not rows:
+            raise TagiError("no instructions to encode: the stage has no tasks")
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, :len(r)] = 1
+        parts = [self.encode_instructions(ids[s:s + chunk].to(device), mask[s:s + chunk].to(device)).to("cpu")
+                 for s in range(0, len(rows), chunk)]
+        prefix = None
+        if parts[0].prefix is not None:
+            prefix = tuple((torch.cat([p.prefix[layer][0] for p in parts]),
+                            torch.cat([p.prefix[layer][1] for p in parts])) for layer in range(len(parts[0].prefix)))
+        return TaskEncoding(torch.cat([p.pooled for p in parts]), torch.cat([p.hidden for p in parts]),
+                            torch.cat([p.mask for p in parts]), prefix)
+
     def generate_adapters(self, encoding: TaskEncoding) -> Adapters:
         return self.hypernet(encoding.pooled)
+
+    def instruction_kv(self, encoding: TaskEncoding, adapters: Adapters | None = None,
+                       tasks: Sequence[int] | torch.Tensor | None = None) -> InstructionKV:
+        """T5: every decoder cross-attention's K/V over the instruction states of `tasks` (default: all of the
+        encoding's), each task once. With LoRA on the cross-attention k/v, task t's K/V carry task t's adapter
+        (from `adapters`, generated when not given): exactly what the task's rows computed when they projected the
+        concatenated states themselves. Call outside `hooks.apply`."""
+        if self.arch != "t5":
+            raise TagiError("instruction_kv is the T5 cross-attention cache; LLaMA reuses its TaskEncoding.prefix")
+        device = encoding.hidden.device
+        tasks = (torch.arange(encoding.n_tasks, device=device) if tasks is None
+                 else torch.as_tensor(tasks, dtype=torch.long, device=device))
+        everything = tasks.numel() == encoding.n_tasks and bool((tasks == torch.arange(tasks.numel(),
+                                                                                         device=device)).all())
+        hidden = encoding.hidden if everything else encoding.hidden.index_select(0, tasks)  # (n, Li, d)
+        mask = encoding.mask if everything else encoding.mask.index_select(0, tasks)  # (n, Li)
+        lora = contextlib.nullcontext()
+        if self._cross_lora:
+            lora = self.hooks.apply(adapters if adapters is not None else self.generate_adapters(encoding), tasks)
+        install_cached_cross_attention(self.backbone)
+        with lora:
+            return t5_instruction_kv(self.backbone, hidden, mask, tasks)
+
+    def _t5_cross_kwargs(self, encoding: TaskEncoding, task_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         adapters: Adapters, instruction_kv: InstructionKV | None) -> dict:
+        """The backbone keyword of the cached cross-attention path ({} on the concatenation path or without fusion);
+        the instruction K/V of the batch's tasks are computed here, once each, unless given."""
+        if not (self.fusion and self.cache_cross_kv):
+            return {}
+        if instruction_kv is None:
+            instruction_kv = self.instruction_kv(encoding, adapters, torch.unique(task_ids))
+        return cross_fusion_kwargs(instruction_kv, task_ids, encoding.n_tasks, attention_mask)
 
     # ------------------------------------------------------------------------------------------- forward
     def forward(self, encoding: TaskEncoding, task_ids: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                decoder_input_ids: torch.Tensor | None = None, adapters: Adapters | None = None):
+                decoder_input_ids: torch.Tensor | None = None, adapters: Adapters | None = None,
+                instruction_kv: InstructionKV | None = None):
         """Logits of the batch (and mean CE over labels != -100). T5: labels = target ids. LLaMA: input_ids =
-        prompt+target (right- or left-padded), labels aligned with input_ids, -100 on prompt/pad."""
+        prompt+target (right- or left-padded), labels aligned with input_ids, -100 on prompt/pad.
+        instruction_kv (T5): the batch's tasks' instruction K/V, if the caller computed them already."""
         self._check_no_checkpointing()
         task_ids = task_ids.to(input_ids.device).long()
         if adapters is None:
             adapters = self.generate_adapters(encoding)
+        cross = (self._t5_cross_kwargs(encoding, task_ids, attention_mask, adapters, instruction_kv)
+                 if self.arch == "t5" else {})
         with self.hooks.apply(adapters, task_ids):
             if self.arch == "t5":
                 if decoder_input_ids is None:
@@ -158,10 +230,10 @@ class TagiStudent(nn.Module):
                     decoder_input_ids = self.backbone._shift_right(labels)
                 states, mask = self._t5_encode_inputs(encoding, task_ids, input_ids, attention_mask)
                 out = self.backbone(encoder_outputs=(states,), attention_mask=mask,
-                                    decoder_input_ids=decoder_input_ids, use_cache=False)
+                                    decoder_input_ids=decoder_input_ids, use_cache=False, **cross)
                 loss = None if labels is None else masked_lm_loss(out.logits, labels)
                 return Seq2SeqLMOutput(loss=loss, logits=out.logits)
-            mask, positions, cache = self._llama_prefix(encoding, task_ids, attention_mask)
+            mask, positions, cache = self._llama_prefix(encoding, task_ids, attention_mask, lazy=True)
             out = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                 use_cache=False, **cache_kwargs(self.backbone, cache))
             loss = None if labels is None else masked_lm_loss(out.logits[:, :-1], labels[:, 1:])
@@ -169,17 +241,22 @@ class TagiStudent(nn.Module):
 
     def _t5_encode_inputs(self, encoding: TaskEncoding, task_ids: torch.Tensor, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder over the inputs (with LoRA, hooks active), fused with the instruction states when enabled."""
+        """Encoder over the inputs (with LoRA, hooks active); on the concatenation path, fused with the instruction
+        states (the cached path reads the instruction's K/V instead: see _t5_cross_kwargs)."""
         states = self.backbone.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if not self.fusion:
+        if not self.fusion or self.cache_cross_kv:
             return states, attention_mask
         return fuse_encoder_states(encoding.hidden, encoding.mask, states, attention_mask, task_ids)
 
-    def _llama_prefix(self, encoding: TaskEncoding, task_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """(attention mask, position ids, cache) for the input rows, with the instruction prefix when fusing."""
+    def _llama_prefix(self, encoding: TaskEncoding, task_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      lazy: bool = False):
+        """(attention mask, position ids, cache) for the input rows, with the instruction prefix when fusing.
+        `lazy`: one teacher-forced forward (the prefix stays per task, expanded per layer: fusion.lazy_prefix_cache);
+        otherwise a per-row cache that generation grows step by step."""
         if self.fusion and encoding.prefix is not None:
             mask, positions = prefix_mask_and_positions(encoding.mask, attention_mask, task_ids)
-            return mask, positions, expand_prefix(encoding.prefix, task_ids, self.backbone.config)
+            make = lazy_prefix_cache if lazy else expand_prefix
+            return mask, positions, make(encoding.prefix, task_ids, self.backbone.config)
         if self.fusion:
             raise TagiError("fusion is on but the TaskEncoding has no prefix (encode_instructions with fusion=True)")
         return attention_mask, positions_from_mask(attention_mask), None
@@ -188,9 +265,10 @@ class TagiStudent(nn.Module):
     @torch.no_grad()
     def generate(self, encoding: TaskEncoding, task_ids: torch.Tensor, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor, max_new_tokens: int, synced_gpus: bool = False,
-                 adapters: Adapters | None = None) -> torch.Tensor:
+                 adapters: Adapters | None = None, instruction_kv: InstructionKV | None = None) -> torch.Tensor:
         """Greedy decoding, batched across tasks → new tokens (N, max_new_tokens): EOS kept, pad after it.
-        LLaMA inputs must be left-padded (the last column is each row's last prompt token)."""
+        LLaMA inputs must be left-padded (the last column is each row's last prompt token). T5: the instruction
+        K/V are computed once for the call (or given) and read at every step; the input's at the first step."""
         cfg = self.backbone.config
         eos = torch.tensor(_eos_ids(cfg), device=input_ids.device, dtype=torch.long)
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
@@ -200,11 +278,13 @@ class TagiStudent(nn.Module):
             adapters = self.generate_adapters(encoding)
         out_tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
         done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
+        cross = (self._t5_cross_kwargs(encoding, task_ids, attention_mask, adapters, instruction_kv)
+                 if self.arch == "t5" else {})
         with self.hooks.apply(adapters, task_ids):
             if self.arch == "t5":
                 states, enc_mask = self._t5_encode_inputs(encoding, task_ids, input_ids, attention_mask)
                 step_in = torch.full((n, 1), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-                kwargs = dict(encoder_outputs=(states,), attention_mask=enc_mask)
+                kwargs = dict(encoder_outputs=(states,), attention_mask=enc_mask, **cross)
                 cache = None  # created by the decoder on the first step
             else:
                 mask, positions, cache = self._llama_prefix(encoding, task_ids, attention_mask)
@@ -233,8 +313,9 @@ class TagiStudent(nn.Module):
 
 def build_student(backbone: nn.Module, arch: str, target_kinds: Sequence[str], r: int, alpha: float,
                   hidden: int = 256, trunk_layers: int = 2, embed_dim: int = 64, fusion: bool = True,
-                  train_encoder: bool = False, backend: str = "auto") -> TagiStudent:
-    """Specs from the backbone's config, a fresh hypernetwork (ΔW = 0 at init), LoRA scale alpha / r."""
+                  train_encoder: bool = False, backend: str = "auto", cache_cross_kv: bool = True) -> TagiStudent:
+    """Specs from the backbone's config, a fresh hypernetwork (ΔW = 0 at init), LoRA scale alpha / r.
+    cache_cross_kv=False: T5's old concatenation path (benchmarks only)."""
     if r <= 0:
         raise ConfigError(f"hypernet.r: expected a positive rank, got {r}")
     specs = target_specs(backbone.config, list(target_kinds))
@@ -242,4 +323,4 @@ def build_student(backbone: nn.Module, arch: str, target_kinds: Sequence[str], r
     hypernet = HyperNetwork(specs, d_model, r, hidden=hidden, trunk_layers=trunk_layers, embed_dim=embed_dim,
                             backend=backend)
     return TagiStudent(backbone, arch, specs, hypernet, alpha / r, fusion=fusion, train_encoder=train_encoder,
-                       backend=backend)
+                       backend=backend, cache_cross_kv=cache_cross_kv)

@@ -33,96 +33,67 @@ run leaves nothing published and simply starts over.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..data.collate import pad_rows
 from ..data.prompts import build_source, no_instruction_input
-from ..data.synthetic import NUMBER_WORDS, OPS, WORDS, all_wording, build_suite
+from ..data.synthetic import OPS, WORDS, all_wording, build_suite
 from ..data.tasks import Example, Instance, Task
-from ..errors import ConfigError
-from ..io_utils import atomic_dir, atomic_write_json, sha256_json
-from .multitask import Encoded, collate, encode_pair, generate_greedy, train_loop
+from ..io_utils import atomic_dir, atomic_write_json
+from ..run.backbone import resolve_device, run_backbone_identity
+from ..run.backbone_recipe import (ASSET_DIR, INIT_STD, LM_HELDOUT_FRACTION, LM_SEQ_LEN, RECIPE_FILE,
+                                   TOKENIZER_INSTANCES, recipe, recipe_hash_at, resolve_backbone_path, sni_dirs,
+                                   sni_init_std)
+from ..run.decode import decode_prompts
+from ..run.dist import barrier, rank, world_size
+from ..run.paths import RunPaths
+from .loop import train_loop
 
 EXTRA_KEYS = ("use_asset",)
-ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_backbone"
-RECIPE_FILE = "recipe.json"
-RECIPE_VERSION = 3  # bump when the copy data, the init or the tokenizer corpus changes meaning (3: init, demo loss)
-INIT_STD = 0.08  # initializer_range of the tiny LLaMA (transformers' 0.02 stalls copying at hidden 128; see above)
-LM_SEQ_LEN = 256  # tokens per LM-pretraining window (sni mode), bos included
-LM_HELDOUT_FRACTION = 0.02  # of the SNI train tasks, held out of LM pretraining to measure its loss
-LM_EVAL_WINDOWS = 64  # held-out windows scored before and after pretraining
-TOKENIZER_INSTANCES = 20  # instances per train task in the tokenizer corpus (all 68k: same pieces, minutes longer)
+LM_EVAL_WINDOWS = 64  # held-out windows scored before and after pretraining (sni mode)
+IGNORE = -100
 
 
-def default_tiny_backbone_path() -> Path:
-    """The committed tiny backbone (tagi_ds/assets/tiny_backbone); may be absent in a source checkout."""
-    return ASSET_DIR
+def identity(cfg, sub: Optional[str] = None) -> dict:
+    """The backbone this config resolves to: a given name_or_path, or the tiny recipe's hash."""
+    return {"backbone_id": run_backbone_identity(cfg)}
 
 
-def _wording_fingerprint() -> str:
-    """The tokenizer corpus is the default suite's wording: fixed words and phrasings, whatever the run's seed."""
-    return sha256_json({"words": WORDS, "numbers": NUMBER_WORDS, "phrasings": {n: o.phrasings for n, o in OPS.items()}})
+# ------------------------------------------------------------------------------------------------ encoding
+@dataclass(frozen=True)
+class Encoded:
+    """One decoder-only training sequence: input_ids = prompt + answer + eos, labels mask the prompt (-100)."""
+
+    input_ids: list[int]
+    labels: list[int]
 
 
-def recipe(cfg) -> dict:
-    """Everything that decides the backbone's weights; its hash names the artifact."""
-    b = cfg.backbone
-    spec = {"version": RECIPE_VERSION, "seed": cfg.seed, "wording": _wording_fingerprint(),
-            "hidden": b.tiny_hidden, "layers": b.tiny_layers, "heads": b.tiny_heads, "ffn": b.tiny_ffn,
-            "vocab": b.tiny_vocab, "copy_seconds": b.copy_pretrain_seconds, "copy_lr": b.copy_pretrain_lr,
-            "copy_batch": b.copy_pretrain_batch, "init_std": INIT_STD, "demo_loss": True}
-    if b.pretrain_corpus != "suite":  # only then: the suite recipe (and the committed asset's hash) stays as it was
-        spec.pop("wording"), spec.pop("demo_loss")
-        spec.update({"pretrain_corpus": b.pretrain_corpus, "sni_train": _sni_train_fingerprint(cfg),
-                     "max_tasks": cfg.data.max_tasks, "seq_len": LM_SEQ_LEN, "heldout": LM_HELDOUT_FRACTION,
-                     "tokenizer_instances": TOKENIZER_INSTANCES, "init_std": sni_init_std(b.tiny_hidden)})
-    return {"spec": spec, "hash": sha256_json(spec)}
+def encode_source(tokenizer, prompt: str, max_len: int = 512) -> list[int]:
+    """The copy data's prompt ids: bos + the prompt without its trailing space. The answer's first piece carries its
+    own '▁', so keeping the space would put a lone space token between prompt and answer. (The committed asset was
+    pretrained with this encoding; the run's stages use run/prompts.py's, the Tk-Instruct one.)"""
+    return ([tokenizer.bos_token_id] + tokenizer(prompt.rstrip(), add_special_tokens=False)["input_ids"])[-max_len:]
 
 
-def sni_init_std(hidden: int) -> float:
-    """1/sqrt(hidden): projections keep their input's scale (INIT_STD's reasoning, at any width)."""
-    return round(hidden ** -0.5, 4)
+def encode_pair(tokenizer, prompt: str, answer: str, max_len: int = 512, max_answer_len: int = 128) -> Encoded:
+    ans = tokenizer(answer.strip(), add_special_tokens=False)["input_ids"][:max_answer_len] + [tokenizer.eos_token_id]
+    src = encode_source(tokenizer, prompt, max_len)
+    src = src[-max(1, max_len - len(ans)):]
+    return Encoded(src + ans, [IGNORE] * len(src) + ans)
 
 
-def _sni_dirs(cfg) -> tuple[Path, Optional[Path]]:
-    from ..data.sni import find_split_dir
-
-    if not cfg.data.sni_dir:
-        raise ConfigError("backbone.pretrain_corpus=sni needs data.sni_dir (a folder with tasks/*.json and splits/)")
-    return Path(cfg.data.sni_dir), find_split_dir(cfg.data.sni_dir, cfg.data.sni_split_dir)
-
-
-def _sni_train_fingerprint(cfg) -> str:
-    """The train split's task list (cheap: recipe() runs in every stage that resolves the backbone path)."""
-    from ..data.sni import tasks_dir_of
-
-    sni_dir, sdir = _sni_dirs(cfg)
-    split = sdir / "train_tasks.txt" if sdir is not None else None
-    if split is not None and split.is_file():
-        return sha256_json({"train_tasks": split.read_text(encoding="utf-8")})
-    return sha256_json({"files": sorted(p.name for p in tasks_dir_of(sni_dir).glob("*.json"))})
-
-
-def _recipe_hash_at(path: Path) -> Optional[str]:
-    try:
-        return json.loads((path / RECIPE_FILE).read_text())["recipe"]["hash"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def resolve_backbone_path(cfg) -> Path:
-    """backbone.name_or_path, where 'auto' = the committed asset when it holds this recipe, else <run_dir>/backbone."""
-    if cfg.backbone.name_or_path != "auto":
-        return Path(cfg.backbone.name_or_path)
-    if _recipe_hash_at(ASSET_DIR) == recipe(cfg)["hash"]:
-        return ASSET_DIR
-    return cfg.run_dir / "backbone"
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors: input_ids / attention_mask / labels (B, T)."""
+    return {"input_ids": pad_rows([e.input_ids for e in batch], pad_id),
+            "attention_mask": pad_rows([[1] * len(e.input_ids) for e in batch], 0),
+            "labels": pad_rows([e.labels for e in batch], IGNORE)}
 
 
 # ------------------------------------------------------------------------------------------------ copy data
@@ -168,8 +139,8 @@ def encode_copy(tokenizer, prompt: str, answer: str) -> Encoded:
     """`encode_pair` (decoder-only, loss on the answer + eos) plus labels on the words of every demonstration output
     in `prompt`: in an identity prompt those are copies too, so one full-format sequence teaches three copies for the
     compute of one. Token i is labelled when its character span (with its leading '▁' space) lies inside an output."""
-    enc = encode_pair(tokenizer, prompt, answer, is_encoder_decoder=False)
-    body = prompt.rstrip()  # what encode_prompt tokenizes, after the bos
+    enc = encode_pair(tokenizer, prompt, answer)
+    body = prompt.rstrip()  # what encode_source tokenizes, after the bos
     spans = [(m.start(1) - 1, m.end(1)) for m in _DEMO_OUTPUT.finditer(body)]
     if not spans:
         return enc
@@ -188,7 +159,8 @@ def copy_exact_match(model, tok, seed: int, n: int = 128, device: str = "cpu") -
     """% of fresh identity prompts (half full-format, half input-only) answered exactly."""
     data = CopyData(seed + 10_000)
     pairs = [data.pair(full=i % 2 == 0) for i in range(n)]
-    preds = generate_greedy(model, tok, [p for p, _ in pairs], max_new_tokens=20, device=device)
+    preds = decode_prompts(model, tok, "llama", [encode_source(tok, p) for p, _ in pairs], device=device,
+                           max_new_tokens=20, batch_size=64)
     return 100.0 * sum(p == a for p, (_, a) in zip(preds, pairs)) / n
 
 
@@ -237,7 +209,7 @@ def lm_loss(model, windows: list[list[int]], pad_id: int, batch: int = 16, devic
     model.eval()
     total, count = 0.0, 0
     for b in range(0, len(windows), batch):
-        enc = collate([Encoded(w, w) for w in windows[b:b + batch]], pad_id, False)
+        enc = collate([Encoded(w, w) for w in windows[b:b + batch]], pad_id)
         n = int((enc["labels"][:, 1:] != -100).sum())  # tokens predicted (HF shifts the labels by one)
         total += model(**{k: v.to(device) for k, v in enc.items()}).loss.item() * n
         count += n
@@ -322,7 +294,7 @@ def build_sni_backbone(out_dir: Path, tasks: list[Task], *, seed: int, hidden: i
                 seen["epochs"] += 1
             items = [train_w[order.pop()] for _ in range(batch)]
             seen["tokens"] += sum(map(len, items))
-            return collate([Encoded(w, w) for w in items], tok.pad_token_id, False)
+            return collate([Encoded(w, w) for w in items], tok.pad_token_id)
 
         left = max(5.0, budget_seconds - (time.perf_counter() - t_start))
         res, loss_after = _train_and_evaluate(
@@ -362,7 +334,7 @@ def build_tiny_backbone(out_dir: Path, *, seed: int, hidden: int, layers: int, h
 
         def next_batch(step: int) -> dict[str, torch.Tensor]:
             full = step % 2 == 0  # alternate full-format identity prompts and input-only prompts
-            return collate([encode_copy(tok, *data.pair(full)) for _ in range(copy_batch)], tok.pad_token_id, False)
+            return collate([encode_copy(tok, *data.pair(full)) for _ in range(copy_batch)], tok.pad_token_id)
 
         res, em = _train_and_evaluate(
             model, tok, next_batch, lambda: copy_exact_match(model, tok, seed, device=device), "copy_em",
@@ -379,45 +351,58 @@ def build_tiny_backbone(out_dir: Path, *, seed: int, hidden: int, layers: int, h
     return record
 
 
-def run(cfg, use_asset: bool = True, max_steps: int = 100_000, progress: bool = True) -> Path:
-    """Build (or find) the backbone of this config; returns its folder."""
+def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log: Callable[[str], None] = print,
+        use_asset: bool = True, max_steps: int = 100_000) -> Path:
+    """Build (or find) the backbone of this config; returns its folder. One process builds it (rank 0 under a
+    launcher; the others wait for it at a barrier)."""
+    if world_size() > 1:
+        path = build(cfg, progress=progress, log=log, use_asset=use_asset, max_steps=max_steps) if rank() == 0 \
+            else None
+        barrier()
+        return path if path is not None else resolve_backbone_path(cfg)
+    return build(cfg, progress=progress, log=log, use_asset=use_asset, max_steps=max_steps)
+
+
+def build(cfg, *, progress: bool = True, log: Callable[[str], None] = print, use_asset: bool = True,
+          max_steps: int = 100_000) -> Path:
+    """The backbone stage's work in this process."""
     rec = recipe(cfg)
     if cfg.backbone.name_or_path != "auto":
-        print(f"backbone: name_or_path={cfg.backbone.name_or_path!r} is given; nothing to build")
+        log(f"backbone: name_or_path={cfg.backbone.name_or_path!r} is given; nothing to build")
         return Path(cfg.backbone.name_or_path)
-    if use_asset and _recipe_hash_at(ASSET_DIR) == rec["hash"]:
-        print(f"backbone: using the committed tiny backbone at {ASSET_DIR} (recipe {rec['hash'][:12]})")
+    if use_asset and recipe_hash_at(ASSET_DIR) == rec["hash"]:
+        log(f"backbone: using the committed tiny backbone at {ASSET_DIR} (recipe {rec['hash'][:12]})")
         return ASSET_DIR
-    out = cfg.run_dir / "backbone"
-    if _recipe_hash_at(out) == rec["hash"]:
-        print(f"backbone: {out} already holds recipe {rec['hash'][:12]}; skipping")
+    out = RunPaths.of(cfg).backbone
+    if recipe_hash_at(out) == rec["hash"]:
+        log(f"backbone: {out} already holds recipe {rec['hash'][:12]}; skipping")
         return out
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = str(resolve_device(cfg.device))
     b = cfg.backbone
     if b.pretrain_corpus == "sni":
         from ..data.sni import load_sni
 
-        sni_dir, sdir = _sni_dirs(cfg)
+        sni_dir, sdir = sni_dirs(cfg)
         # Train tasks only, every instance in their files (the test split is never read here).
         tasks = load_sni(sni_dir, "train", sdir, max_instances=None, seed=cfg.seed, max_tasks=cfg.data.max_tasks)
         record = build_sni_backbone(out, tasks, seed=cfg.seed, hidden=b.tiny_hidden, layers=b.tiny_layers,
                                     heads=b.tiny_heads, ffn=b.tiny_ffn, vocab=b.tiny_vocab,
                                     budget_seconds=b.copy_pretrain_seconds, lr=b.copy_pretrain_lr,
                                     batch=b.copy_pretrain_batch, max_steps=max_steps,
-                                    tb_dir=cfg.run_dir / "tb" / "backbone", device=device, extra_recipe=rec,
+                                    tb_dir=RunPaths.of(cfg).tb("backbone"), device=device, extra_recipe=rec,
                                     progress=progress)
-        print(f"backbone: {out}: {record['params']:,} params, SNI LM pretraining {record['steps']} steps / "
+        log(f"backbone: {out}: {record['params']:,} params, SNI LM pretraining {record['steps']} steps / "
               f"{record['train_seconds']:.0f} s, {record['tokens_seen']:,} tokens; held-out LM loss "
               f"{record['heldout_lm_loss_before']:.3f} -> {record['heldout_lm_loss_after']:.3f}")
         return out
     record = build_tiny_backbone(out, seed=cfg.seed, hidden=b.tiny_hidden, layers=b.tiny_layers, heads=b.tiny_heads,
                                  ffn=b.tiny_ffn, vocab=b.tiny_vocab, copy_seconds=b.copy_pretrain_seconds,
                                  copy_lr=b.copy_pretrain_lr, copy_batch=b.copy_pretrain_batch, max_steps=max_steps,
-                                 tb_dir=cfg.run_dir / "tb" / "backbone", device=device, extra_recipe=rec,
+                                 tb_dir=RunPaths.of(cfg).tb("backbone"), device=device, extra_recipe=rec,
                                  progress=progress)
-    print(f"backbone: {out}: {record['params']:,} params, copy EM {record['copy_em']:.1f}% after "
+    log(f"backbone: {out}: {record['params']:,} params, copy EM {record['copy_em']:.1f}% after "
           f"{record['copy_steps']} steps / {record['copy_seconds']:.0f} s")
     return out
 

@@ -1,6 +1,8 @@
-"""Stage `cache-logits`: each finished teacher's top-k log-probs at every label position of its training instances.
+"""Stage `cache-logits`: each finished teacher's signal (top-k log-probs, or sampled ids: `cache.mode`) at every
+label position of its training instances; the writing itself is train/cache_writer.py.
 
     tagi-ds cache-logits --config X.yaml [task=NAME | array_index=N]
+    torchrun --nproc_per_node 8 -m tagi_ds.cli cache-logits --config X.yaml    # the units split over 8 GPUs
 
 For each selected unit with a published teacher (teachers/<unit>/, checked against this config's teacher manifest),
 the teacher (backbone + its LoRA through the hooks) reads every training instance of the unit's tasks once, in
@@ -16,136 +18,64 @@ leaves only a hidden temp folder, removed when the shard is written again.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from ..adapters.peft_io import ADAPTER_WEIGHTS, read_peft_adapter
-from ..data.collate import PromptSettings, pad_id
-from ..data.tasks import Task
-from ..distill.logit_cache import CacheShardReader, CacheShardWriter, manifest_fields, shard_is_complete
-from ..errors import ArtifactMismatchError, ConfigError
-from ..io_utils import sha256_file
-from ..modeling.lora import BatchedLoraHooks
-from .run_paths import RunPaths
-from .teacher import (PROMPT_FORMAT, LoadedBackbone, RunUnits, encode_examples, instances_fingerprint,
-                      load_run_backbone, load_run_units, prompt_settings, published_state, teacher_manifest)
-from .teacher_batch import align_label_logits, assemble
+from ..errors import ArtifactMismatchError
+from ..run.artifacts import check_temperatures, published_state, teacher_manifest, teachers_identity
+from ..run.backbone import LoadedBackbone, load_run_backbone
+from ..run.dist import barrier, join_ranks, my_share
+from ..run.paths import RunPaths
+from ..run.signals import StopSignals, Stopped
+from ..run.units import RunUnits, load_run_units
+from .cache_writer import write_unit_shards
 
 EXTRA_KEYS = ("task", "array_index")
 
 
-def check_temperatures(cfg) -> None:
-    if float(cfg.cache.temperature) != float(cfg.finetune.temperature):
-        raise ConfigError(f"cache.temperature={cfg.cache.temperature} must equal finetune.temperature="
-                          f"{cfg.finetune.temperature}: the KL is computed at the temperature the cache was written at")
-
-
-def shard_fields(*, tokenizer_hash: str, backbone_id: str, teacher_dir: Path, task: Task, top_k: int,
-                 temperature: float, settings: PromptSettings, vocab_size: int) -> dict[str, Any]:
-    """The manifest fields of one task's shard; also what a reader passes as `expect` (the finetune included)."""
-    fields = manifest_fields(
-        tokenizer_hash=tokenizer_hash, backbone_id=backbone_id,
-        teacher_adapter_hash=sha256_file(Path(teacher_dir) / ADAPTER_WEIGHTS), k=min(top_k, vocab_size),
-        temperature=temperature,
-        prompt_format=f"{PROMPT_FORMAT}:{settings.arch}:pos{settings.num_pos}:def{int(settings.add_definition)}",
-        max_source_length=settings.max_source_length, max_target_length=settings.max_target_length,
-        vocab_size=vocab_size)
-    return {**fields, "instances_sha256": instances_fingerprint([task])}
-
-
-def expected_shard_fields(cfg, task: Task, bb: LoadedBackbone, teacher_dir: Path) -> dict[str, Any]:
-    """`shard_fields` from a run config (cache-logits and the finetune's reader use the same)."""
-    return shard_fields(tokenizer_hash=bb.tokenizer_hash, backbone_id=bb.identity, teacher_dir=teacher_dir,
-                        task=task, top_k=cfg.cache.top_k, temperature=cfg.cache.temperature,
-                        settings=prompt_settings(cfg, bb.arch), vocab_size=bb.vocab_size)
-
-
-@torch.no_grad()
-def write_task_shard(bb: LoadedBackbone, hooks: BatchedLoraHooks, adapters: dict, task: Task,
-                     settings: PromptSettings, out_root: Path, fields: dict, batch_size: int) -> Path:
-    """Run the teacher over `task`'s training instances and publish its shard (atomically, via the writer)."""
-    examples = encode_examples(task, bb.tokenizer, settings)
-    ids = [inst.id for inst in task.instances]
-    pad = pad_id(bb.tokenizer)
-    with CacheShardWriter(out_root, task.name, fields) as writer:
-        for s in range(0, len(examples), batch_size):
-            chunk = examples[s:s + batch_size]
-            batch = assemble(chunk, bb.arch, pad)
-            inp, mask = batch["input_ids"].to(bb.device), batch["attention_mask"].to(bb.device)
-            labels = batch["labels"].to(bb.device)
-            with hooks.apply(adapters, torch.zeros(len(chunk), dtype=torch.long, device=bb.device)):
-                if bb.arch == "t5":
-                    dec = bb.model.prepare_decoder_input_ids_from_labels(labels=labels)
-                    logits = bb.model(input_ids=inp, attention_mask=mask, decoder_input_ids=dec,
-                                      use_cache=False).logits
-                else:
-                    logits = bb.model(input_ids=inp, attention_mask=mask, use_cache=False).logits
-            lg, tg, rows = align_label_logits(logits, labels, bb.arch == "llama")  # (M, V) in row order
-            counts = torch.bincount(rows, minlength=len(chunk)).tolist()
-            start = 0
-            for j, n in enumerate(counts):
-                if n != len(chunk[j].target):
-                    raise ArtifactMismatchError(f"task {task.name}, instance {ids[s + j]}: {n} label positions "
-                                                f"but {len(chunk[j].target)} target tokens")
-                writer.add(ids[s + j], lg[start:start + n])  # (L_j, V): the writer takes log_softmax(/T) top-k
-                start += n
-    return out_root / task.name
+def identity(cfg, sub: Optional[str] = None) -> dict:
+    """The teachers' identity plus the cache's own settings (mode, top-k / samples, temperature, estimator)."""
+    cache = {k: v for k, v in vars(cfg.cache).items() if k != "batch_size"}
+    return {**teachers_identity(cfg), "cache": cache}
 
 
 def _teacher_ready(cfg, ru: RunUnits, unit: str, bb: LoadedBackbone, paths: RunPaths) -> bool:
     """True when this config's teacher of `unit` is published; a teacher of another configuration is refused."""
-    m = teacher_manifest(cfg, unit, ru.tasks[unit], bb)
+    m = teacher_manifest(cfg, unit, ru.tasks[unit], bb.arch, bb.tokenizer_hash)
     return published_state(paths.teacher(unit), m["hash"]) == "done"
 
 
-def run(cfg, task: Optional[str] = None, array_index: Optional[str] = None, log=print) -> dict[str, list[str]]:
-    """Write the shards of the selected units. Returns {"written": tasks, "skipped": tasks, "no_teacher": units}."""
-    check_temperatures(cfg)
+def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log=print, task: Optional[str] = None,
+        array_index: Optional[str] = None) -> dict[str, list[str]]:
+    """Write the shards of the selected units (this rank's share of them under torchrun / srun). Returns
+    {"written": tasks, "skipped": tasks, "no_teacher": units}; raises Stopped after SIGTERM (between shards)."""
+    check_temperatures(cfg.cache.temperature, cfg.finetune.temperature)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    r, w = join_ranks(cfg.distributed.timeout_s)
     paths = RunPaths.of(cfg)
     ru = load_run_units(cfg)
     explicit = task is not None or array_index is not None
-    selected = ru.select(task, array_index)
+    selected = my_share(ru.select(task, array_index, cfg.teacher.units_per_job))
     bb = load_run_backbone(cfg)
-    settings = prompt_settings(cfg, bb.arch)
     written, skipped, missing = [], [], []
-    for unit in selected:
-        if not _teacher_ready(cfg, ru, unit, bb, paths):
-            if explicit:
-                raise ArtifactMismatchError(f"{paths.teacher(unit)}: no teacher for unit {unit!r} yet; run "
-                                            f"`tagi-ds teacher` for it (same config and index) first")
-            log(f"cache-logits {unit}: no teacher yet; skipped")
-            missing.append(unit)
-            continue
-        todo: list[tuple[Task, dict]] = []
-        for t in ru.tasks[unit]:
-            fields = expected_shard_fields(cfg, t, bb, paths.teacher(unit))
-            shard = paths.cache_shard(t.name)
-            if shard_is_complete(shard, fields):
-                log(f"cache-logits {t.name}: skipped (shard at {shard} matches)")
-                skipped.append(t.name)
+    with StopSignals() as stop:
+        for unit in selected:
+            if not _teacher_ready(cfg, ru, unit, bb, paths):
+                if explicit:
+                    raise ArtifactMismatchError(f"{paths.teacher(unit)}: no teacher for unit {unit!r} yet; run "
+                                                f"`tagi-ds teacher` for it (same config and index) first")
+                log(f"cache-logits {unit}: no teacher yet; skipped")
+                missing.append(unit)
                 continue
-            if shard.exists():
-                CacheShardReader(shard, fields)  # raises ArtifactMismatchError naming the differing field
-                raise ArtifactMismatchError(f"{shard}: existing shard does not match this run; remove it to rebuild")
-            todo.append((t, fields))
-        if not todo:
-            continue
-        adapters1, scale, _ = read_peft_adapter(paths.teacher(unit), bb.specs, device=bb.device)
-        adapters = {mt: (a.unsqueeze(0), b.unsqueeze(0)) for mt, (a, b) in adapters1.items()}  # one "task" row
-        hooks = BatchedLoraHooks(bb.model, bb.specs, scale)
-        try:
-            for t, fields in todo:
-                shard = write_task_shard(bb, hooks, adapters, t, settings, paths.logit_cache, fields,
-                                         cfg.cache.batch_size)
-                log(f"cache-logits {t.name}: wrote {shard} ({len(t.instances)} instances, k={fields['k']}, "
-                    f"T={fields['temperature']})")
-                written.append(t.name)
-        finally:
-            hooks.remove()
+            done, kept = write_unit_shards(cfg, ru, unit, bb, paths, log, stop=lambda: stop.should_stop(False))
+            written += done
+            skipped += kept
+            if stop.requested:
+                raise Stopped(f"cache-logits: {stop.requested}: {len(written)} shard(s) written, each complete; "
+                              f"rerun the same command to write the rest")
+    barrier()  # every rank's shards are on disk before a next stage reads them
     return {"written": written, "skipped": skipped, "no_teacher": missing}
 
 

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactMismatchError
-from ..io_utils import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from ..io_utils import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from ..run.export_io import trainable_named_parameters, write_export
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
-EXPORT_WEIGHTS = "trainable.safetensors"
-EXPORT_CONFIG = "config.json"
 _TAG_RE = re.compile(r"^step(\d{8})$")
 
 
@@ -145,18 +144,14 @@ def load_torch_file(f: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ export
-def trainable_named_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-
-
 def export_trainable(out_dir: str | Path, module: torch.nn.Module, config_dict: dict) -> Optional[Path]:
-    """Write the trainable weights of `module` as one safetensors file + config.json, loadable without DeepSpeed.
+    """Write the trainable weights of `module` in the export format (run/export_io.py), loadable without DeepSpeed.
 
     Every rank must call this (under ZeRO-3 the weights are gathered collectively with GatheredParameters); rank 0
     writes the folder atomically. Returns the folder on rank 0, None elsewhere. Tensor names are those of
     `module.named_parameters()`; the frozen backbone is never included.
     """
-    from .distributed import barrier, collective_guard, rank
+    from ..run.dist import barrier, collective_guard, rank
 
     named = trainable_named_parameters(module)
     if not named:
@@ -172,57 +167,62 @@ def export_trainable(out_dir: str | Path, module: torch.nn.Module, config_dict: 
                 tensors = {n: p.detach().cpu().clone().contiguous() for n, p in named}
     elif rank() == 0:
         tensors = {n: p.detach().cpu().clone().contiguous() for n, p in named}
-    final = None
-    if rank() == 0:
-        from safetensors.torch import save_file
-
-        final = Path(out_dir)
-        with atomic_dir(final) as tmp:
-            save_file(tensors, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
-            meta = {"format": "tagi-ds trainable export v1", "config": config_dict,
-                    "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-                                for n, t in tensors.items()},
-                    "sha256": {EXPORT_WEIGHTS: sha256_file(tmp / EXPORT_WEIGHTS)}}
-            (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    final = write_export(out_dir, tensors, config_dict) if rank() == 0 else None
     barrier()
     return final
 
 
-def load_trainable(export_dir: str | Path, module: torch.nn.Module, *, strict: bool = True) -> dict:
-    """Copy an export's weights into `module`'s trainable parameters (no DeepSpeed); return the saved config.
+# -------------------------------------------------------------------------------------- consolidated weights
+CONSOLIDATED = "consolidated.safetensors"  # the trainable weights, whole: what a resume on another world size loads
 
-    strict: the export and the module must hold exactly the same trainable names and shapes.
-    """
+
+def _gathered(named: list, zero3: bool):
+    import contextlib
+
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+
+
+def save_consolidated(tag_dir: Path, module: torch.nn.Module) -> None:
+    """Collective: the trainable weights gathered whole, written by rank 0 into the checkpoint folder."""
+    from safetensors.torch import save_file
+
+    from ..run.dist import collective_guard, rank
+
+    named = trainable_named_parameters(module)
+    zero3 = any(hasattr(p, "ds_id") for _, p in named)
+    with collective_guard("consolidated-weights gather"), _gathered(named, zero3):
+        if rank() == 0:
+            tensors = {n: p.detach().float().cpu().clone().contiguous() for n, p in named}
+            with atomic_path(Path(tag_dir) / CONSOLIDATED) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
+def load_consolidated(tag_dir: Path, module: torch.nn.Module) -> None:
+    """Copy a checkpoint's consolidated weights into `module`'s trainable parameters, on every rank (ZeRO-3: into the
+    gathered parameters, re-partitioned on exit). Names and shapes must match."""
     from safetensors.torch import load_file
 
-    d = Path(export_dir)
-    cfg_path, w_path = d / EXPORT_CONFIG, d / EXPORT_WEIGHTS
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise ArtifactMismatchError(f"{p}: missing; {d} is not a trainable-weights export")
-    try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ArtifactMismatchError(f"{cfg_path}: unreadable export config ({e})") from None
-    want = meta.get("sha256", {}).get(EXPORT_WEIGHTS)
-    if want and sha256_file(w_path) != want:
-        raise ArtifactMismatchError(f"{w_path}: sha256 differs from {cfg_path} (corrupted or replaced)")
-    try:
-        tensors = load_file(str(w_path))
-    except Exception as e:  # noqa: BLE001
-        raise ArtifactMismatchError(f"{w_path}: cannot be read as safetensors ({e})") from None
-    params = dict(trainable_named_parameters(module))
-    if strict:
-        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        if missing or extra:
-            raise ArtifactMismatchError(f"{w_path}: does not match the module: missing {missing[:5]}, "
-                                        f"unexpected {extra[:5]}")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if name not in params:
-                continue
-            if tuple(params[name].shape) != tuple(t.shape):
-                raise ArtifactMismatchError(f"{w_path}: tensor '{name}' has shape {tuple(t.shape)}, the module "
-                                            f"expects {tuple(params[name].shape)}")
-            params[name].copy_(t.to(params[name].dtype))
-    return meta.get("config", {})
+    path = Path(tag_dir) / CONSOLIDATED
+    if not path.is_file():
+        raise ArtifactMismatchError(f"{path}: missing; this checkpoint predates elastic resume: resume it with the "
+                                    f"world size it was written with")
+    tensors = load_file(str(path))
+    named = trainable_named_parameters(module)
+    if set(tensors) != {n for n, _ in named}:
+        raise ArtifactMismatchError(f"{path}: trainable parameter names differ from the model's")
+    zero3 = any(hasattr(p, "ds_id") for _, p in named)
+    if zero3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0)
+    else:
+        import contextlib
+
+        ctx = contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        for n, p in named:
+            p.copy_(tensors[n].to(p.dtype))

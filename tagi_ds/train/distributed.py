@@ -1,19 +1,14 @@
-"""Process-group setup, DeepSpeed config filling, ZeRO-3 model construction and token-weighted losses.
+"""DeepSpeed config filling, ZeRO-3 model construction and the token-weighted loss of the training engine.
 
-Works under torchrun, the deepspeed launcher, Slurm `srun`, and as one plain process with no launcher.
+The process group itself (rank, barrier, init, collective guards) lives in run/dist.py, below train and eval.
 DeepSpeed is imported lazily so a plain torch run (use_deepspeed=False) and export loading never need it.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import json
 import os
-import re
-import socket
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -22,37 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
-
-
-class DistributedFailure(RuntimeError):
-    """A collective failed or timed out: another rank died, hung, or the network broke. Not a user error."""
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    backend: str
-    launcher: str  # "torchrun" (also the deepspeed launcher), "slurm" or "single"
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        with collective_guard("barrier"):
-            dist.barrier()
+from ..run.dist import collective_guard, world_size
 
 
 # ----------------------------------------------------------------------------------------------- DS config
@@ -105,14 +70,64 @@ def _find_auto(node: Any, prefix: str = "") -> Optional[str]:
     return None
 
 
+@dataclass(frozen=True)
+class ModelSizes:
+    """What ZeRO-3's bucket and threshold sizes are derived from (counted on the meta device: no weights)."""
+
+    hidden: int          # d_model / hidden_size
+    total: int           # parameters of the whole backbone
+    largest: int         # parameters of its largest single tensor
+
+    def zero3_values(self) -> dict[str, int]:
+        """ZeRO-3 sizes that keep a rank's backbone near its shard (measured: bench/zero3_partition.py).
+
+        - persistence threshold 10 x hidden (transformers' "auto"): norms and biases stay whole (cheap), every
+          weight matrix is partitioned; DeepSpeed's fixed 1e5 left 37 of a tiny model's 38 tensors whole.
+        - prefetch bucket 0.9 x hidden^2 and reduce bucket hidden^2 (transformers' "auto").
+        - at most total / 64 parameters gathered at once (never below the largest tensor, which must fit, nor above
+          DeepSpeed's 1e9): with the fixed 1e9 a model under 1e9 parameters was gathered whole in every step.
+        """
+        live = int(min(max(self.total // 64, self.largest), 10 ** 9))
+        return {"stage3_param_persistence_threshold": 10 * self.hidden,
+                "stage3_prefetch_bucket_size": int(0.9 * self.hidden ** 2),
+                "reduce_bucket_size": self.hidden ** 2,
+                "stage3_max_live_parameters": live, "stage3_max_reuse_distance": live}
+
+
+def model_sizes(model_config, arch: str) -> ModelSizes:
+    """The backbone's sizes from its config alone: the model is built on the meta device (no memory, no init)."""
+    from transformers import AutoModelForCausalLM, T5ForConditionalGeneration
+
+    with torch.device("meta"):
+        model = (T5ForConditionalGeneration(model_config) if arch == "t5"
+                 else AutoModelForCausalLM.from_config(model_config))
+    numels = [p.numel() for p in model.parameters()]  # shared (tied) tensors once: parameters() dedups
+    hidden = getattr(model_config, "d_model", None) or model_config.hidden_size
+    return ModelSizes(hidden=int(hidden), total=int(sum(numels)), largest=int(max(numels)))
+
+
+def _fill_zero3_sizes(zero: dict, sizes: Optional[ModelSizes]) -> None:
+    """ZeRO-3 size keys that are "auto" (or absent) get the model's values; explicit numbers are kept (the user's
+    tuning wins). Without sizes an "auto" key is dropped: DeepSpeed's default applies."""
+    values = sizes.zero3_values() if sizes is not None else {}
+    for key in ModelSizes(1, 1, 1).zero3_values():
+        if key not in zero or _is_auto(zero[key]):
+            if key in values:
+                zero[key] = values[key]
+            else:
+                zero.pop(key, None)
+
+
 def ds_config_from_file(path: str | os.PathLike, *, micro_batch: int, grad_accum: int, lr: float,
                         weight_decay: float, grad_clip: float, dtype: str, zero_stage: Optional[int] = None,
-                        param_persistence_threshold: Optional[int] = None, world_size: int) -> dict:
+                        param_persistence_threshold: Optional[int] = None, world_size: int,
+                        sizes: Optional[ModelSizes] = None) -> dict:
     """Load a DeepSpeed JSON config and fill every "auto" from the recipe's values.
 
     Filled: train_micro_batch_size_per_gpu, gradient_accumulation_steps, train_batch_size (= micro · accum · world),
     optimizer.params.lr / weight_decay (only when the file has an optimizer section), gradient_clipping,
     bf16.enabled, fp16.enabled, zero_optimization.stage; `zero_stage` and `param_persistence_threshold` override.
+    Under ZeRO-3 the bucket / threshold sizes that are "auto" come from the backbone's `sizes` (ModelSizes).
     Raises ConfigError naming the file and key for malformed JSON, wrong types, values that contradict the recipe,
     a "scheduler" section (the engine owns the schedule) or an "auto" nothing fills.
     """
@@ -155,109 +170,13 @@ def ds_config_from_file(path: str | os.PathLike, *, micro_batch: int, grad_accum
                           f"distributed.zero_stage")
     if not isinstance(stage, int) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: key 'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
+    _fill_zero3_sizes(zero, sizes if stage == 3 else None)
     if param_persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = int(param_persistence_threshold)
     left = _find_auto(cfg)
     if left:
         raise ConfigError(f"{where}: key '{left}' is \"auto\" but the engine does not fill it; give a value")
     return cfg
-
-
-# ------------------------------------------------------------------------------------------ process group
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm nodelist ("gpu[03-05,07],cpu1" → "gpu03"); `scontrol` when present, else parsed."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.split()
-        if out:
-            return out[0]
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        return nodelist
-    prefix, ranges = m.group(1), m.group(2)
-    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
-
-
-def _environment_from_slurm() -> bool:
-    """Translate an `srun` step's variables into the RANK/WORLD_SIZE/... that torch.distributed reads."""
-    if "SLURM_PROCID" not in os.environ:
-        return False
-    # SLURM_STEP_NUM_TASKS is set by srun only; a process started directly in a batch script sees SLURM_NTASKS of the
-    # whole allocation and must not wait for peers that will never come.
-    ntasks = os.environ.get("SLURM_STEP_NUM_TASKS")
-    if ntasks is None:
-        return False
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = ntasks
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in os.environ:
-        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-        os.environ["MASTER_ADDR"] = _first_slurm_host(nodes)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
-    return True
-
-
-def init_distributed(timeout_s: float = 600.0, *, use_deepspeed: bool = True) -> DistInfo:
-    """Create the process group once (idempotent) and return this process's place in it.
-
-    torchrun / deepspeed launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* are already set. Slurm srun: derived from
-    SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID. No launcher: one process, RANK=0 WORLD_SIZE=1 and a free
-    port (else DeepSpeed falls back to MPI discovery and fails on a missing mpi4py). Backend: nccl on CUDA, gloo on
-    CPU. `timeout_s` bounds every collective, so a rank whose peer died fails instead of hanging.
-    """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        launcher = "torchrun"
-    elif _environment_from_slurm():
-        launcher = "slurm"
-    else:
-        launcher = "single"
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("LOCAL_RANK", "0")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    on_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-    backend = "nccl" if on_cuda else "gloo"
-    if on_cuda:
-        torch.cuda.set_device(local_rank)
-    timeout = datetime.timedelta(seconds=float(timeout_s))
-    if not dist.is_initialized():
-        if use_deepspeed:
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
-        else:
-            dist.init_process_group(backend=backend, timeout=timeout)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                    backend=dist.get_backend(), launcher=launcher)
-
-
-_PEER_SIGNS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "gloo", "nccl",
-               "socket", "peer", "connection refused", "distbackenderror")
-
-
-@contextlib.contextmanager
-def collective_guard(what: str) -> Iterator[None]:
-    """Turn a failed collective into DistributedFailure with a message that says what most likely happened."""
-    try:
-        yield
-    except DistributedFailure:
-        raise
-    except (RuntimeError, OSError) as e:  # torch.distributed.DistBackendError is a RuntimeError
-        text = f"{type(e).__name__}: {e}"
-        if world_size() <= 1 or not any(s in text.lower() for s in _PEER_SIGNS):
-            raise
-        msg = (f"rank {rank()}/{world_size()}: a collective failed during {what}; another rank most likely died "
-               f"or hung (see its log), or the collective timeout passed. Cause: {text.splitlines()[0][:500]}")
-        print(f"[tagi-ds] {msg}", file=sys.stderr, flush=True)
-        raise DistributedFailure(msg) from e
 
 
 # ------------------------------------------------------------------------------------------------ ZeRO-3
@@ -287,6 +206,16 @@ def zero3_model_context(ds_config: dict, *, keep_alive: bool = True) -> Iterator
             unset_hf_deepspeed_config()
 
 
+def release_zero3_context() -> None:
+    """Forget the ZeRO-3 config a stage registered (at its end): a later stage of the same process (the pipeline's
+    evaluation, a baseline) must load its models whole, not partitioned by a training stage that is over."""
+    if _LIVE_HF_DS_CONFIG:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        _LIVE_HF_DS_CONFIG.clear()
+        unset_hf_deepspeed_config()
+
+
 # ---------------------------------------------------------------------------------------------- losses
 def global_token_mean(loss_sum: torch.Tensor, n_tokens: int | torch.Tensor, *,
                       grads_averaged_over_ranks: bool = True) -> torch.Tensor:
@@ -307,15 +236,3 @@ def global_token_mean(loss_sum: torch.Tensor, n_tokens: int | torch.Tensor, *,
             dist.all_reduce(n)
     scale = float(w) if grads_averaged_over_ranks else 1.0
     return loss_sum * (scale / n.clamp_min(1.0))
-
-
-def all_reduce_mean(value: float | torch.Tensor) -> float:
-    """Mean of a scalar over ranks (for logging); the value itself on one process."""
-    t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(()).clone()
-    w = world_size()
-    if w > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        with collective_guard("logging all-reduce"):
-            dist.all_reduce(t)
-    return float(t.item()) / w

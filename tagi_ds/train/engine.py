@@ -29,8 +29,9 @@ import torch
 from ..errors import ArtifactMismatchError, ConfigError
 from ..io_utils import atomic_path
 from . import checkpoint as ck
-from .distributed import DistributedFailure, barrier, collective_guard, init_distributed, rank, world_size
+from ..run.dist import DistributedFailure, barrier, collective_guard, init_distributed, rank, world_size
 from .logging import TrainLogger
+from .optim import adamw
 from .schedule import Schedule, make_lr_lambda
 
 CKPT_SUBDIR = "checkpoints"
@@ -42,24 +43,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-def enable_activation_checkpointing(backbone: torch.nn.Module, enabled: bool = True) -> None:
-    """Non-reentrant gradient checkpointing of a transformers backbone (a switch).
-
-    Non-reentrant (use_reentrant=False) because the backbone is frozen: the reentrant variant drops the gradient
-    of a checkpointed block whose inputs do not require grad, which would cut the LoRA terms' gradients.
-    transformers only recomputes when the backbone is in train() mode; the KV cache is turned off.
-    """
-    if not getattr(backbone, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"{type(backbone).__name__} does not support gradient checkpointing "
-                          f"(backbone.gradient_checkpointing)")
-    if not enabled:
-        backbone.gradient_checkpointing_disable()
-        return
-    if getattr(backbone, "config", None) is not None:
-        backbone.config.use_cache = False
-    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float, lr: float,
@@ -115,7 +98,7 @@ class Engine:
                     lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(getattr(opt, "optimizer", opt),
                                                                                lr_fn))
             else:
-                client = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                client = adamw(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
                 sched = torch.optim.lr_scheduler.LambdaLR(client, lr_fn)
                 self._ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
                     model=model, optimizer=client, lr_scheduler=sched, config=ds_config, dist_init_required=False)
@@ -125,7 +108,7 @@ class Engine:
                 raise ConfigError("use_deepspeed=False is a one-process loop; launch without torchrun/srun "
                                   "or set distributed.use_deepspeed=true")
             self.grad_accum = grad_accum
-            self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+            self.optimizer = adamw(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
             self._module = model
             self._trainable = trainable
@@ -240,6 +223,7 @@ class Engine:
             if self._ds is not None:
                 self._ds.save_checkpoint(str(self.ckpt_root), tag=tag, client_state={"tagi_step": step},
                                          save_latest=False, exclude_frozen_parameters=True)
+                ck.save_consolidated(tag_dir, self._module)  # what a resume on another world size loads
             else:
                 self._save_plain(tag_dir)
         ck.save_progress(tag_dir, self.rank, progress)
@@ -267,11 +251,9 @@ class Engine:
             return None
         tag_dir = self.ckpt_root / tag
         man = ck.verify_checkpoint(tag_dir)
-        if self._ds is not None and int(man.get("world_size", self.world_size)) != self.world_size:
-            # ZeRO optimizer states are partitioned per rank: another world size cannot load them as they are.
-            raise ArtifactMismatchError(
-                f"{tag_dir}: written by {man['world_size']} ranks, this run has {self.world_size}; resume with "
-                f"{man['world_size']} ranks, or convert it with DeepSpeed's ds_to_universal and load that")
+        saved_world = int(man.get("world_size", self.world_size))
+        if self._ds is not None and saved_world != self.world_size:
+            return self._resume_elastic(tag_dir, saved_world)
         if self._ds is not None:
             try:
                 with collective_guard("checkpoint load"):
@@ -287,6 +269,24 @@ class Engine:
         else:
             self._load_plain(tag_dir)
         progress = ck.load_progress(tag_dir, self.rank)
+        barrier()
+        return progress
+
+    def _resume_elastic(self, tag_dir: Path, saved_world: int) -> dict:
+        """Resume on another world size: ZeRO's optimizer states are partitioned per rank and cannot be reshaped, so
+        the consolidated trainable weights, the step (and with it the lr schedule) and the global data position come
+        back; Adam's moments restart from zero (the next loss is the uninterrupted run's; later updates differ)."""
+        ck.load_consolidated(tag_dir, self._module)
+        if hasattr(self.optimizer, "refresh_fp32_params"):  # ZeRO keeps fp32 master copies beside the parameters
+            self.optimizer.refresh_fp32_params()
+        progress = ck.load_progress(tag_dir, self.rank)
+        step = int(progress["step"])
+        self._ds.global_steps = step
+        self.scheduler.last_epoch = step - 1
+        self.scheduler.step()  # the lr of step `step`, as the uninterrupted run has it
+        if self.is_main:
+            print(f"resumed {tag_dir} (written by {saved_world} ranks) on {self.world_size}: weights, step {step} and "
+                  f"data position restored; the optimizer's moments restart", flush=True)
         barrier()
         return progress
 

@@ -28,56 +28,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.collate import IGNORE, pad_rows
+from ..data.collate import EncodedPair, assemble
+from ..modeling.label_logits import align_label_logits
 from ..errors import ConfigError, DataError
 from ..io_utils import atomic_path
 from ..kernels import dispatch
 from ..modeling.backbone import TargetSpec
 from ..modeling.lora import BatchedLoraHooks
+from ..run.signals import Stopped
+from .optim import adamw
 from .schedule import make_lr_lambda
 
 CKPT_FILE = "state.pt"
 
 
 # ------------------------------------------------------------------------------------------------ data
-@dataclass(frozen=True)
-class EncodedPair:
-    """One training example, tokenized once: the full prompt's ids and the target ids (+ eos)."""
-
-    prompt: tuple[int, ...]
-    target: tuple[int, ...]
-
-
-def _round_up(rows: list[list[int]], value: int, multiple: int) -> list[list[int]]:
-    """Pad the first row so the batch width becomes a multiple of `multiple` (pad_rows pads the rest to it)."""
-    if multiple <= 1 or not rows:
-        return rows
-    width = max(len(r) for r in rows)
-    target = -(-width // multiple) * multiple
-    return [rows[0] + [value] * (target - len(rows[0]))] + rows[1:]
-
-
-def assemble(pairs: Sequence[EncodedPair], arch: str, pad: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """Tensors in `collate.collate_full`'s layout (right padding). T5: input_ids = prompt, labels = target;
-    causal: input_ids = prompt + target, labels = -100 on the prompt and padding.
-
-    `pad_to_multiple_of` > 1 rounds the widths up: fixed shapes whatever the batch holds (kernel choice, and a
-    unit's numbers then do not depend on the other units' lengths: see the module docstring)."""
-    m = pad_to_multiple_of
-    if arch == "t5":
-        prompts = [list(p.prompt) for p in pairs]
-        masks = _round_up([[1] * len(r) for r in prompts], 0, m)
-        return {"input_ids": pad_rows(_round_up(prompts, pad, m), pad), "attention_mask": pad_rows(masks, 0),
-                "labels": pad_rows(_round_up([list(p.target) for p in pairs], IGNORE, m), IGNORE)}
-    if arch == "llama":
-        seqs = [list(p.prompt) + list(p.target) for p in pairs]
-        labels = [[IGNORE] * len(p.prompt) + list(p.target) for p in pairs]
-        return {"input_ids": pad_rows(_round_up(seqs, pad, m), pad),
-                "attention_mask": pad_rows(_round_up([[1] * len(s) for s in seqs], 0, m), 0),
-                "labels": pad_rows(_round_up(labels, IGNORE, m), IGNORE)}
-    raise ConfigError(f"backbone arch must be 't5' or 'llama', got {arch!r}")
-
-
 class UnitStream:
     """A unit's own data order: seeded shuffles, one epoch after another; its state is checkpointable."""
 
@@ -115,17 +80,6 @@ class UnitStream:
 def kaiming_uniform_bound(d_in: int) -> float:
     """PEFT's A init is nn.init.kaiming_uniform_(a=√5): gain √(2/(1+5)), bound gain·√(3/fan_in) = 1/√d_in."""
     return 1.0 / math.sqrt(d_in)
-
-
-def align_label_logits(logits: torch.Tensor, labels: torch.Tensor, causal: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits at label positions: (M, V) logits, (M,) target ids, (M,) row index, rows in order, positions in
-    order within a row. T5: logits[:, j] predicts labels[:, j]; causal: logits[:, t] predicts labels[:, t+1]."""
-    if causal:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    valid = labels != IGNORE  # (N, L)
-    rows = valid.nonzero()[:, 0]  # (M,) row-major order
-    return logits[valid], labels[valid], rows
 
 
 def per_unit_loss(logits: torch.Tensor, labels: torch.Tensor, row_unit: torch.Tensor, n_units: int,
@@ -240,7 +194,7 @@ class BatchedTeacherTrainer:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.lora = StackedLora(self.specs, r, [u.seed for u in units]).to(self.device)
         self.params = list(self.lora.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = adamw(self.params, lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, make_lr_lambda(warmup_steps=warmup_steps, total_steps=steps, schedule="linear"))
         self.streams = [UnitStream(len(u.examples), f"teacher:{u.seed}:{u.name}") for u in units]
@@ -352,8 +306,10 @@ class BatchedTeacherTrainer:
 
     # -------------------------------------------------------------------------------- loop
     def train(self, *, ckpt_dir: Optional[Path] = None, tag: Optional[dict] = None, checkpoint_every: int = 0,
-              time_budget_s: Optional[float] = None, on_step: Optional[Callable[[int, list[float]], None]] = None
-              ) -> TrainResult:
+              time_budget_s: Optional[float] = None, on_step: Optional[Callable[[int, list[float]], None]] = None,
+              stop: Optional[Callable[[], bool]] = None) -> TrainResult:
+        """Train to `steps`. `stop()` is asked after every step: when it says so, the batch is checkpointed (when
+        `ckpt_dir` is given) and run.signals.Stopped is raised; a rerun resumes there."""
         t0 = time.perf_counter()
         budget_hit = False
         # transformers recomputes checkpointed blocks only in train() mode; otherwise keep the backbone's dropout off
@@ -371,6 +327,11 @@ class BatchedTeacherTrainer:
             if ckpt_dir is not None and checkpoint_every > 0 and self.step_count % checkpoint_every == 0 \
                     and self.step_count < self.steps:
                 self.save_checkpoint(ckpt_dir, tag or {})
+            if stop is not None and self.step_count < self.steps and stop():
+                where = self.save_checkpoint(ckpt_dir, tag or {}) if ckpt_dir is not None else None
+                self.backbone.eval()
+                raise Stopped(f"teacher {', '.join(u.name for u in self.units)}: stopped at step {self.step_count}"
+                              f"{f'; checkpoint {where}' if where else ''}; rerun the same command to resume")
         self.backbone.eval()
         return TrainResult(self.step_count, time.perf_counter() - t0, self.losses, budget_hit)
 

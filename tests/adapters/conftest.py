@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapters_helpers import build_backbone_dir, build_export
+from tests.adapters.adapters_helpers import build_backbone_dir, build_export
 
 
 @pytest.fixture(scope="session", params=["t5", "llama"])

@@ -5,9 +5,9 @@ import torch
 
 from tagi_ds.adapters.adapter_cache import AdapterCache, cache_key
 from tagi_ds.adapters.generate import adapters_for_instructions
-from tagi_ds.adapters.peft_io import ADAPTER_WEIGHTS
+from tagi_ds.run.peft_io import ADAPTER_WEIGHTS
 
-from adapters_helpers import ALPHA, R, make_student, tiny_backbone
+from tests.adapters.adapters_helpers import ALPHA, R, make_student, tiny_backbone
 
 
 class _Tok:

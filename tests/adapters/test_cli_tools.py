@@ -7,7 +7,7 @@ import torch
 
 from tagi_ds.cli import main as cli
 
-from adapters_helpers import build_backbone_dir, write_task_file
+from tests.adapters.adapters_helpers import build_backbone_dir, write_task_file
 
 
 def _preds(path):

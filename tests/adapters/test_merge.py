@@ -7,7 +7,7 @@ import torch
 
 from tagi_ds.adapters.predict import merged_backbone
 
-from adapters_helpers import make_student, tiny_backbone
+from tests.adapters.adapters_helpers import make_student, tiny_backbone
 
 
 @pytest.mark.parametrize("arch", ["t5", "llama"])

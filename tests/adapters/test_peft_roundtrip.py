@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tagi_ds.adapters.generate import ADAPTER_META, task_slice, write_generated_adapter
-from tagi_ds.adapters.peft_io import ADAPTER_CONFIG
+from tagi_ds.run.peft_io import ADAPTER_CONFIG
 
-from adapters_helpers import ALPHA, R, make_student, tiny_backbone
+from tests.adapters.adapters_helpers import ALPHA, R, make_student, tiny_backbone
 
 
 def _ids(shape, seed):

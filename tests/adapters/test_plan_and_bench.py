@@ -14,7 +14,7 @@ from tagi_ds.adapters.predict import InputRow, plan_tasks, read_inputs
 from tagi_ds.data.sni import load_sni_task
 from tagi_ds.errors import DataError
 
-from adapters_helpers import write_task_file
+from tests.adapters.adapters_helpers import write_task_file
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -81,7 +81,9 @@ def test_causal_generation_is_left_padded(pairs, llama_tokenizer):
     assert batch.labels is None
     width = batch.input_ids.shape[1]
     for k, (_, inst) in enumerate(pairs):
-        want = _ids(tok, prompts.build_task_input(inst))
+        # no bos: the input continues the instruction prefix, whose row starts with it (one bos in all)
+        want = _ids(tok, prompts.build_task_input(inst), special=False)
+        assert want[0] != tok.bos_token_id and batch.instr_ids[0, 0] == tok.bos_token_id
         n = int(batch.attention_mask[k].sum())
         assert batch.input_ids[k, width - n:].tolist() == want  # prompt flush right
         assert not batch.attention_mask[k, :width - n].any()

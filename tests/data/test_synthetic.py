@@ -92,7 +92,7 @@ def test_operations_against_hand_results():
 
 
 def test_every_op_changes_what_rouge_and_em_see(suite):
-    from tagi_ds.eval.metrics import normalize_answer
+    from tagi_ds.metrics import normalize_answer
 
     for t in suite.train + suite.unseen():
         changed = [normalize_answer(i.label) != normalize_answer(i.input) for i in t.instances]

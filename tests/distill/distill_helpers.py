@@ -1,17 +1,7 @@
-"""Helpers shared by the distillation tests (imported by name: pytest puts this folder on sys.path)."""
+"""Teacher-like logits shared by the distillation tests."""
 from __future__ import annotations
 
 import torch
-
-
-def make_tokenizer(words: list[str]):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def teacher_logits(seed: int, L: int, V: int, scale: float = 4.0) -> torch.Tensor:

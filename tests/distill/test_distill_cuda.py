@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distill_helpers import zipf_logits
+from tests.distill.distill_helpers import zipf_logits
 
 from tagi_ds.distill.l_ins import delta_w_distance, delta_w_distance_dense
 from tagi_ds.distill.sparse_kl import dense_kl, sparse_kl
@@ -68,3 +68,34 @@ def test_l_ins_on_gpu_matches_dense():
     want = delta_w_distance_dense(A_g, B_g, 2.0, A_t, B_t, 2.0)
     assert got.shape == (4, 28) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=0)
+
+
+def test_priority_cache_kl_on_gpu_memory_values_and_seeded_rows():
+    """weighted_kl keeps the sparse KL's flat memory at a real vocabulary size and matches the CPU values; the
+    priority rows drawn on the GPU are seeded (the same twice)."""
+    from tagi_ds.distill.sampled_kl import priority_weights, weighted_kl
+    from tagi_ds.distill.teacher_rows import CacheMode, decode_rows, encode_rows, instance_generator
+
+    N, L, V, T = 8, 128, 32128, 2.0
+    dev = torch.device("cuda")
+    teacher = zipf_logits(0, (N, L), V).to(dev)
+    student = (teacher + torch.randn_like(teacher)).requires_grad_(True)
+    mask = torch.ones(N, L, dtype=torch.bool, device=dev)
+    mode = CacheMode.make("priority", k=63, seed=0)
+    flat = teacher.reshape(N * L, V)
+    rows = [decode_rows(encode_rows(flat, mode, T, instance_generator(0, "t", "i", dev))) for _ in range(2)]
+    assert all(torch.equal(rows[0][k], rows[1][k]) for k in rows[0])
+    lp, ids = (rows[0][k].reshape(N, L, -1).to(dev) for k in ("logprobs", "ids"))
+    w = priority_weights(lp, rows[0]["threshold"].reshape(N, L, 1).to(dev))
+
+    def run():
+        student.grad = None
+        loss = weighted_kl(student, lp, ids, w, mask, T, control="auto", chunk_tokens=128)
+        loss.backward()
+        return loss.detach()
+
+    loss, peak = _peak(run)
+    assert peak < 1.3 * student.numel() * 4
+    cpu = weighted_kl(student.detach().cpu(), lp.cpu(), ids.cpu(), w.cpu(), mask.cpu(), T, control="auto")
+    torch.testing.assert_close(loss.cpu(), cpu, rtol=1e-4, atol=0)
+    assert torch.isfinite(student.grad).all()

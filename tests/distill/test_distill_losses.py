@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distill_helpers import zipf_logits
+from tests.distill.distill_helpers import zipf_logits
 
 from tagi_ds.distill.logit_cache import CacheShardWriter, manifest_fields
 from tagi_ds.distill.losses import distillation_loss, teacher_kl

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import torch
-from distill_helpers import zipf_logits
+from tests.distill.distill_helpers import zipf_logits
 
 from tagi_ds.cli import main as cli_main
 from tagi_ds.distill.logit_cache import CacheShardWriter, manifest_fields

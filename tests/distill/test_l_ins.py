@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tagi_ds.distill.l_ins import delta_w_distance, delta_w_distance_dense
+from tagi_ds.distill.l_ins import delta_w_distance, delta_w_distance_dense, l_ins_per_task
 
 
 def lora(shape: tuple[int, ...], r: int, d_out: int, d_in: int, seed: int, dtype=torch.float32):
@@ -90,3 +90,32 @@ def test_shape_errors_name_the_problem():
     A2, B2 = lora((), 4, 20, 17, seed=0)
     with pytest.raises(ValueError, match="20×16 but the teacher's is 20×17"):
         delta_w_distance(A, B, 1.0, A2, B2, 1.0)
+
+
+def test_batched_per_task_equals_the_loop_over_tasks_and_module_types():
+    """l_ins_per_task (one call per module type) against the finetune's loop (one call per task x module type):
+    same values and same gradients w.r.t. the generated factors; module types of different shapes and ranks."""
+    n_tasks, L = 4, 3
+    shapes = {"q": (32, 32), "ffn_in": (48, 32), "ffn_out": (32, 48)}  # module type -> (d_out, d_in)
+    gen, teachers = {}, [({}, s) for s in (2.0, 0.5, 1.0, 4.0)]
+    for j, (mt, (d_out, d_in)) in enumerate(shapes.items()):
+        A, B = lora((n_tasks, L), 4, d_out, d_in, seed=j)
+        gen[mt] = (A.requires_grad_(True), B.requires_grad_(True))
+        for i, (ad, _) in enumerate(teachers):
+            ad[mt] = lora((L,), 8, d_out, d_in, seed=100 + 10 * i + j)  # teacher rank 8, generated rank 4
+    teachers[2][0]["q"] = (torch.zeros(L, 8, 32), torch.zeros(L, 32, 8))  # a zero teacher update: unnormalised
+    got = l_ins_per_task(gen, 1.5, teachers)
+    loop = torch.stack([torch.cat([delta_w_distance(A[i], B[i], 1.5, *teachers[i][0][mt], teachers[i][1])
+                                   for mt, (A, B) in gen.items()]).float().mean() for i in range(n_tasks)])
+    assert got.shape == (n_tasks,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, loop, rtol=1e-6, atol=0)
+    w = torch.tensor([3.0, 1.0, 2.0, 5.0])  # token weights, as the finetune applies them
+    grads = torch.autograd.grad((got * w).sum(), [t for ab in gen.values() for t in ab])
+    want = torch.autograd.grad((loop * w).sum(), [t for ab in gen.values() for t in ab])
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="4 generated tasks but 3 teachers"):
+        l_ins_per_task(gen, 1.5, teachers[:3])
+    teachers[1][0]["q"] = lora((L,), 2, 32, 32, seed=0)
+    with pytest.raises(ValueError, match="module type 'q': teachers of different shapes"):
+        l_ins_per_task(gen, 1.5, teachers)

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distill_helpers import make_tokenizer, teacher_logits
+from tests.distill.distill_helpers import teacher_logits
+from tests.tiny import word_tokenizer
 
 from tagi_ds.distill.logit_cache import (CacheShardReader, CacheShardWriter, dir_hash, ids_dtype, manifest_fields,
                                          shard_is_complete, tokenizer_hash)
@@ -93,8 +94,8 @@ def test_truncated_file_is_refused_naming_the_file(tmp_path):
 
 
 def test_manifest_from_another_tokenizer_is_refused_naming_the_field(tmp_path, tmp_path_factory):
-    tok_a = make_tokenizer([f"w{i}" for i in range(40)])
-    tok_b = make_tokenizer([f"w{i}" for i in range(39)] + ["other"])
+    tok_a = word_tokenizer(None, [f"w{i}" for i in range(40)])
+    tok_b = word_tokenizer(None, [f"w{i}" for i in range(39)] + ["other"])
     ha, hb = tokenizer_hash(tok_a), tokenizer_hash(tok_b)
     assert ha != hb
     write_shard(tmp_path, f=fields(tok_hash=ha))
@@ -110,7 +111,7 @@ def test_manifest_from_another_tokenizer_is_refused_naming_the_field(tmp_path, t
 def test_tokenizer_hash_is_stable_across_save_and_load(tmp_path):
     from transformers import AutoTokenizer
 
-    tokenizer = make_tokenizer([f"w{i}" for i in range(40)])
+    tokenizer = word_tokenizer(None, [f"w{i}" for i in range(40)])
     tokenizer.save_pretrained(tmp_path / "tok")
     again = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert tokenizer_hash(again) == tokenizer_hash(tokenizer)
@@ -136,8 +137,7 @@ def test_exception_inside_writer_publishes_nothing(tmp_path):
 
 
 _SLOW_WRITER = textwrap.dedent("""
-    import sys, time, torch
-    sys.path.insert(0, {repo!r})
+    import time, torch
     from tagi_ds.distill.logit_cache import CacheShardWriter, manifest_fields
     f = manifest_fields(tokenizer_hash="tokhash", backbone_id="tiny-t5", teacher_adapter_hash="adapterhash",
                         k={k}, temperature={t}, prompt_format="tk-instruct-v1", max_source_length=64,
@@ -155,7 +155,7 @@ _SLOW_WRITER = textwrap.dedent("""
 def test_sigkill_mid_write_leaves_nothing_and_rerun_completes(tmp_path):
     script = _SLOW_WRITER.format(repo=str(REPO), k=K, t=T, v=V, root=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     try:
         for _ in range(3):  # wait until it is really writing
             line = proc.stdout.readline()

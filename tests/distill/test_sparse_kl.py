@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from distill_helpers import zipf_logits
+from tests.distill.distill_helpers import zipf_logits
 
 from tagi_ds.distill.sparse_kl import dense_kl, sparse_kl
 

@@ -10,8 +10,8 @@ from tagi_ds.data.tasks import Example, Instance, Task
 from tagi_ds.errors import ConfigError, DataError
 from tagi_ds.eval.evaluate import (demo_output_scores, echo_scores, pooled_splits, read_predictions, score_split,
                                    write_predictions)
-from tagi_ds.eval.methods import VARIANT_OVERRIDES, check_methods, variant_config
-from tagi_ds.eval.metrics import compute_metrics
+from tagi_ds.run.methods import VARIANT_OVERRIDES, check_methods, variant_config
+from tagi_ds.metrics import compute_metrics
 
 
 def _task(name: str, cat: str, rows: list[tuple[str, str]], demo: str = "apple") -> Task:

@@ -1,15 +1,19 @@
-"""Rank classification: batched scores equal a one-pair-at-a-time reference; a rigged model picks its answer."""
+"""Rank classification: batched scores equal a one-pair-at-a-time reference; a rigged model picks its answer; token
+mean (the default, TAGI's scorer) and sum disagree where lengths differ; one forward per batch of instances; the
+per-prompt → per-dataset → mean / median-of-medians report equals a hand computation."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from eval_helpers import V, tiny_llama, tiny_t5
+from tests.tiny import WORD_V as V, eager_llama, eager_t5
 
+from tagi_ds.data.tasks import Instance, Task
 from tagi_ds.errors import ConfigError, DataError
-from tagi_ds.eval.rank_classification import (accuracy_per_prompt_then_dataset, choice_logliks, module_forward,
-                                               rank_classify)
+from tagi_ds.eval.rank_classification import (HELDOUT_DATASETS, PromptResult, accuracy_per_prompt_then_dataset,
+                                               choice_logliks, module_forward, rank_classify, rank_classify_task,
+                                               t0_report)
 
 SOURCES = ["is the sky blue", "question w1 w2 w3 w4 w5 w6 answer", "it is true"]
 CHOICES = [["yes", "no", "maybe w3 w4"], ["w7", "w8 w9"], ["true", "no w1", "yes", "w2 w3 w4 w5"]]
@@ -33,7 +37,7 @@ def _reference_loglik(model, arch, tok, src, choice):
 
 @pytest.mark.parametrize("arch", ["t5", "llama"])
 def test_batched_scores_match_reference(arch, t5_tok, llama_tok):
-    model = tiny_t5() if arch == "t5" else tiny_llama()
+    model = eager_t5() if arch == "t5" else eager_llama()
     tok = t5_tok if arch == "t5" else llama_tok
     got_sum = choice_logliks(model, arch, tok, SOURCES, CHOICES, reduction="sum", batch_size=3)
     got_mean = choice_logliks(model, arch, tok, SOURCES, CHOICES, reduction="mean", batch_size=4)
@@ -58,7 +62,7 @@ def _rig(model, token_id: int, bias: float) -> None:
 
 @pytest.mark.parametrize("arch", ["t5", "llama"])
 def test_rigged_model_picks_known_answer_and_sum_vs_mean(arch, t5_tok, llama_tok):
-    model = tiny_t5(seed=1) if arch == "t5" else tiny_llama(seed=1)
+    model = eager_t5(seed=1) if arch == "t5" else eager_llama(seed=1)
     tok = t5_tok if arch == "t5" else llama_tok
     yes = tok.convert_tokens_to_ids("yes")
     b = 8.0
@@ -85,26 +89,98 @@ def test_rigged_model_picks_known_answer_and_sum_vs_mean(arch, t5_tok, llama_tok
     m = choice_logliks(model, arch, tok, ["is it true"], [ch], reduction="mean")[0]
     assert s == pytest.approx(want_sum, abs=1e-4)
     assert m == pytest.approx(want_mean, abs=1e-4)
-    # lengths differ, so the two reductions disagree on the answer
+    # lengths differ, so the two reductions disagree on the answer; the default is the token mean
     assert rank_classify(model, arch, tok, ["is it true"], [ch], reduction="sum") == [1]
     assert rank_classify(model, arch, tok, ["is it true"], [ch], reduction="mean") == [0]
+    assert rank_classify(model, arch, tok, ["is it true"], [ch]) == [0]
+
+
+# dataset → prompt → (predictions, labels); per-prompt accuracy by hand in the comments
+TABLE = {
+    "rte": {"p1": ([0, 1], [0, 1]),            # 100
+            "p2": ([1, 0], [1, 1]),            # 50
+            "p3": ([0], [1])},                 # 0     → mean 50, median 50
+    "copa": {"q1": ([1, 1, 1, 1], [1, 1, 1, 0]),  # 75
+             "q2": ([0], [0])},                   # 100 → mean 87.5, median 87.5
+    "cb": {"r1": ([2], [0]),                   # 0
+           "r2": ([1, 1], [1, 0]),             # 50
+           "r3": ([0, 0], [0, 0]),             # 100
+           "r4": ([0], [1])},                  # 0     → mean 37.5, median 25
+}
 
 
 def test_accuracy_per_prompt_then_dataset():
-    preds = [0, 1, 1, 0, 2, 2, 0]
-    labels = [0, 1, 0, 0, 2, 1, 1]
-    prompts = ["p1", "p1", "p2", "p2", "q1", "q1", "q2"]
-    datasets = ["rte", "rte", "rte", "rte", "copa", "copa", "copa"]
+    preds, labels, prompts, datasets = [], [], [], []
+    for ds, by_prompt in TABLE.items():
+        for pr, (p, y) in by_prompt.items():
+            preds += p
+            labels += y
+            prompts += [pr] * len(p)
+            datasets += [ds] * len(p)
     got = accuracy_per_prompt_then_dataset(preds, labels, prompts, datasets)
-    assert got["datasets"]["rte"]["prompts"] == {"p1": 100.0, "p2": 50.0}
-    assert got["datasets"]["rte"]["mean"] == 75.0
-    assert got["datasets"]["copa"]["prompts"] == {"q1": 50.0, "q2": 0.0}
-    assert got["datasets"]["copa"]["median"] == 25.0
-    assert got["mean"] == pytest.approx(50.0)
+    assert list(got["datasets"]) == ["cb", "rte", "copa"]  # T0's held-out order
+    assert got["datasets"]["rte"]["prompts"] == {"p1": 100.0, "p2": 50.0, "p3": 0.0}
+    assert got["datasets"]["copa"]["prompts"] == {"q1": 75.0, "q2": 100.0}
+    assert got["datasets"]["cb"]["prompts"] == {"r1": 0.0, "r2": 50.0, "r3": 100.0, "r4": 0.0}
+    assert [(d["mean"], d["median"]) for d in got["datasets"].values()] == [(37.5, 25.0), (50.0, 50.0),
+                                                                             (87.5, 87.5)]
+    assert got["mean"] == pytest.approx((37.5 + 50 + 87.5) / 3)      # mean of the dataset means
+    assert got["median"] == 50.0                                      # median of the dataset medians (TAGI)
+    assert got["mean_of_medians"] == pytest.approx((25 + 50 + 87.5) / 3)  # what the old code called the median
+
+
+def test_t0_report_from_prompt_results():
+    results = [PromptResult(f"{ds}_{pr}", ds, pr, p, y) for ds, by in TABLE.items() for pr, (p, y) in by.items()]
+    report = t0_report(results)
+    assert report["median"] == 50.0 and report["datasets"]["cb"]["median"] == 25.0
+    assert report["missing"] == [d for d in HELDOUT_DATASETS if d not in TABLE]
+    with pytest.raises(DataError, match="appears twice"):
+        t0_report(results + results[:1])
+
+
+def test_one_forward_per_batch_of_instances(t5_tok, llama_tok):
+    """All choices of `batch_size` instances go through one forward; an instance's choices are never split."""
+    for arch, model, tok in (("t5", eager_t5(), t5_tok), ("llama", eager_llama(), llama_tok)):
+        calls = []
+        inner = module_forward(model, arch)
+
+        def counting(input_ids, attention_mask, labels):
+            calls.append(input_ids.shape[0])
+            return inner(input_ids, attention_mask, labels)
+
+        batched = choice_logliks(counting, arch, tok, SOURCES, CHOICES, batch_size=2)
+        assert calls == [3 + 2, 4]  # instances 0-1 (3 and 2 choices), then instance 2 (4 choices)
+        one_by_one = choice_logliks(model, arch, tok, SOURCES, CHOICES, batch_size=1)
+        assert [s == pytest.approx(o, abs=1e-5) for s, o in zip(batched, one_by_one)] == [True] * 3
+
+
+def _p3_task(choices, targets, dataset="rte", prompt="GPT_3_style") -> Task:
+    insts = tuple(Instance(id=f"i{k}", input=f"question w{k}", references=(t,), label=t, answer_choices=tuple(c))
+                  for k, (c, t) in enumerate(zip(choices, targets)))
+    return Task(name=f"{dataset}_{prompt}", definition="", positive_examples=(), negative_examples=(),
+                instances=insts, meta={"dataset": dataset, "prompt": prompt})
+
+
+@pytest.mark.parametrize("arch", ["t5", "llama"])
+def test_rank_classify_task(arch, t5_tok, llama_tok):
+    model = eager_t5(seed=2) if arch == "t5" else eager_llama(seed=2)
+    tok = t5_tok if arch == "t5" else llama_tok
+    _rig(model, tok.convert_tokens_to_ids("yes"), 8.0)
+    task = _p3_task([["no", "yes"], ["yes", "no"], ["maybe", "no", "yes"]], ["yes", " no", "yes"])
+    sources = [i.input for i in task.instances]
+    for m in (model, module_forward(model, arch)):  # a HF model or a forward closure (the TAGI student's way)
+        res = rank_classify_task(m, arch, tok, task, sources)
+        assert (res.dataset, res.prompt) == ("rte", "GPT_3_style")
+        assert res.predictions == [1, 0, 2] and res.labels == [1, 1, 2]
+        assert res.accuracy == pytest.approx(200 / 3)
+    with pytest.raises(DataError, match="2 sources for 3 instances"):
+        rank_classify_task(model, arch, tok, task, sources[:2])
+    with pytest.raises(DataError, match=r"instance i0: target 'green' is none of its answer choices"):
+        rank_classify_task(model, arch, tok, _p3_task([["no", "yes"]], ["green"]), ["q"])
 
 
 def test_bad_input(t5_tok):
-    model = tiny_t5()
+    model = eager_t5()
     with pytest.raises(ConfigError, match="arch"):
         choice_logliks(model, "gpt", t5_tok, ["x"], [["yes"]])
     with pytest.raises(DataError, match="no answer choices"):

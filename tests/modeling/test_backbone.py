@@ -95,3 +95,24 @@ def test_load_backbone_frozen(tmp_path):
     assert torch.equal(loaded.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
     with pytest.raises(ConfigError, match="dtype"):
         load_backbone(str(tmp_path), dtype="float64")
+
+
+@pytest.mark.parametrize("arch", ["t5", "llama"])
+def test_the_frozen_backbone_never_drops_out_even_in_train_mode(tmp_path, arch):
+    """Issue 18 (minor): HF activation checkpointing needs train() mode, which switched T5's dropout (0.1) on exactly
+    when checkpointing was on. A backbone saved with dropout loads with none: train() forwards repeat eval()'s."""
+    if arch == "t5":
+        config = tiny_t5_config(vocab_size=64, d_model=32, d_ff=48)
+        config.dropout_rate = 0.3
+    else:
+        config = tiny_llama_config(vocab_size=64, hidden_size=32, intermediate_size=48)
+        config.attention_dropout = 0.3
+    build_from_config(config, seed=3).save_pretrained(tmp_path)
+    loaded, _ = load_backbone(str(tmp_path), attn_implementation="eager")
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    kw = {"decoder_input_ids": ids[:, :4]} if arch == "t5" else {}
+    with torch.no_grad():
+        ref = loaded(input_ids=ids, **kw).logits
+        loaded.train()  # what gradient checkpointing does to the frozen model
+        again = [loaded(input_ids=ids, **kw).logits for _ in range(2)]
+    assert torch.equal(again[0], ref) and torch.equal(again[1], ref)

@@ -3,8 +3,6 @@ as without it, fewer saved activation bytes, generation untouched, and a finetun
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +11,9 @@ from tagi_ds.errors import ConfigError, TagiError
 from tagi_ds.modeling.checkpointing import is_block_checkpointing
 from tagi_ds.modeling.lora import merge_into_copy
 
-from modeling_helpers import make_student, rand_ids
-from student_helpers import randomize_b_heads
-from test_tagi import INSTR, INSTR_MASK, _batch
+from tests.tiny import make_student, rand_ids
+from tests.tiny import randomize_b_heads
+from tests.modeling.test_tagi import INSTR, INSTR_MASK, _batch
 
 TASK_IDS = torch.tensor([1, 0, 2])
 
@@ -120,8 +118,7 @@ def test_hf_checkpointing_is_still_refused():
 
 # ------------------------------------------------------------------------------------------- the recipe switch
 def test_finetune_recipe_with_checkpointing_matches_the_plain_run(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-    import recipe_worker as W
+    from tests.train import recipe_worker as W
 
     from tagi_ds.config import load_config
     from tagi_ds.train.finetune import run
@@ -130,7 +127,7 @@ def test_finetune_recipe_with_checkpointing_matches_the_plain_run(tmp_path):
     losses = {}
     for ck in (False, True):
         cfg = load_config(yaml, sets + [f"backbone.gradient_checkpointing={str(ck).lower()}"])
-        out = run(cfg, variant=f"ck_{ck}", show_progress=False)
+        out = run(cfg, f"ck_{ck}", progress=False)
         recs = [json.loads(x) for x in (out.parent / "metrics.jsonl").read_text().splitlines()]
         losses[ck] = [(r["step"], r["loss"]) for r in recs]
     assert [s for s, _ in losses[True]] == [1, 2, 3]

@@ -7,7 +7,7 @@ from tagi_ds.modeling.hf_compat import cache_kwargs
 from tagi_ds.modeling.fusion import (expand_prefix, fuse_encoder_states, llama_instruction_pass,
                                      positions_from_mask, prefix_mask_and_positions)
 
-from modeling_helpers import rand_ids, tiny_backbone
+from tests.tiny import rand_ids, tiny_backbone
 
 
 def test_fuse_encoder_states():
@@ -50,3 +50,36 @@ def test_llama_prefix_equals_one_long_sequence():
             ref = model(input_ids=seq).logits[0, -int(xmask[row].sum()):]
             torch.testing.assert_close(logits[row][xmask[row].bool()], ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(prefix[0][0], k_before)  # the per-task prefix is never modified by cache updates
+
+
+def _cache_bytes(cache) -> int:
+    """Bytes of the tensors a cache object keeps alive after the forward (per-row copies and grown states)."""
+    seen, total = set(), 0
+    for layer in cache.layers:
+        for t in vars(layer).values():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def test_the_training_forward_keeps_the_prefix_per_task_not_per_row():
+    """A teacher-forced forward through `lazy_prefix_cache` gives the per-row cache's logits exactly, and keeps only
+    the per-task prefix: the per-row cache kept N rows x every layer, grown by the input (about N/n_tasks x more)."""
+    from tagi_ds.modeling.fusion import lazy_prefix_cache
+
+    model = tiny_backbone("llama")
+    instr, imask = rand_ids((2, 12), 1), torch.tensor([[1] * 9 + [0] * 3, [1] * 12])
+    x = rand_ids((8, 5), 2)
+    xmask = torch.ones_like(x)
+    task_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    with torch.no_grad():
+        _, prefix = llama_instruction_pass(model, instr, imask)
+        mask, pos = prefix_mask_and_positions(imask, xmask, task_ids)
+        per_row, lazy = expand_prefix(prefix, task_ids, model.config), lazy_prefix_cache(prefix, task_ids, model.config)
+        want = model(input_ids=x, attention_mask=mask, position_ids=pos, **cache_kwargs(model, per_row)).logits
+        got = model(input_ids=x, attention_mask=mask, position_ids=pos, **cache_kwargs(model, lazy)).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    per_task = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in prefix)
+    assert _cache_bytes(lazy) == per_task
+    assert _cache_bytes(per_row) >= 4 * per_task  # 8 rows of 2 tasks, plus the input grown in

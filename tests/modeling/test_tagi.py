@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from tagi_ds.errors import TagiError
 
-from modeling_helpers import make_student, rand_ids
-from student_helpers import randomize_b_heads
+from tests.tiny import make_student, rand_ids
+from tests.tiny import randomize_b_heads
 
 # Three tasks' instructions with different real lengths (right-padded), as a caller would batch them.
 INSTR = rand_ids((3, 6), 10)

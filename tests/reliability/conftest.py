@@ -1,20 +1,16 @@
 """Shared tiny artifacts of the reliability tests, built once per session.
 
-`rel_run` is one tiny LLaMA run: a sentencepiece tokenizer + random backbone (recipe_worker.build_backbone), random
+`rel_run` is one tiny LLaMA run: a sentencepiece tokenizer + random backbone (tests.tiny.small_backbone_dir), random
 PEFT teachers and their logit-cache shards with the manifests the finetune expects (write_teachers_and_cache), and a
 plain-loop (no DeepSpeed) finetune of 2 steps with a checkpoint after each step and an export. The bad-input tests
 run the real CLI against it and check that nothing under the run folder changed.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-TRAIN_TESTS = Path(__file__).resolve().parents[1] / "train"
-sys.path.insert(0, str(TRAIN_TESTS))  # recipe_worker, teacher_helpers
 
 CONFIG = """\
 seed: 0
@@ -28,6 +24,7 @@ data:
   max_target_length: 8
   num_pos_examples: 1
   synthetic: {instances_per_task: 6, held_back_per_task: 2}
+  pretrain_text: offline
   pretrain_offline_docs: 48
   pretrain_segment_lengths: [16, 12, 8]
 lora: {r: 4, alpha: 8.0}
@@ -63,7 +60,7 @@ class RelRun:
 
 @pytest.fixture(scope="session")
 def rel_run(tmp_path_factory) -> RelRun:
-    import recipe_worker as W
+    from tests.train import recipe_worker as W
 
     from tagi_ds.train import finetune
 
@@ -76,6 +73,6 @@ def rel_run(tmp_path_factory) -> RelRun:
 
     cfg = load_config(yaml, sets)
     tasks = W.write_teachers_and_cache(cfg)
-    export = finetune.run(cfg, variant="tagi", show_progress=False)
+    export = finetune.run(cfg, "tagi", progress=False)
     return RelRun(root, yaml, sets, bb, cfg.run_dir, Path(export), tasks)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rel_helpers import snapshot
+from tests.reliability.rel_helpers import snapshot
 from tagi_ds import cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,7 +152,7 @@ def test_bad_task_file_given_to_the_adapter_tools(rel_run, capsys, tmp_path):
 def test_array_index_out_of_range(rel_run, capsys):
     for stage in ("teacher", "cache-logits"):
         refused(capsys, [stage, *rel_run.args("array_index=7")], rel_run.run_dir,
-                match="array_index=7 is out of range: valid indices are 0-1 (2 units); submit with --array=0-1")
+                match="array_index=7 is out of range: valid indices are 0-1 (2 units, 1 per job); submit with --array=0-1")
     refused(capsys, ["teacher", *rel_run.args("array_index=two")], rel_run.run_dir,
             match="array_index must be an integer, got 'two'")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tagi_ds.errors import ConfigError, DataError
-from tagi_ds.train.array import array_units, resolve_array_index, sbatch_line, tasks_for_unit
+from tagi_ds.run.array import array_units, resolve_array_index, sbatch_line, tasks_for_unit
 
 NAMES = ["task_c", "task_a", "task_b", "task_d"]
 CATS = {"task_a": ("Sentiment",), "task_b": ["QA"], "task_c": "Sentiment", "task_d": ("QA", "Other")}
@@ -31,7 +31,7 @@ def test_category_grouping_needs_categories():
 
 def test_index_out_of_range_names_the_range():
     units = array_units(NAMES, CATS, "task")
-    assert resolve_array_index(units, "2") == "task_c"
+    assert resolve_array_index(units, "2") == ["task_c"]
     with pytest.raises(ConfigError, match=r"array_index=4 is out of range: valid indices are 0-3"):
         resolve_array_index(units, 4)
     with pytest.raises(ConfigError, match=r"array_index=-1 .*0-3"):

@@ -48,10 +48,10 @@ def test_array_script_headers(script):
                                           ("slurm/cache_array.sbatch", "cache-logits")])
 def test_array_dry_run_prints_unit_command_and_port(script, stage):
     from tagi_ds.config import load_config
-    from tagi_ds.train.array import array_units_from_config
+    from tagi_ds.run.units import load_run_units
 
     # one unit per task (the tiny config groups by category: 2 units), so index 3 exists
-    units = array_units_from_config(load_config(REPO / "configs" / "tiny.yaml", ["teacher.group_by=task"]))
+    units = load_run_units(load_config(REPO / "configs" / "tiny.yaml", ["teacher.group_by=task"])).units
     r = _bash(script, "configs/tiny.yaml", "teacher.group_by=task", "teacher.steps=5", DRY_RUN="1",
               SLURM_ARRAY_TASK_ID="3")
     assert r.returncode == 0, r.stderr

@@ -22,15 +22,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import engine_standin as S  # noqa: E402
-
-from tagi_ds.errors import TagiError  # noqa: E402
-from tagi_ds.train.distributed import (DistributedFailure, all_reduce_mean, ds_config_from_file,  # noqa: E402
-                                       global_token_mean, init_distributed, zero3_model_context)
-from tagi_ds.train.engine import Engine  # noqa: E402
+from tagi_ds.errors import TagiError
+from tagi_ds.run.dist import DistributedFailure, all_reduce_mean, init_distributed
+from tagi_ds.train.distributed import ds_config_from_file, global_token_mean, zero3_model_context
+from tagi_ds.train.engine import Engine
+from tests.train import engine_standin as S
 
 
 def emit(log: Path, rank: int, **event) -> None:

@@ -19,36 +19,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-VOCAB = 400
+from tests.tiny import small_backbone_dir
 
 
-# ------------------------------------------------------------------------------------------------ assets
 def build_backbone(arch: str, out_dir: Path, seed: int = 0) -> Path:
-    """Sentencepiece tokenizer on the synthetic suite's wording + a random tiny backbone, saved together."""
-    from tagi_ds.data.synthetic import all_wording, build_suite
-    from tagi_ds.data.tokenizer import train_sentencepiece_tokenizer
-    from tagi_ds.modeling.tiny import build_from_config, tiny_llama_config, tiny_t5_config
-
-    suite = build_suite(instances_per_task=12, held_back_per_task=2)
-    tok_dir = out_dir.parent / f"{out_dir.name}_tok"
-    tok = train_sentencepiece_tokenizer(all_wording(suite), tok_dir, vocab_size=VOCAB, kind=arch)
-    if arch == "t5":
-        config = tiny_t5_config(vocab_size=len(tok), d_model=32, num_layers=2, num_heads=2, d_ff=64)
-    else:
-        config = tiny_llama_config(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2,
-                                   intermediate_size=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id)
-    model = build_from_config(config, seed=seed)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
+    """The recipes' tiny backbone folder (tests.tiny.small_backbone_dir)."""
+    return small_backbone_dir(out_dir, arch, seed)
 
 
 TINY_FINETUNE_YAML = (
     "seed: 0\ndevice: cpu\ndata: {source: synthetic, max_tasks: 2, max_source_length: 96, max_input_length: 24,\n"
-    "  max_target_length: 8, num_pos_examples: 1, synthetic: {instances_per_task: 6, held_back_per_task: 2}}\n"
+    "  max_target_length: 8, num_pos_examples: 1, pretrain_text: offline,\n"
+    "  synthetic: {instances_per_task: 6, held_back_per_task: 2}}\n"
     "lora: {r: 4, alpha: 8.0}\nhypernet: {hidden: 16, trunk_layers: 1, embed_dim: 8, kernel: reference}\n"
     "cache: {top_k: 8, temperature: 2.0}\n"
     "finetune: {steps: 3, lr: 0.003, warmup_steps: 1, tasks_per_batch: 2, instances_per_task: 4, log_every: 1,\n"
@@ -56,15 +38,15 @@ TINY_FINETUNE_YAML = (
     "distributed: {use_deepspeed: false}\n")
 
 
-def tiny_finetune_run(root: Path) -> tuple[Path, list[str]]:
-    """A one-process, 3-step finetune on 2 synthetic tasks with a tiny LLaMA and random teachers + cache, all under
-    `root`. Returns (config YAML, overrides) for `load_config`."""
+def tiny_finetune_run(root: Path, *extra: str) -> tuple[Path, list[str]]:
+    """A one-process, 3-step finetune on 2 synthetic tasks with a tiny LLaMA and random teachers + cache (in the
+    cache mode `extra` may set), all under `root`. Returns (config YAML, overrides) for `load_config`."""
     from tagi_ds.config import load_config
 
     bb = build_backbone("llama", root / "bb")
     yaml = root / "c.yaml"
     yaml.write_text(TINY_FINETUNE_YAML)
-    sets = [f"runs_dir={root / 'runs'}", "name=r", f"backbone.name_or_path={bb}"]
+    sets = [f"runs_dir={root / 'runs'}", "name=r", f"backbone.name_or_path={bb}", *extra]
     write_teachers_and_cache(load_config(yaml, sets))
     return yaml, sets
 
@@ -74,14 +56,15 @@ def write_teachers_and_cache(cfg, seed: int = 0) -> list[str]:
     logits at the student's label positions) under <run>/logit_cache/, with the manifests the finetune expects."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from tagi_ds.adapters.peft_io import write_peft_adapter
     from tagi_ds.data.collate import encode_target
     from tagi_ds.data.registry import load_run_tasks_from_config
     from tagi_ds.distill.logit_cache import CacheShardWriter, tokenizer_hash
     from tagi_ds.modeling.backbone import detect_arch, target_specs
-    from tagi_ds.train.cache_logits import shard_fields
-    from tagi_ds.train.run_paths import RunPaths
-    from tagi_ds.train.teacher import backbone_identity, prompt_settings
+    from tagi_ds.run.artifacts import record_teacher_stat, shard_fields
+    from tagi_ds.run.backbone import backbone_identity
+    from tagi_ds.run.paths import RunPaths
+    from tagi_ds.run.peft_io import write_peft_adapter
+    from tagi_ds.run.prompts import prompt_settings
 
     paths = RunPaths.of(cfg)
     path = cfg.backbone.name_or_path
@@ -103,13 +86,13 @@ def write_teachers_and_cache(cfg, seed: int = 0) -> list[str]:
         write_peft_adapter(paths.teacher(task.name), specs, adapters, r=r, alpha=cfg.lora.alpha, base_model=str(path),
                            task_type="SEQ_2_SEQ_LM" if arch == "t5" else "CAUSAL_LM",
                            extra_files={"manifest.json": {"unit": task.name, "test": True}})
-        fields = shard_fields(tokenizer_hash=tokenizer_hash(tok), backbone_id=backbone_identity(path),
-                              teacher_dir=paths.teacher(task.name), task=task, top_k=cfg.cache.top_k,
-                              temperature=cfg.cache.temperature, settings=settings, vocab_size=mconf.vocab_size)
+        fields = shard_fields(cfg, task, arch=arch, tokenizer_hash=tokenizer_hash(tok), backbone_id=backbone_identity(path),
+                              teacher_dir=paths.teacher(task.name), vocab_size=mconf.vocab_size, settings=settings)
         with CacheShardWriter(paths.logit_cache, task.name, fields) as w:
             for inst in task.instances:
                 L = len(encode_target(tok, inst.label, settings.max_target_length))
                 w.add(inst.id, torch.randn(L, mconf.vocab_size, generator=g) * 3.0)
+        record_teacher_stat(paths.cache_shard(task.name), paths.teacher(task.name) / "adapter_model.safetensors")
     return [t.name for t in tasks]
 
 
@@ -117,7 +100,7 @@ def write_teachers_and_cache(cfg, seed: int = 0) -> list[str]:
 def _stall(step_wanted: int, pid_dir: Path):
     def cb(step: int) -> None:
         if step == step_wanted:
-            from tagi_ds.train.distributed import rank
+            from tagi_ds.run.dist import rank
 
             pid_dir.mkdir(parents=True, exist_ok=True)
             (pid_dir / f"pid_rank{rank()}").write_text(str(os.getpid()))
@@ -128,9 +111,12 @@ def _stall(step_wanted: int, pid_dir: Path):
 
 def run_phase(ph: dict) -> None:
     from tagi_ds.config import load_config
-    from tagi_ds.train.distributed import rank
-    from tagi_ds.train.finetune import FinetuneTrainer
-    from tagi_ds.train.pretrain import PretrainTrainer
+    from tagi_ds.run.identity import check_stage_record
+    from tagi_ds.run.paths import RunPaths
+    from tagi_ds.train import finetune, pretrain
+    from tagi_ds.run.dist import rank
+    from tagi_ds.train.engine_stage import train_stage
+    from tagi_ds.train.hypernet_loop import setup_student
 
     if ph.get("reload_export"):
         reload_export(*ph["reload_export"])
@@ -138,27 +124,31 @@ def run_phase(ph: dict) -> None:
     cfg = load_config(ph["config"], ph.get("set", []))
     cb = _stall(ph["stall_after_save"], Path(ph["pid_dir"])) if ph.get("stall_after_save") else None
     if ph["stage"] == "pretrain":
-        tr = PretrainTrainer(cfg, on_checkpoint=cb, show_progress=False)
+        loop, micro = cfg.pretrain, cfg.pretrain.micro_batch_size
+        record = check_stage_record(RunPaths.of(cfg).pretrain, "pretrain", pretrain.identity(cfg))
+        setup = setup_student(cfg, micro_batch=micro, loop=loop)
+        spec = pretrain.build_stage(cfg, setup, record)
     else:
-        tr = FinetuneTrainer(cfg, variant=ph.get("variant", "tagi"), on_checkpoint=cb, show_progress=False)
-    tr.setup()
-    try:
-        tr.train()
-        tr.save()
-        if ph.get("dump_adapters"):
-            with torch.no_grad():  # collective under ZeRO-3: every rank runs the hypernetwork
-                enc = tr.encodings.select([0, 1])
-                ad = tr.student.generate_adapters(enc.to(tr.device))
-            if rank() == 0:
-                torch.save({"pooled": enc.pooled, "adapters": {k: (a.cpu(), b.cpu()) for k, (a, b) in ad.items()}},
-                           ph["dump_adapters"])
-    finally:
-        tr.cleanup()
+        variant = ph.get("variant", "tagi")
+        loop, micro = cfg.finetune, cfg.finetune.tasks_per_batch * cfg.finetune.instances_per_task
+        finetune.check_config(cfg, variant)
+        record = check_stage_record(RunPaths.of(cfg).finetune(variant), "finetune", finetune.identity(cfg))
+        setup = setup_student(cfg, micro_batch=micro, loop=loop)
+        spec = finetune.build_stage(cfg, variant, setup, record)
+    train_stage(setup, spec, on_checkpoint=cb, show_progress=False)
+    if ph.get("dump_adapters"):
+        with torch.no_grad():  # collective under ZeRO-3: every rank runs the backbone and the hypernetwork
+            b = spec.batches.batch(0).to(setup.device)
+            enc = setup.student.encode_instructions(b.instr_ids, b.instr_mask).select([0, 1])
+            ad = setup.student.generate_adapters(enc)
+        if rank() == 0:
+            torch.save({"pooled": enc.pooled, "adapters": {k: (a.cpu(), b.cpu()) for k, (a, b) in ad.items()}},
+                       ph["dump_adapters"])
 
 
 def reload_export(export_dir: str, dump_path: str, out_path: str) -> None:
     """Load the export with no DeepSpeed and regenerate the adapters of the dumped task vectors."""
-    from tagi_ds.train.export import load_hypernet_from_export, load_student_from_export
+    from tagi_ds.run.export_io import load_hypernet_from_export, load_student_from_export
 
     student = load_student_from_export(export_dir, backend="reference")
     hyper, cfg = load_hypernet_from_export(export_dir, backend="reference")

@@ -1,10 +1,8 @@
-"""Tiny tokenizer + backbone builders and run configs shared by the teacher / cache-logits tests (a module, imported
-by tests/train/conftest.py's session fixture and by the tests)."""
+"""Run configs shared by the teacher / cache-logits tests (the backbone folder comes from tests/train/conftest.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from student_helpers import suite_backbone_dir
 from tagi_ds.config import load_config
 
 # Small enough for 2 shared CPU cores, big enough that a LoRA teacher visibly learns its task.
@@ -14,11 +12,6 @@ TEACHER = ["lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "teacher.steps=30", "
            "teacher.batch_size=8", "teacher.tasks_per_batch=3", "teacher.warmup_steps=3",
            "teacher.checkpoint_every=10", "cache.top_k=8", "cache.batch_size=16", "eval.max_new_tokens=8",
            "eval.batch_size=32"]
-
-
-def build_tiny_backbone_dir(out: Path, arch: str) -> Path:
-    """The teacher tests' tiny backbone (hidden 64, vocab 600) with its suite tokenizer."""
-    return suite_backbone_dir(out, arch)
 
 
 def run_cfg(runs_dir: Path, backbone_dir: Path, arch: str, *extra: str, name: str = "t"):

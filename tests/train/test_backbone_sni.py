@@ -10,6 +10,7 @@ import pytest
 
 from tagi_ds.config import load_config
 from tagi_ds.errors import ConfigError
+from tagi_ds.run import backbone_recipe as R
 from tagi_ds.train import backbone_stage as bs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,13 +33,13 @@ def test_stage_publishes_model_tokenizer_and_a_record_whose_lm_loss_fell(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg, path, rec = built
-    assert path == cfg.run_dir / "backbone" == bs.resolve_backbone_path(cfg)
+    assert path == cfg.run_dir / "backbone" == R.resolve_backbone_path(cfg)
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
-    assert rec["recipe"]["hash"] == bs.recipe(cfg)["hash"] and rec["corpus"] == "sni"
-    assert rec["steps"] == STEPS and rec["docs"] == 8 and rec["seq_len"] == bs.LM_SEQ_LEN
-    assert 0 < rec["tokens_seen"] <= STEPS * 4 * bs.LM_SEQ_LEN
+    assert rec["recipe"]["hash"] == R.recipe(cfg)["hash"] and rec["corpus"] == "sni"
+    assert rec["steps"] == STEPS and rec["docs"] == 8 and rec["seq_len"] == R.LM_SEQ_LEN
+    assert 0 < rec["tokens_seen"] <= STEPS * 4 * R.LM_SEQ_LEN
     assert rec["heldout_lm_loss_after"] < rec["heldout_lm_loss_before"] - 0.5
-    assert rec["init_std"] == bs.sni_init_std(64) == 0.125
+    assert rec["init_std"] == R.sni_init_std(64) == 0.125
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert model.config.hidden_size == 64 and model.config.vocab_size == len(tok) == rec["vocab_size"]
@@ -93,15 +94,15 @@ def test_documents_are_plain_text_and_windows_fit(built, sni_dir):
 def test_recipe_hashes_differ_and_the_tiny_config_still_resolves_the_committed_asset(built):
     cfg, _, _ = built
     suite = load_config(None, [o for o in TINY_SNI if not o.startswith("backbone.pretrain_corpus")])
-    assert bs.recipe(suite)["hash"] != bs.recipe(cfg)["hash"]
-    assert "pretrain_corpus" not in bs.recipe(suite)["spec"] and "wording" in bs.recipe(suite)["spec"]
+    assert R.recipe(suite)["hash"] != R.recipe(cfg)["hash"]
+    assert "pretrain_corpus" not in R.recipe(suite)["spec"] and "wording" in R.recipe(suite)["spec"]
     tiny = load_config(str(REPO / "configs" / "tiny.yaml"), [])
     assert tiny.backbone.pretrain_corpus == "suite"
-    if not (bs.ASSET_DIR / "recipe.json").is_file():
+    if not (R.ASSET_DIR / "recipe.json").is_file():
         pytest.skip("no committed tiny backbone in this checkout")
-    asset_hash = json.loads((bs.ASSET_DIR / "recipe.json").read_text())["recipe"]["hash"]
-    assert bs.recipe(tiny)["hash"] == asset_hash
-    assert bs.resolve_backbone_path(tiny) == bs.ASSET_DIR
+    asset_hash = json.loads((R.ASSET_DIR / "recipe.json").read_text())["recipe"]["hash"]
+    assert R.recipe(tiny)["hash"] == asset_hash
+    assert R.resolve_backbone_path(tiny) == R.ASSET_DIR
 
 
 def test_rerun_skips(built, capsys):
@@ -119,11 +120,11 @@ def test_sni_corpus_without_sni_dir_is_a_config_error(tmp_path):
 
 
 def test_the_pipeline_rebuilds_the_sni_backbone_when_its_data_changes(sni_dir, tmp_path):
-    from tagi_ds.pipeline import stage_key
+    from tagi_ds.train.backbone_stage import identity as stage_key
 
     cfg = load_config(None, TINY_SNI + [f"data.sni_dir={sni_dir}", f"runs_dir={tmp_path}"])
     fewer = load_config(None, TINY_SNI + [f"data.sni_dir={sni_dir}", f"runs_dir={tmp_path}", "data.max_tasks=4"])
-    assert stage_key(cfg, "backbone") != stage_key(fewer, "backbone")  # the SNI text it reads differs
+    assert stage_key(cfg) != stage_key(fewer)  # the SNI text it reads differs
     suite = load_config(REPO / "configs" / "tiny.yaml")
     other_data = load_config(REPO / "configs" / "tiny.yaml", ["data.max_tasks=4"])
-    assert stage_key(suite, "backbone") == stage_key(other_data, "backbone")  # the suite backbone ignores data
+    assert stage_key(suite) == stage_key(other_data)  # the suite backbone ignores data

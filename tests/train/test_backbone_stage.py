@@ -7,6 +7,7 @@ import os
 import pytest
 
 from tagi_ds.config import load_config
+from tagi_ds.run import backbone_recipe as R
 from tagi_ds.train import backbone_stage as bs
 
 TINY = ["backbone.tiny_hidden=32", "backbone.tiny_layers=2", "backbone.tiny_heads=2", "backbone.tiny_ffn=64",
@@ -34,24 +35,24 @@ def test_copy_encoding_labels_every_copy_and_only_copies():
     """Full-format identity prompts also carry the loss on both demonstration outputs; input-only ones on the answer."""
     from transformers import AutoTokenizer
 
-    from tagi_ds.train.multitask import IGNORE, encode_pair
+    from tagi_ds.train.backbone_stage import IGNORE, encode_pair
 
-    if not (bs.default_tiny_backbone_path() / "tokenizer.json").exists():
+    if not (R.ASSET_DIR / "tokenizer.json").exists():
         pytest.skip("no committed tiny backbone (its tokenizer) in this checkout")
-    tok = AutoTokenizer.from_pretrained(bs.default_tiny_backbone_path())
+    tok = AutoTokenizer.from_pretrained(R.ASSET_DIR)
     data = bs.CopyData(3)
     prompt, answer = data.pair(True)
     demos = [line.strip()[len("Output: "):-1] for line in prompt.splitlines() if line.startswith(" Output: ")]
     assert len(demos) == 2
     enc = bs.encode_copy(tok, prompt, answer)
-    plain = encode_pair(tok, prompt, answer, is_encoder_decoder=False)
+    plain = encode_pair(tok, prompt, answer)
     assert enc.input_ids == plain.input_ids
     labelled = [t for t in enc.labels if t != IGNORE]
     expected = tok(" ".join(demos + [answer]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert labelled == expected
     assert [l for l, p in zip(enc.labels, plain.labels) if p != IGNORE] == [p for p in plain.labels if p != IGNORE]
     prompt, answer = data.pair(False)
-    assert bs.encode_copy(tok, prompt, answer) == encode_pair(tok, prompt, answer, is_encoder_decoder=False)
+    assert bs.encode_copy(tok, prompt, answer) == encode_pair(tok, prompt, answer)
 
 
 def test_stage_publishes_a_loadable_backbone_whose_copy_loss_falls(built):
@@ -60,7 +61,7 @@ def test_stage_publishes_a_loadable_backbone_whose_copy_loss_falls(built):
     cfg, path = built
     assert path == cfg.run_dir / "backbone"
     record = json.loads((path / "recipe.json").read_text())
-    assert record["recipe"]["hash"] == bs.recipe(cfg)["hash"] and record["copy_steps"] == 40
+    assert record["recipe"]["hash"] == R.recipe(cfg)["hash"] and record["copy_steps"] == 40
     assert record["loss_last10"] < record["loss_first10"] - 0.5
     assert 0.0 <= record["copy_em"] <= 100.0
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -78,22 +79,22 @@ def test_rerun_with_the_same_recipe_skips_and_a_new_recipe_rebuilds(built, capsy
     assert bs.run(cfg, max_steps=40, progress=False) == path
     assert "skipping" in capsys.readouterr().out
     assert os.stat(path / "model.safetensors").st_mtime_ns == before
-    assert bs.resolve_backbone_path(cfg) == path  # the asset holds another recipe
+    assert R.resolve_backbone_path(cfg) == path  # the asset holds another recipe
 
 
 def test_explicit_backbone_path_is_used_as_given(tmp_path):
     cfg = load_config(None, [f"backbone.name_or_path={tmp_path}/mine"])
-    assert bs.resolve_backbone_path(cfg) == tmp_path / "mine"
+    assert R.resolve_backbone_path(cfg) == tmp_path / "mine"
 
 
 def test_committed_asset_matches_the_tiny_recipe_and_copies():
-    asset = bs.default_tiny_backbone_path()
+    asset = R.ASSET_DIR
     if not (asset / "recipe.json").exists():
         pytest.skip("no committed tiny backbone in this checkout")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml"))
-    assert bs.resolve_backbone_path(cfg) == asset
+    assert R.resolve_backbone_path(cfg) == asset
     record = json.loads((asset / "recipe.json").read_text())
     assert record["copy_em"] >= 90  # 97.7% after 741 steps / 300 s (init 0.02 + answer-only loss: 36.7% after 550)
     total = sum(f.stat().st_size for f in asset.iterdir())

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from teacher_helpers import cli_overrides, run_cfg
+from tests.train.teacher_helpers import cli_overrides, run_cfg
 from tagi_ds.data.collate import IGNORE, collate_full, collate_student
 from tagi_ds.distill.logit_cache import CacheShardReader
 from tagi_ds.train import cache_logits, teacher
+from tagi_ds.run.prompts import prompt_settings
+from tagi_ds.run.units import load_run_units
 
 REPO = Path(__file__).resolve().parents[2]
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
@@ -35,11 +37,11 @@ def test_cache_is_the_teachers_topk_at_the_students_label_positions(arch, tiny_b
     out = cache_logits.run(cfg, task="synth_reverse")
     assert out["written"] == ["synth_reverse"]
     shard = CacheShardReader(cfg.run_dir / "logit_cache" / "synth_reverse")
-    task = teacher.load_run_units(cfg).tasks["synth_reverse"][0]
+    task = load_run_units(cfg).tasks["synth_reverse"][0]
     assert len(shard) == len(task.instances) and shard.k == 5 and shard.temperature == 2.0
 
     tok = AutoTokenizer.from_pretrained(bdir)
-    settings = teacher.prompt_settings(cfg, arch)
+    settings = prompt_settings(cfg, arch)
     pairs = [(task, inst) for inst in task.instances[:6]]
     student = collate_student(pairs, tok, settings)  # the labels the finetune's KL aligns with
     n_labels = (student.labels != IGNORE).sum(1).tolist()

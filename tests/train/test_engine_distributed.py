@@ -17,22 +17,22 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine_standin as S
-from proc_helpers import free_port, sigkill_when_ready, start_launcher, worker_env
+from tests.train import engine_standin as S
+from tests.proc_helpers import free_port, sigkill_when_ready, start_launcher, worker_env
 from tagi_ds.errors import ArtifactMismatchError
 from tagi_ds.train.checkpoint import read_latest, verify_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).resolve().parent / "ds_worker.py"
+WORKER = ["-m", "tests.train.ds_worker"]  # run as a module of the tests package (cwd = the repository)
 Z2, Z3 = str(REPO / "ds_configs/zero2.json"), str(REPO / "ds_configs/zero3.json")
 STEPS, EVERY, KILL_AT = 20, 5, 10
 
 
 def _torchrun(events: Path, phases: list[dict], timeout_s: float = 60) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(WORKER), "--events", str(events), "--coll-timeout", str(timeout_s)]
+           *WORKER, "--events", str(events), "--coll-timeout", str(timeout_s)]
     for ph in phases:
         cmd += ["--phase", json.dumps(ph)]
     return cmd
@@ -131,9 +131,9 @@ def test_corrupted_deepspeed_checkpoint_is_refused(reference, work, tmp_path):
 
 def test_export_reloads_without_deepspeed(reference, work):
     ref = torch.load(work / "export" / "export_reference.pt", weights_only=False)
-    code = ("import sys, json, torch; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-            "import engine_standin as S\n"
-            "from tagi_ds.train.checkpoint import load_trainable\n"
+    code = ("import sys, json, torch\n"
+            "from tests.train import engine_standin as S\n"
+            "from tagi_ds.run.export_io import load_trainable\n"
             "bb = S.model_class('llama').from_pretrained(sys.argv[3])\n"
             "m = S.StandIn('llama', bb, hyper_seed=123)\n"
             "cfg = load_trainable(sys.argv[4], m)\n"
@@ -141,8 +141,8 @@ def test_export_reloads_without_deepspeed(reference, work):
             "assert 'deepspeed' not in sys.modules, 'export loading imported deepspeed'\n"
             "torch.save({'ab': ab, 'loss_sum': ls, 'cfg': cfg}, sys.argv[5])\n")
     out = work / "reloaded.pt"
-    _run([sys.executable, "-c", code, str(Path(__file__).parent), str(REPO), str(work / "bb_llama"),
-          str(work / "export" / "ref"), str(out)], timeout=120)
+    _run([sys.executable, "-c", code, "-", "-", str(work / "bb_llama"), str(work / "export" / "ref"), str(out)],
+         timeout=120)
     got = torch.load(out, weights_only=False)
     assert got["cfg"]["arch"] == "llama"
     for (a, b), (ra, rb) in zip(got["ab"], ref["ab"]):
@@ -184,7 +184,7 @@ def test_single_process_and_zero2_zero3_first_loss_agree(reference, resumed, wor
              "steps": 2, "out": str(work / "plain")}
     ds1 = {**plain, "name": "ds1", "ds_config": Z3, "persistence": 0, "out": str(work / "ds1")}
     dsopt = {**plain, "name": "dsopt", "ds_config": str(ds_opt), "out": str(work / "dsopt")}
-    _run([sys.executable, str(WORKER), "--events", str(ev)] + [a for ph in (plain, ds1, dsopt)
+    _run([sys.executable, *WORKER, "--events", str(ev)] + [a for ph in (plain, ds1, dsopt)
                                                                 for a in ("--phase", json.dumps(ph))], timeout=300)
     single = _events(ev)
     firsts = {"zero3_2ranks": _losses(reference, "ref")[1], "zero2_2ranks": _losses(resumed["events"], "z2")[1],
@@ -213,7 +213,7 @@ def test_dead_rank_makes_peer_exit_with_clear_error(work):
     for r in (0, 1):
         env = worker_env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2",
                    SLURM_JOB_ID="4242", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), "--events", str(out / "ev.jsonl"),
+        procs.append(subprocess.Popen([sys.executable, *WORKER, "--events", str(out / "ev.jsonl"),
                                        "--coll-timeout", str(timeout_s), "--phase", json.dumps(ph)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:

@@ -7,11 +7,13 @@ Four launches, each asserting several things:
   B  torchrun x2: the LLaMA finetune again, SIGKILLed (launcher and workers) right after its step-4 checkpoint.
   C  torchrun x2: B resumed (resume: auto) → steps 5..8 equal A's; plus a ZeRO-2 run of the same finetune.
   D  one plain process (no DeepSpeed): the same global batch (tasks_per_batch doubled) → same first-step loss as
-     ZeRO-2 / ZeRO-3 with 2 ranks; then A's export reloads without DeepSpeed and generates the same adapters.
+     ZeRO-2 / ZeRO-3 with 2 ranks; then A's export reloads without DeepSpeed and generates the same adapters; and
+     B's 2-rank checkpoint resumed by ONE ZeRO-3 rank (grad_accum 2: the same global batch) → the same next loss.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,15 +22,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import recipe_worker as W
-from proc_helpers import free_port, sigkill_when_ready, start_launcher, worker_env
+from tests.train import recipe_worker as W
+from tests.proc_helpers import free_port, sigkill_when_ready, start_launcher, worker_env
 from tagi_ds.config import load_config
 from tagi_ds.train.checkpoint import read_latest, verify_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).resolve().parent / "recipe_worker.py"
+WORKER = ["-m", "tests.train.recipe_worker"]  # run as a module of the tests package (cwd = the repository)
 STEPS, EVERY, KILL_AT = 8, 4, 4
 
 BASE = """
@@ -43,6 +45,7 @@ data:
   max_target_length: 12
   num_pos_examples: 1
   synthetic: {{instances_per_task: 10, held_back_per_task: 2}}
+  pretrain_text: offline
   pretrain_offline_docs: 64
   pretrain_segment_lengths: [16, 12, 8]
 backbone: {{target_modules: [q, v]}}
@@ -61,7 +64,7 @@ distributed: {{ds_config: {ds}, param_persistence_threshold: 0, timeout_s: 120}}
 def _cmd(phases: list[dict], ranks: int = 2) -> list[str]:
     head = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
              str(free_port())] if ranks > 1 else [sys.executable])
-    cmd = head + [str(WORKER)]
+    cmd = head + WORKER
     for ph in phases:
         cmd += ["--phase", json.dumps(ph)]
     return cmd
@@ -126,6 +129,7 @@ def launches_bcd(work, launch_a) -> dict:
     killed_dir = runs / "finetune" / "killed"
     after_kill = {"rc": rc, "latest": read_latest(killed_dir / "checkpoints"),
                   "steps": sorted(_metrics(killed_dir))}
+    shutil.copytree(killed_dir, runs / "finetune" / "elastic")  # B's step-4 checkpoint, for a 1-rank resume
     # C: resume + ZeRO-2
     _run(_cmd([_ph(work, "llama", "finetune", variant="killed"),
                _ph(work, "llama", "finetune", "distributed.zero_stage=2", "finetune.steps=2", variant="zero2")]))
@@ -133,7 +137,8 @@ def launches_bcd(work, launch_a) -> dict:
     reload = work["root"] / "reload.json"
     _run(_cmd([_ph(work, "llama", "finetune", "distributed.use_deepspeed=false", "finetune.tasks_per_batch=4",
                    "finetune.steps=2", variant="plain"),
-               {"reload_export": [str(runs / "finetune" / "tagi" / "export"), str(launch_a["dump"]), str(reload)]}],
+               {"reload_export": [str(runs / "finetune" / "tagi" / "export"), str(launch_a["dump"]), str(reload)]},
+               _ph(work, "llama", "finetune", "finetune.grad_accum=2", variant="elastic")],
               ranks=1))
     return {"after_kill": after_kill, "reload": json.loads(reload.read_text())}
 
@@ -155,6 +160,11 @@ def test_zero3_stages_partition_learn_and_log_exactly_their_terms(work, launch_a
         assert part["partitioned"] and part["shards_ok"], part
         ex = part["example"]
         assert ex["numel"] == 0 and ex["shard"] == -(-ex["ds_numel"] // 2) and "NOT_AVAILABLE" in ex["status"]
+        # measured during the first two steps, not before the first forward (train/zero3_probe.py): threshold 0,
+        # so nothing stays whole after them, and the model was never gathered whole at once on a rank
+        first = part["first_steps"]
+        assert first["max_rank_at_rest_fraction"] == pytest.approx(first["shard_bytes"] / first["full_bytes"], abs=1e-3)
+        assert first["at_rest_fraction"] < 0.52 and first["max_rank_peak_fraction"] < 1.0 and first["fetches_sampled"]
         m = _metrics(d)
         assert sorted(m) == list(range(1, STEPS + 1))
         _assert_falls(m)
@@ -208,3 +218,16 @@ def test_export_reloads_without_deepspeed_and_generates_the_same_adapters(launch
     assert rl["deepspeed_imported"] is False
     assert rl["max_abs_diff"] == 0.0 and rl["max_abs_diff_hypernet_only"] == 0.0
     assert rl["fusion"] is True and rl["n_specs"] == 4
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank_with_the_same_next_loss(work, launches_bcd):
+    """Elastic resume: the consolidated weights, the step (lr schedule) and the GLOBAL data position come back on 1
+    rank; with grad_accum 2 its step holds the same global batch, so step 5's loss equals the uninterrupted run's."""
+    ft = work["runs"] / "llama" / "finetune"
+    ref, res = _metrics(ft / "tagi"), _metrics(ft / "elastic")
+    summary = json.loads((ft / "elastic" / "summary.json").read_text())
+    assert summary["resumed_from"] == KILL_AT and summary["world_size"] == 1
+    assert sorted(res) == list(range(1, STEPS + 1))
+    assert res[KILL_AT + 1]["tokens"] == ref[KILL_AT + 1]["tokens"]
+    print("elastic resume: step 5 loss", res[KILL_AT + 1]["loss"], "uninterrupted", ref[KILL_AT + 1]["loss"])
+    assert abs(res[KILL_AT + 1]["loss"] - ref[KILL_AT + 1]["loss"]) < 1e-6

@@ -8,11 +8,15 @@ import math
 import pytest
 import torch
 
-from teacher_helpers import run_cfg
+from tests.train.teacher_helpers import run_cfg
 from tagi_ds.data.collate import IGNORE, collate_full
 from tagi_ds.train import teacher
-from tagi_ds.train.teacher_batch import (BatchedTeacherTrainer, StackedLora, UnitSpec, assemble, clip_per_unit_,
+from tagi_ds.data.collate import assemble
+from tagi_ds.train.teacher_batch import (BatchedTeacherTrainer, StackedLora, UnitSpec, clip_per_unit_,
                                          kaiming_uniform_bound, per_unit_loss)
+from tagi_ds.run.backbone import load_run_backbone
+from tagi_ds.run.prompts import encode_examples, prompt_settings
+from tagi_ds.run.units import load_run_units, unit_seed
 
 
 # ------------------------------------------------------------------------------------------------ pure maths
@@ -75,11 +79,11 @@ def test_assembled_rows_are_collate_full(arch, tiny_backbone_dir, tmp_path):
     bdir = tiny_backbone_dir(arch)
     cfg = run_cfg(tmp_path, bdir, arch)
     tok = AutoTokenizer.from_pretrained(bdir)
-    task = teacher.load_run_units(cfg).tasks["synth_second"][0]
-    settings = teacher.prompt_settings(cfg, arch)
+    task = load_run_units(cfg).tasks["synth_second"][0]
+    settings = prompt_settings(cfg, arch)
     pairs = [(task, inst) for inst in task.instances[:5]]
     ref = collate_full(pairs, tok, settings)
-    got = assemble(teacher.encode_examples(task.with_instances(task.instances[:5]), tok, settings), arch,
+    got = assemble(encode_examples(task.with_instances(task.instances[:5]), tok, settings), arch,
                    tok.pad_token_id)
     assert torch.equal(got["input_ids"], ref.input_ids)
     assert torch.equal(got["attention_mask"], ref.attention_mask)
@@ -88,9 +92,9 @@ def test_assembled_rows_are_collate_full(arch, tiny_backbone_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ batched = alone
 def _trainer(cfg, bb, ru, units, steps, pad_multiple=1):
-    settings = teacher.prompt_settings(cfg, bb.arch)
-    specs = [UnitSpec(u, [e for t in ru.tasks[u] for e in teacher.encode_examples(t, bb.tokenizer, settings)],
-                      teacher.unit_seed(cfg.seed, u)) for u in units]
+    settings = prompt_settings(cfg, bb.arch)
+    specs = [UnitSpec(u, [e for t in ru.tasks[u] for e in encode_examples(t, bb.tokenizer, settings)],
+                      unit_seed(cfg.seed, u)) for u in units]
     return BatchedTeacherTrainer(bb.model, bb.arch, bb.specs, specs, r=cfg.lora.r, alpha=cfg.lora.alpha, lr=1e-2,
                                  steps=steps, batch_size=4, warmup_steps=2, grad_clip=0.05, pad_id=0, device="cpu",
                                  pad_to_multiple_of=pad_multiple)
@@ -101,8 +105,8 @@ def _trainer(cfg, bb, ru, units, steps, pad_multiple=1):
 @pytest.mark.parametrize("arch,pad_multiple", [("llama", 1), ("t5", 64)])
 def test_batched_teachers_end_exactly_as_trained_alone(arch, pad_multiple, tiny_backbone_dir, tmp_path):
     cfg = run_cfg(tmp_path, tiny_backbone_dir(arch), arch, "data.max_tasks=2")
-    bb = teacher.load_run_backbone(cfg)
-    ru = teacher.load_run_units(cfg)
+    bb = load_run_backbone(cfg)
+    ru = load_run_units(cfg)
     batched = _trainer(cfg, bb, ru, ru.units, steps=5, pad_multiple=pad_multiple)
     res = batched.train()
     batched.close()
@@ -146,7 +150,7 @@ def test_published_teacher_is_a_peft_adapter_equal_to_the_hooks(tiny_backbone_di
     """PEFT itself loads the adapter, and its logits equal the backbone + BatchedLoraHooks with our tensors."""
     from peft import PeftModel
 
-    from tagi_ds.adapters.peft_io import read_peft_adapter
+    from tagi_ds.run.peft_io import read_peft_adapter
     from tagi_ds.modeling.backbone import load_backbone
     from tagi_ds.modeling.lora import BatchedLoraHooks
 
@@ -159,7 +163,7 @@ def test_published_teacher_is_a_peft_adapter_equal_to_the_hooks(tiny_backbone_di
     with torch.no_grad():
         ref = peft_model(input_ids=ids).logits
         model, _ = load_backbone(str(bdir))
-        specs = teacher.load_run_backbone(cfg).specs
+        specs = load_run_backbone(cfg).specs
         adapters, scale, r = read_peft_adapter(d, specs)
         assert r == 4 and scale == 2.0
         hooks = BatchedLoraHooks(model, specs, scale)
@@ -172,10 +176,10 @@ def test_published_teacher_is_a_peft_adapter_equal_to_the_hooks(tiny_backbone_di
 
 def test_lora_dropout_is_applied_in_training_only(tiny_backbone_dir, tmp_path):
     cfg = run_cfg(tmp_path, tiny_backbone_dir("llama"), "llama", "data.max_tasks=1")
-    bb = teacher.load_run_backbone(cfg)
-    ru = teacher.load_run_units(cfg)
-    settings = teacher.prompt_settings(cfg, "llama")
-    unit = [UnitSpec("synth_first", teacher.encode_examples(ru.tasks["synth_first"][0], bb.tokenizer, settings), 3)]
+    bb = load_run_backbone(cfg)
+    ru = load_run_units(cfg)
+    settings = prompt_settings(cfg, "llama")
+    unit = [UnitSpec("synth_first", encode_examples(ru.tasks["synth_first"][0], bb.tokenizer, settings), 3)]
     results = {}
     for p in (0.0, 0.5):
         torch.manual_seed(0)

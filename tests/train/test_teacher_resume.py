@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from teacher_helpers import cli_overrides, run_cfg
+from tests.train.teacher_helpers import cli_overrides, run_cfg
 from tagi_ds.train import teacher
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from teacher_helpers import run_cfg
+from tests.train.teacher_helpers import run_cfg
 from tagi_ds.errors import ArtifactMismatchError, ConfigError
 from tagi_ds.train import cache_logits, teacher
+from tagi_ds.run.artifacts import teacher_manifest
+from tagi_ds.run.backbone import load_run_backbone
+from tagi_ds.run.units import load_run_units
 
 REPO = Path(__file__).resolve().parents[2]
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
@@ -60,8 +63,9 @@ def test_teacher_of_another_configuration_is_refused(array_run, tiny_backbone_di
     cfg, _ = array_run
     other = run_cfg(Path(cfg.runs_dir), tiny_backbone_dir("llama"), "llama", "data.max_tasks=2", "teacher.steps=8",
                     "teacher.lr=0.02")
-    want = teacher.teacher_manifest(other, "synth_first", teacher.load_run_units(other).tasks["synth_first"],
-                                    teacher.load_run_backbone(other))["hash"]
+    bb = load_run_backbone(other)
+    want = teacher_manifest(other, "synth_first", load_run_units(other).tasks["synth_first"], bb.arch,
+                            bb.tokenizer_hash)["hash"]
     with pytest.raises(ArtifactMismatchError) as e:
         teacher.run(other, task="synth_first", progress=False)
     msg = str(e.value)
@@ -115,9 +119,9 @@ def _env() -> dict[str, str]:
 
 def test_list_prints_units_and_the_sbatch_line():
     from tagi_ds.config import load_config
-    from tagi_ds.train.array import array_units_from_config
+    from tagi_ds.run.units import load_run_units
 
-    units = array_units_from_config(load_config(REPO / "configs" / "tiny.yaml"))
+    units = load_run_units(load_config(REPO / "configs" / "tiny.yaml")).units
     r = subprocess.run([PY, "-m", "tagi_ds.cli", "teacher", "--config", "configs/tiny.yaml", "--list"], cwd=REPO,
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -1,12 +1,13 @@
-"""Inference export of the hypernetwork alone, and loading it back WITHOUT DeepSpeed.
+"""The hypernetwork export's file format: write it from gathered tensors, read it back WITHOUT DeepSpeed.
 
     <stage_dir>/export/
         trainable.safetensors   the hypernetwork (and the trained instruction encoder, if any), consolidated
         config.json             {"format", "config": {hypernet config, backbone id, arch, target kinds and specs,
                                 fusion flag, LoRA r/alpha/scale, dtype, stage, step}, "tensors", "sha256"}
 
-The frozen backbone is never in the export: `load_student_from_export` loads it from the recorded backbone id (or
-takes one the caller already has) and checks that its LoRA targets are the exported ones.
+Training writes it (train/checkpoint.export_trainable gathers ZeRO-3 shards, then calls `write_export`); evaluation,
+`generate-adapter` and `predict` read it. The frozen backbone is never in the export: `load_student_from_export`
+loads it from the recorded backbone id (or takes one the caller already has) and checks its LoRA targets.
 """
 from __future__ import annotations
 
@@ -18,13 +19,18 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactMismatchError
+from ..io_utils import atomic_dir, sha256_file
 from ..modeling.backbone import TargetSpec, load_backbone, target_specs
 from ..modeling.hypernet import HyperNetwork
 from ..modeling.tagi import TagiStudent
-from . import checkpoint as ck
 
 EXPORT_FORMAT = "tagi-ds hypernetwork export v1"
-EXPORT_SUBDIR = "export"
+EXPORT_WEIGHTS = "trainable.safetensors"
+EXPORT_CONFIG = "config.json"
+
+
+def trainable_named_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
 def export_config(student: TagiStudent, *, backbone_id: str, target_kinds: Sequence[str], r: int, alpha: float,
@@ -38,15 +44,64 @@ def export_config(student: TagiStudent, *, backbone_id: str, target_kinds: Seque
             "variant": variant, "step": int(step)}
 
 
-def export_hypernetwork(out_dir: str | Path, student: TagiStudent, config: dict[str, Any]) -> Optional[Path]:
-    """Collective under ZeRO-3 (every rank calls it; weights gathered); rank 0 writes `out_dir` atomically.
-    Returns the folder on rank 0, None elsewhere."""
-    return ck.export_trainable(out_dir, student, config)
+def write_export(out_dir: str | Path, tensors: dict[str, torch.Tensor], config_dict: dict) -> Path:
+    """Publish `tensors` (name → CPU tensor) and the config as an export folder, atomically."""
+    from safetensors.torch import save_file
+
+    final = Path(out_dir)
+    with atomic_dir(final) as tmp:
+        save_file(tensors, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
+        meta = {"format": "tagi-ds trainable export v1", "config": config_dict,
+                "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                            for n, t in tensors.items()},
+                "sha256": {EXPORT_WEIGHTS: sha256_file(tmp / EXPORT_WEIGHTS)}}
+        (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    return final
+
+
+def load_trainable(export_dir: str | Path, module: nn.Module, *, strict: bool = True) -> dict:
+    """Copy an export's weights into `module`'s trainable parameters (no DeepSpeed); return the saved config.
+
+    strict: the export and the module must hold exactly the same trainable names and shapes.
+    """
+    from safetensors.torch import load_file
+
+    d = Path(export_dir)
+    cfg_path, w_path = d / EXPORT_CONFIG, d / EXPORT_WEIGHTS
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise ArtifactMismatchError(f"{p}: missing; {d} is not a trainable-weights export")
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ArtifactMismatchError(f"{cfg_path}: unreadable export config ({e})") from None
+    want = meta.get("sha256", {}).get(EXPORT_WEIGHTS)
+    if want and sha256_file(w_path) != want:
+        raise ArtifactMismatchError(f"{w_path}: sha256 differs from {cfg_path} (corrupted or replaced)")
+    try:
+        tensors = load_file(str(w_path))
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactMismatchError(f"{w_path}: cannot be read as safetensors ({e})") from None
+    params = dict(trainable_named_parameters(module))
+    if strict:
+        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or extra:
+            raise ArtifactMismatchError(f"{w_path}: does not match the module: missing {missing[:5]}, "
+                                        f"unexpected {extra[:5]}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if name not in params:
+                continue
+            if tuple(params[name].shape) != tuple(t.shape):
+                raise ArtifactMismatchError(f"{w_path}: tensor '{name}' has shape {tuple(t.shape)}, the module "
+                                            f"expects {tuple(params[name].shape)}")
+            params[name].copy_(t.to(params[name].dtype))
+    return meta.get("config", {})
 
 
 def read_export_config(export_dir: str | Path) -> dict[str, Any]:
     """The `config` of an export folder; ArtifactMismatchError when it is not a hypernetwork export."""
-    path = Path(export_dir) / ck.EXPORT_CONFIG
+    path = Path(export_dir) / EXPORT_CONFIG
     if not path.is_file():
         raise ArtifactMismatchError(f"{path}: missing; {export_dir} is not a hypernetwork export "
                                     f"(run `tagi-ds pretrain` / `tagi-ds finetune` first)")
@@ -66,8 +121,7 @@ def load_hypernet_from_export(export_dir: str | Path, backend: str = "auto") -> 
     hypernet = HyperNetwork.from_config_dict(cfg["hypernet"], backend=backend)
     holder = nn.Module()
     holder.hypernet = hypernet  # export names are "hypernet.*" (and "instruction_encoder.*" when trained)
-    ck_names_ok = not cfg.get("train_encoder")
-    ck.load_trainable(export_dir, holder, strict=ck_names_ok)
+    load_trainable(export_dir, holder, strict=not cfg.get("train_encoder"))
     return hypernet, cfg
 
 
@@ -86,7 +140,7 @@ def load_student_from_export(export_dir: str | Path, backbone: Optional[nn.Modul
     hypernet = HyperNetwork.from_config_dict(cfg["hypernet"], backend=backend)
     student = TagiStudent(backbone, cfg["arch"], specs_saved, hypernet, float(cfg["lora_scale"]),
                           fusion=bool(cfg["fusion"]), train_encoder=bool(cfg["train_encoder"]), backend=backend)
-    ck.load_trainable(export_dir, student, strict=True)
+    load_trainable(export_dir, student, strict=True)
     dtype = next(backbone.parameters()).dtype
     student.hypernet.to(dtype)
     return student.to(device).eval()

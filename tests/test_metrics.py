@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tagi_ds.errors import DataError
-from tagi_ds.eval.metrics import (category_key, compute_grouped_metrics, compute_metrics, echo_reference,
+from tagi_ds.metrics import (category_key, compute_grouped_metrics, compute_metrics, echo_reference,
                                   exact_match, normalize_answer, rouge_l)
 
 

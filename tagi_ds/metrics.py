@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from rouge_score import rouge_scorer
 
-from tagi_ds.errors import DataError
+from .errors import DataError
 
 _PUNCT = frozenset(string.punctuation)
 

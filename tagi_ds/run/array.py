@@ -4,17 +4,15 @@ The mapping is index → unit in stable sorted order, so the same config gives t
 on every resubmission (a requeued array element redoes exactly its own unit). `sbatch_line` renders the submit
 command the teacher stage prints for `tagi-ds teacher --list`.
 
-`python -m tagi_ds.train.array --config X.yaml [--index N] [key=value ...]` prints `index<TAB>unit` lines (all, or
+`python -m tagi_ds.run.units --config X.yaml [--index N] [key=value ...]` prints `index<TAB>unit` lines (all, or
 one): the sbatch scripts call it in their dry run to show which unit an index maps to.
 """
 from __future__ import annotations
 
-import argparse
 import shlex
-import sys
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..errors import ConfigError, DataError, TagiError
+from ..errors import ConfigError, DataError
 
 
 def _categories(value: Any) -> tuple[str, ...]:
@@ -63,8 +61,16 @@ def tasks_for_unit(unit: str, task_names: Iterable[str], categories_by_task: Map
     return out
 
 
-def resolve_array_index(units: Sequence[str], index: int | str) -> str:
-    """The unit at `index`; an index outside 0..len-1 is a ConfigError naming the index and the valid range."""
+def n_jobs(n_units: int, units_per_job: int) -> int:
+    """Array elements needed for `n_units` at `units_per_job` each (the last may hold fewer)."""
+    if units_per_job < 1:
+        raise ConfigError(f"teacher.units_per_job must be >= 1, got {units_per_job}")
+    return -(-n_units // units_per_job)
+
+
+def resolve_array_index(units: Sequence[str], index: int | str, units_per_job: int = 1) -> list[str]:
+    """The units of array element `index`: units[index * k : (index + 1) * k] with k = units_per_job; an index
+    outside 0..jobs-1 is a ConfigError naming the index and the valid range."""
     try:
         i = int(index)
     except (TypeError, ValueError):
@@ -72,10 +78,11 @@ def resolve_array_index(units: Sequence[str], index: int | str) -> str:
     n = len(units)
     if n == 0:
         raise ConfigError(f"array_index={i}: this run has no array units (no training tasks)")
-    if not 0 <= i < n:
-        raise ConfigError(f"array_index={i} is out of range: valid indices are 0-{n - 1} ({n} units); "
-                          f"submit with --array=0-{n - 1}")
-    return units[i]
+    jobs = n_jobs(n, units_per_job)
+    if not 0 <= i < jobs:
+        raise ConfigError(f"array_index={i} is out of range: valid indices are 0-{jobs - 1} ({n} units, "
+                          f"{units_per_job} per job); submit with --array=0-{jobs - 1}")
+    return list(units[i * units_per_job:(i + 1) * units_per_job])
 
 
 def sbatch_line(script: str, n: int, concurrency: int | None, config: str) -> str:
@@ -84,59 +91,3 @@ def sbatch_line(script: str, n: int, concurrency: int | None, config: str) -> st
         raise ConfigError(f"cannot size a job array with {n} units")
     cap = f"%{concurrency}" if concurrency else ""
     return f"sbatch --array=0-{n - 1}{cap} {shlex.quote(str(script))} {shlex.quote(str(config))}"
-
-
-def _task_view(loaded: Any) -> tuple[list[str], dict[str, tuple[str, ...]]]:
-    """Names and categories of the training tasks, from what the data registry returns."""
-    train = None
-    for attr in ("train", "train_tasks", "seen"):
-        if hasattr(loaded, attr):
-            train = getattr(loaded, attr)
-            break
-        if isinstance(loaded, Mapping) and attr in loaded:
-            train = loaded[attr]
-            break
-    if train is None:
-        train = loaded
-    if isinstance(train, Mapping):
-        train = list(train.values())
-    names = [t.name for t in train]
-    return names, {t.name: tuple(t.categories) for t in train}
-
-
-def array_units_from_config(cfg: Any) -> list[str]:
-    """The array units of a run's training tasks (data read through the data registry)."""
-    from ..data.registry import load_run_tasks_from_config  # lazy: data loading is heavy and not always needed
-
-    names, cats = _task_view(load_run_tasks_from_config(cfg))
-    return array_units(names, cats, cfg.teacher.group_by)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tagi_ds.train.array",
-                                description="print the job-array units of a config (index<TAB>unit)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--index", default=None, help="print only this index's unit (error when out of range)")
-    p.add_argument("--sbatch", default=None, help="also print the submit line for this sbatch script")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    from ..config import load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        units = array_units_from_config(cfg)
-        if args.index is not None:
-            print(f"{int(args.index)}\t{resolve_array_index(units, args.index)}")
-        else:
-            for i, u in enumerate(units):
-                print(f"{i}\t{u}")
-        if args.sbatch:
-            print(sbatch_line(args.sbatch, len(units), cfg.teacher.array_concurrency, args.config))
-    except TagiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
