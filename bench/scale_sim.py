@@ -14,10 +14,9 @@ scale_sim_lib.py. Departures from the scale configs, all forced by one CPU and s
   hard links to it (finetune's L_ins and evaluate's teacher method read every unit's adapter, shapes are equal);
 - finetune runs with lambda_kl=0 (the logit cache exists for one task only); KL's per-batch tensors are counted in
   the plan but not exercised here;
-- the baselines train 2 steps at eval.baseline_batch_size=2 (32 sequences of 1024 tokens without checkpointing need
-  ~12 GB even at width 64: the plan says so for the real batch) through `evaluate eval.methods=[tk_instruct]`,
-  stopped once the baseline is written, on the 5 training tasks whose every prompt is over the cap (random draws
-  of the whole set are mostly shorter than the widest batch, which is what the plan sizes);
+- the baselines (`tagi-ds baselines mode=tk_instruct`, on the engine) train 2 steps at the scale config's batch
+  (baselines.tasks_per_batch x instances_per_task), on the 5 training tasks whose every prompt is over the cap
+  (random draws of the whole set are mostly shorter than the widest batch, which is what the plan sizes);
 - evaluate scores 1 instance per task with 1 new token (the O(tasks) structures are what is measured).
 Each run is compared with plan's prediction for that same config on a CPU (GPU and host parts in one process:
 `cpu_device_gib`). A run the plan predicts will not fit in MemAvailable is skipped and reported as such.
@@ -216,13 +215,12 @@ class ArchSim:
         cfg = self.config("baselines", "bl", {"pretrain": {"enabled": False},
                                                "data": {"max_eval_instances_per_task": 1,
                                                         "sni_dir": str(self.long_prompt_sni())},
-                                               "eval": {"methods": ["tk_instruct"], "max_new_tokens": 1,
-                                                        "baseline_batch_size": 2}})
+                                               "eval": {"methods": ["tk_instruct"], "max_new_tokens": 1}})
         rd = self.run_dir("bl")
-        # stopped once the baseline is written (baselines/tk_instruct/baseline.json): its predictions are evaluate's
-        self.measure("stage", "baselines", "baselines (via evaluate)", cfg, cli("evaluate", "--config", str(cfg)),
-                     rd, rd / "tb" / "baseline_tk_instruct", plan_stage="baselines",
-                     stop_when=rd / "baselines" / "tk_instruct" / "baseline.json")
+        # the baselines stage on the engine (train/baselines.py) at the scale config's batch, 2 steps
+        self.measure("stage", "baselines", "baselines", cfg, cli("baselines", "--config", str(cfg),
+                                                                 "mode=tk_instruct"),
+                     rd, rd / "tb" / "baseline_tk_instruct")
 
     def run_all(self) -> None:
         fr = sorted(self.args.fractions)

@@ -89,13 +89,13 @@ def write_config(path: Path, arch: str, backbone: Path, runs_dir: Path, name: st
     base = {
         "base": str(REPO / ARCHS[arch]["base"]), "name": name, "runs_dir": str(runs_dir), "device": "cpu",
         "threads": 1,
-        "data": {"sni_dir": str(SNI_DIR)},
+        "data": {"sni_dir": str(SNI_DIR), "pretrain_text": "offline"},
         "backbone": {"name_or_path": str(backbone)},
         "teacher": {"steps": 1, "warmup_steps": 0, "checkpoint_every": 1000},
         "pretrain": {"steps": 2, "warmup_steps": 0, "log_every": 1, "checkpoint_every": 1000, "resume": "never"},
         "finetune": {"steps": 2, "warmup_steps": 0, "log_every": 1, "checkpoint_every": 1000, "resume": "never"},
         "distributed": {"timeout_s": 1800.0, "param_persistence_threshold": 0},
-        "eval": {"baseline_steps": 2},
+        "baselines": {"steps": 2, "warmup_steps": 0, "log_every": 1, "checkpoint_every": 1000, "resume": "never"},
     }
     merged = _merge(base, extra)
     path.parent.mkdir(parents=True, exist_ok=True)

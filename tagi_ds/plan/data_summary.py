@@ -160,7 +160,7 @@ class PretrainFacts:
 
 def _pretrain_documents(cfg: Any, assumptions: list[str]) -> list[str]:
     d = cfg.data
-    if not d.pretrain_text:
+    if not d.pretrain_text or d.pretrain_text == "offline":  # train/pretrain.py OFFLINE_TEXT
         from ..data.pretrain_text import OFFLINE_CORPORA
 
         return OFFLINE_CORPORA[d.pretrain_offline_corpus](d.pretrain_offline_docs, seed=d.seed)

@@ -145,7 +145,7 @@ def cache_plan(ctx: Ctx) -> StagePlan:
 # ------------------------------------------------------------------------------------------------ baselines
 def _baseline_phases(ctx: Ctx, mode: str) -> tuple[list[Phase], float]:
     cfg, mf, df, sh = ctx.cfg, ctx.mf, ctx.df, ctx.mf.shape
-    e, tr, b = mf.checkpoint_elem, df.splits["train"], cfg.eval.baseline_batch_size
+    e, tr, b = mf.checkpoint_elem, df.splits["train"], (cfg.baselines.tasks_per_batch * cfg.baselines.instances_per_task)
     cap = cfg.data.max_source_length
     prompt = tr.prompt_width if mode == "tk_instruct" else min(cap, tr.input_width)
     prompt_mean = tr.prompt_mean if mode == "tk_instruct" else tr.input_mean
@@ -163,7 +163,7 @@ def _baseline_phases(ctx: Ctx, mode: str) -> tuple[list[Phase], float]:
         # T5ForConditionalGeneration: lm_logits, CrossEntropyLoss keeps log_softmax (both in the model dtype)
         logits = 2 * b * tr.target_width * sh.vocab * e
     pool = tr.instances
-    draws = cfg.eval.baseline_steps * b
+    draws = cfg.baselines.steps * b
     distinct = pool * (1 - math.exp(-draws / max(1, pool)))  # multitask.next_batch caches every drawn pair
     tokens = prompt_mean + tr.target_mean
     cuda_ctx = [Part("CUDA context", S.CUDA_CONTEXT_GPU_BYTES, "gpu")] if ctx.cuda else []
@@ -179,7 +179,7 @@ def _baseline_phases(ctx: Ctx, mode: str) -> tuple[list[Phase], float]:
                                "structures.logits_bytes"), "eval.baseline_batch_size")
     fwd = forward_flops(mf, b, prompt_mean, tr.target_mean) if not causal else \
         forward_flops(mf, b, 0, min(cap, prompt_mean + tr.target_mean))
-    return phases, cfg.eval.baseline_steps * train_flops(fwd, False)
+    return phases, cfg.baselines.steps * train_flops(fwd, False)
 
 
 def baselines_plan(ctx: Ctx) -> StagePlan:
@@ -191,9 +191,9 @@ def baselines_plan(ctx: Ctx) -> StagePlan:
         phases += ph
         flops += f
     disk = [Part(f"{len(modes)} LoRA adapter(s) + train.json", len(modes) * (
-        S.teacher_adapter_bytes(mf.teacher_lora_params) + 40 * cfg.eval.baseline_steps + 8192), "disk")]
+        S.teacher_adapter_bytes(mf.teacher_lora_params) + 40 * cfg.baselines.steps + 8192), "disk")]
     return StagePlan("baselines", bool(modes), "one GPU, one process (pipeline / evaluate trains them)", 1, phases,
-                     disk, first_step_forwards=1 if modes else None, flops=flops, steps=cfg.eval.baseline_steps)
+                     disk, first_step_forwards=1 if modes else None, flops=flops, steps=cfg.baselines.steps)
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
