@@ -107,7 +107,7 @@ def ffn_bytes(b: int, s: int, sh: Shape, elem: int, mask: int = 0, lora: Optiona
 
 def activation_bytes(sh: Shape, batch: int, s_instr: int, s_in: int, s_tgt: int, fusion: bool, impl: str,
                      elem: int, dropout: bool = False, cuda: bool = True,
-                     lora: Optional[Lora] = None) -> dict[str, int]:
+                     lora: Optional[Lora] = None, t5_split_cross: bool = False) -> dict[str, int]:
     """Activation bytes of one micro batch: the layers without / with checkpointing, and one layer's.
 
     T5: encoder over the input (s_in); decoder over the target (s_tgt) with cross-attention over the encoder
@@ -115,6 +115,10 @@ def activation_bytes(sh: Shape, batch: int, s_instr: int, s_in: int, s_tgt: int,
     attending to an instruction KV prefix (s_instr) when `fusion`. Each stack ends in one more norm.
     `impl`: "eager" or "sdpa"; `dropout`: the backbone runs in train() mode (T5's dropout_rate > 0); `lora`: a
     frozen backbone with LoRA on these kinds (every stage), None = every weight trainable (an upper bound).
+    `t5_split_cross`: T5 fusion through the instruction K/V held per task (`fusion.split_cross_attention`): the
+    rows' keys/values cover the input only, and the softmax over [instruction ; input] is computed by hand (not a
+    fused kernel): fp32 probabilities + their cast to the compute dtype + the regrouped instruction part kept per
+    (head, query, key). The instruction K/V themselves are per task (structures.t5_instruction_kv_bytes).
     """
     drop = dropout and sh.dropout > 0
     pair = attention_pair_bytes(sh.arch, impl, elem, drop, cuda)
@@ -128,9 +132,15 @@ def activation_bytes(sh: Shape, batch: int, s_instr: int, s_in: int, s_tgt: int,
                + ffn_bytes(batch, s_in, sh, elem, mask, lora))
         layers += [enc] * sh.enc_layers
         inputs += [batch * s_in * sh.hidden * elem] * sh.enc_layers
-        s_cross = s_in + (s_instr if fusion else 0)
-        dec = (attention_bytes(batch, s_tgt, s_tgt, sh, pair, elem, mask, lora, impl)
-               + attention_bytes(batch, s_tgt, s_cross, sh, pair, elem, mask, lora, impl)
+        split = t5_split_cross and fusion and s_instr > 0
+        s_cross = s_in + (s_instr if fusion and not split else 0)
+        if split:
+            probs = 4 + (elem if elem < 4 else 0)  # softmax's fp32 output, the cast the matmuls keep
+            cross = (attention_bytes(batch, s_tgt, s_in, sh, 0, elem, mask, lora, "eager")
+                     + batch * sh.heads * s_tgt * ((s_in + s_instr) * probs + s_instr * elem))
+        else:
+            cross = attention_bytes(batch, s_tgt, s_cross, sh, pair, elem, mask, lora, impl)
+        dec = (attention_bytes(batch, s_tgt, s_tgt, sh, pair, elem, mask, lora, impl) + cross
                + ffn_bytes(batch, s_tgt, sh, elem, mask, lora))
         layers += [dec] * sh.dec_layers
         inputs += [batch * s_tgt * sh.hidden * elem] * sh.dec_layers

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from .data_summary import data_facts
 from .shapes import GiB, model_facts
 from .stage_types import Ctx, StagePlan
-from .stages_hypernet import hypernet_stage_plan, prefetch_elems
+from .stages_hypernet import hypernet_stage_plan, prefetch_elems, zero_stage
 from .stages_single import BASELINES, HYPERNET_METHODS, baselines_plan, cache_plan, evaluate_plan, teacher_plan
 
 STAGES = ("teacher", "cache-logits", "pretrain", "finetune", "baselines", "evaluate")
@@ -51,6 +51,23 @@ def _stage_plan(ctx: Ctx, stage: str) -> StagePlan:
     if stage == "baselines":
         return baselines_plan(ctx)
     return evaluate_plan(ctx)
+
+
+def zero_recommendation(ctx: Ctx, stage: str, gpu_limit: float) -> dict:
+    """ZeRO stage by fit: ZeRO-2 (the frozen backbone whole on every GPU, only the hypernetwork's gradients and
+    optimizer states sharded, no per-step parameter gathers) when its peak fits the GPU; else ZeRO-3 (the
+    backbone sharded, gathered layer by layer every micro batch). The knob: distributed.ds_config (the shipped
+    ds_configs/zero2.json / zero3.json) or distributed.zero_stage."""
+    peaks = {z: hypernet_stage_plan(ctx, stage, zero=z) for z in (2, 3)}
+    gpu = {z: sp.peak("gpu")[0] for z, sp in peaks.items()}
+    rec = 2 if gpu[2] <= gpu_limit else 3
+    current = zero_stage(ctx.cfg)
+    return {"config_stage": current, "recommended_stage": rec,
+            "gpu_gib_zero2": _gib(gpu[2]), "gpu_gib_zero3": _gib(gpu[3]),
+            "gather_gib_per_step_zero2": _gib(peaks[2].gather_bytes_per_step),
+            "gather_gib_per_step_zero3": _gib(peaks[3].gather_bytes_per_step),
+            "knob": f"distributed.ds_config=ds_configs/zero{rec}.json (or distributed.zero_stage={rec})",
+            "ok": current == rec or (current < 3 and rec == 2)}
 
 
 def _gib(n: float) -> float:
@@ -90,8 +107,7 @@ def stage_record(sp: StagePlan, gpu_limit: float, host_limit: float, throughput:
         "cpu_device_gib": _gib(sp.cpu_device_peak),  # GPU + host parts together: a CPU-only run's peak RSS
         "disk_gib": _gib(sp.disk_bytes),
         "first_step_forwards": sp.first_step_forwards,
-        "zero3_gather_gib_per_step": _gib(sp.gather_bytes_per_step),
-        "zero3_startup_gather_gib": _gib(sp.startup_gather_bytes),
+        "zero3_gather_gib_per_step": _gib(sp.gather_bytes_per_step),  # ZeRO traffic received per step, any stage
         "fits": fits_gpu and fits_host, "fits_gpu": fits_gpu, "fits_host": fits_host,
         "knobs": ([] if fits_gpu else [f"GPU: {k}" for k in _knobs(sp, "gpu", gpu_limit)])
         + ([] if fits_host else [f"host: {k}" for k in _knobs(sp, "host", host_limit)]),
@@ -125,6 +141,8 @@ def make_plan(cfg: Any, nodes: int = 1, gpus_per_node: int = 8, stage: str = "al
             continue
         rec = stage_record(_stage_plan(ctx, s), gpu_limit, host_limit, throughput_tflops, mem_bandwidth_gbs)
         rec["runs"] = s in runs
+        if s in ("pretrain", "finetune") and cfg.distributed.use_deepspeed:
+            rec["zero"] = zero_recommendation(ctx, s, gpu_limit)
         stages[s] = rec
     tr = df.splits["train"]
     return {
@@ -171,7 +189,7 @@ def format_plan(p: dict[str, Any], detail: Optional[bool] = None) -> str:
         f"{lim['host_gib_per_rank']:g} GiB per rank; {lim['throughput_tflops_per_gpu']:g} TFLOP/s and "
         f"{lim['mem_bandwidth_gbs_per_gpu']:g} GB/s per GPU",
         "",
-        f"{'stage':<13}{'GPU GiB':>9}{'host GiB':>10}{'disk GiB':>10}{'fwd→step1':>10}{'gather GiB/step':>16}"
+        f"{'stage':<13}{'GPU GiB':>9}{'host GiB':>10}{'disk GiB':>10}{'fwd→step1':>10}{'ZeRO GiB/step':>16}"
         f"{'time h':>9}  {'fits':<5} layout",
     ]
     for name, s in p["stages"].items():
@@ -196,6 +214,13 @@ def format_plan(p: dict[str, Any], detail: Optional[bool] = None) -> str:
                 lines.append(f"  {k}: host {s['host_gib_per_rank']:.1f} > {lim['host_gib_per_rank']:g} GiB per rank "
                              f"at '{s['host_peak_phase']}'")
                 lines += [f"      {kn[6:]}" for kn in s["knobs"] if kn.startswith("host: ")]
+    for k, s in p["stages"].items():
+        z = s.get("zero")
+        if z:
+            verdict = "as configured" if z["ok"] else f"configured ZeRO-{z['config_stage']}: set {z['knob']}"
+            lines.append(f"ZeRO by fit, {k}: ZeRO-2 {z['gpu_gib_zero2']:.1f} GiB/GPU ({z['gather_gib_per_step_zero2']:.2f}"
+                         f" GiB/step moved), ZeRO-3 {z['gpu_gib_zero3']:.1f} GiB/GPU ({z['gather_gib_per_step_zero3']:.1f}"
+                         f" GiB/step gathered) -> ZeRO-{z['recommended_stage']} ({verdict})")
     show = detail if detail is not None else len(p["stages"]) == 1
     if show:
         for k, s in p["stages"].items():

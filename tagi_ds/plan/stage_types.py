@@ -1,7 +1,7 @@
 """What a stage's plan is made of: named parts (bytes on the GPU, in host memory or on disk) grouped in phases,
 plus counts (forwards before the first optimizer step, ZeRO-3 traffic) and the FLOPs that the time estimate uses.
 
-A phase is a moment of the stage (load, instruction precompute, a training step, one evaluated method); the peak of
+A phase is a moment of the stage (load, a micro batch's instruction pass, a training step, one evaluated method); the peak of
 a place (GPU or host) is the largest phase total there. On a CPU-only machine the "GPU" parts live in host memory
 too, so `cpu_device_peak` (what `bench/scale_sim.py` compares with a process's peak RSS) is the largest phase
 total of both.
@@ -53,8 +53,7 @@ class StagePlan:
     phases: list[Phase] = field(default_factory=list)
     disk: list[Part] = field(default_factory=list)
     first_step_forwards: Optional[int] = None  # backbone forwards before the first optimizer step (per process)
-    gather_bytes_per_step: int = 0  # ZeRO-3 bytes each rank receives per optimizer step
-    startup_gather_bytes: int = 0  # ... during the instruction precompute
+    gather_bytes_per_step: int = 0  # ZeRO bytes each rank receives per optimizer step (3: gathers; 1/2: gradients)
     flops: float = 0.0  # whole stage, all processes
     decode_steps: int = 0  # greedy decoding steps (memory-bound: weights read once per step)
     decode_weight_bytes: int = 0

@@ -1,5 +1,7 @@
-"""The single-GPU stages as the code runs them today: teacher and cache-logits (one Slurm array element per unit),
-the multitask baselines and evaluate (one process, one GPU). Each phase lists its parts (structures.py)."""
+"""The other stages as the code runs them today, per process (one GPU each): teacher and cache-logits (Slurm array
+elements of teacher.units_per_job units, or torchrun / srun ranks each taking its share of the units), the multitask
+baselines (the hypernetwork's engine: ZeRO from the ds config, bf16, activation checkpointing, several ranks) and
+evaluate (sharded across ranks: each rank answers its units of tasks). Each phase lists its parts (structures.py)."""
 from __future__ import annotations
 
 import math
@@ -99,10 +101,14 @@ def teacher_plan(ctx: Ctx) -> StagePlan:
     seen_rows = seen.instances if seen is not None else 0
     flops = units * tc.steps * train_flops(fwd, ckpt) + 2 * decode_flops(mf, seen_rows, tr.prompt_mean, new)
     steps = 2 * units * math.ceil(seen_rows / max(1, units) / b) * new
-    procs = array_processes(ctx, math.ceil(units / k), tc.array_concurrency)
-    return StagePlan("teacher", True, f"Slurm array: {math.ceil(units / k)} elements of {k} unit(s), one GPU each, "
-                     f"{procs} at once", procs, [load, *train_ph, held], disk, first_step_forwards=1, flops=flops,
-                     decode_steps=steps, decode_weight_bytes=mf.params * elem, steps=tc.steps)
+    per_job = max(1, tc.units_per_job)
+    elements = math.ceil(units / per_job)
+    procs = array_processes(ctx, elements, tc.array_concurrency)
+    also = " + their logit cache (teacher.write_cache)" if tc.write_cache else ""
+    return StagePlan("teacher", True, f"Slurm array: {elements} elements of {per_job} unit(s) (teacher.units_per_job)"
+                     f"{also}, one GPU each, {procs} at once (or torchrun ranks, each its share)", procs,
+                     [load, *train_ph, held], disk, first_step_forwards=1, flops=flops, decode_steps=steps,
+                     decode_weight_bytes=mf.params * elem, steps=tc.steps)
 
 
 # ------------------------------------------------------------------------------------------------ cache-logits
@@ -137,63 +143,83 @@ def cache_plan(ctx: Ctx) -> StagePlan:
     flops = forward_flops(mf, tr.instances, tr.prompt_mean, tr.target_mean) if not causal else \
         forward_flops(mf, tr.instances, 0, tr.prompt_mean + tr.target_mean)
     units = df.teacher_units
-    procs = array_processes(ctx, units, cfg.teacher.array_concurrency)
-    return StagePlan("cache-logits", True, f"Slurm array: {units} units, one GPU each, {procs} at once", procs,
+    per_job = max(1, cfg.teacher.units_per_job)
+    procs = array_processes(ctx, math.ceil(units / per_job), cfg.teacher.array_concurrency)
+    how = ("written by the teacher stage's own jobs (teacher.write_cache)" if cfg.teacher.write_cache else
+           f"Slurm array: {math.ceil(units / per_job)} elements of {per_job} unit(s)")
+    return StagePlan("cache-logits", True, f"{how}, one GPU each, {procs} at once (or torchrun ranks)", procs,
                      [Phase("load", host_base(ctx, elem)), step], disk, first_step_forwards=None, flops=flops)
 
 
 # ------------------------------------------------------------------------------------------------ baselines
-def _baseline_phases(ctx: Ctx, mode: str) -> tuple[list[Phase], float]:
+def _baseline_phases(ctx: Ctx, mode: str, stage: int, world: int) -> tuple[list[Phase], float]:
+    """`train/baselines.py` on the engine: the backbone at backbone.dtype with a PEFT LoRA (cast to that dtype), HF
+    activation checkpointing when backbone.gradient_checkpointing, micro batches of baselines.tasks_per_batch x
+    instances_per_task built when needed (nothing cached)."""
+    from .stages_hypernet import _model_parts
+
     cfg, mf, df, sh = ctx.cfg, ctx.mf, ctx.df, ctx.mf.shape
-    e, tr, b = mf.checkpoint_elem, df.splits["train"], (cfg.baselines.tasks_per_batch * cfg.baselines.instances_per_task)
+    bc, e, tr = cfg.baselines, mf.elem, df.splits["train"]
+    b = bc.tasks_per_batch * bc.instances_per_task
+    ckpt = cfg.backbone.gradient_checkpointing
     cap = cfg.data.max_source_length
     prompt = tr.prompt_width if mode == "tk_instruct" else min(cap, tr.input_width)
     prompt_mean = tr.prompt_mean if mode == "tk_instruct" else tr.input_mean
     causal = mf.arch == "llama"
-    impl = "sdpa"  # multitask.load_model_and_tokenizer passes no attn_implementation: transformers 5's default
     lora = Lora(frozenset(cfg.backbone.target_modules), cfg.lora.r)  # PEFT LoRA on the frozen base
-    if causal:  # multitask.encode_pair: prompt cut so prompt + answer <= max_source_length
+    if causal:  # the prompt cut so prompt + answer <= max_source_length
         seq = min(cap, prompt + tr.target_width)
-        act = activation_bytes(sh, b, 0, seq, 0, False, impl, e, dropout=True, cuda=ctx.cuda, lora=lora)
-        # ForCausalLMLoss: logits (model dtype), .float() (a copy unless fp32), log_softmax kept for backward
-        logits = b * seq * sh.vocab * (e + (4 if e < 4 else 0) + 4)
+        act = activation_bytes(sh, b, 0, seq, 0, False, ctx.attn, e, cuda=ctx.cuda, lora=lora)
+        logits = S.logits_bytes(b, seq, tr.target_width, sh.vocab, e, fp32_copies=2)
     else:
-        act = activation_bytes(sh, b, 0, prompt, tr.target_width, False, impl, e, dropout=True, cuda=ctx.cuda,
-                              lora=lora)
-        # T5ForConditionalGeneration: lm_logits, CrossEntropyLoss keeps log_softmax (both in the model dtype)
-        logits = 2 * b * tr.target_width * sh.vocab * e
-    pool = tr.instances
-    draws = cfg.baselines.steps * b
-    distinct = pool * (1 - math.exp(-draws / max(1, pool)))  # multitask.next_batch caches every drawn pair
-    tokens = prompt_mean + tr.target_mean
-    cuda_ctx = [Part("CUDA context", S.CUDA_CONTEXT_GPU_BYTES, "gpu")] if ctx.cuda else []
-    persistent = cuda_ctx + [
-        Part(f"backbone weights at the checkpoint dtype ({mf.checkpoint_dtype})",
-             S.backbone_weights_bytes(mf.params, e), "gpu", "", "multitask.load_model_and_tokenizer"),
-        Part("PEFT LoRA + grad + AdamW", S.peft_lora_train_bytes(mf.teacher_lora_params), "gpu", "lora.r"),
-    ] + host_base(ctx, e) + [
-        Part(f"Encoded cache at the last step ({distinct:,.0f} pairs)", S.token_lists_bytes(distinct, tokens),
-             "host", "eval.baseline_steps", "multitask.train_multitask next_batch cache")]
-    phases = train_phases(f"{mode} step", persistent, act, False,
-                          Part("logits + loss copies", logits, "gpu", "eval.baseline_batch_size",
-                               "structures.logits_bytes"), "eval.baseline_batch_size")
+        act = activation_bytes(sh, b, 0, prompt, tr.target_width, False, ctx.attn, e, cuda=ctx.cuda, lora=lora)
+        # T5 given labels computes HF's loss too (its log_softmax in the model dtype) besides ours (fp32)
+        logits = S.logits_bytes(b, tr.target_width, tr.target_width, sh.vocab, e, fp32_copies=2) + \
+            b * tr.target_width * sh.vocab * e
+    states = (2 * e * mf.teacher_lora_params + math.ceil(12 * mf.teacher_lora_params / world)) if stage else \
+        4 * e * mf.teacher_lora_params
+    backbone = [p for p in _model_parts(ctx, stage, world) if not p.name.startswith("hypernet")]
+    persistent = backbone + [
+        Part(f"PEFT LoRA + grad + AdamW ({'ZeRO-' + str(stage) if stage else 'plain loop'})", states, "gpu",
+             "lora.r", "train/baselines.lora_model"),
+    ] + host_base(ctx, deepspeed=stage > 0) + [
+        Part("the micro batch's encoded pairs", S.token_lists_bytes(b, prompt_mean + tr.target_mean), "host",
+             "baselines.instances_per_task", "baselines.BaselineBatches.batch")]
+    knob = "baselines.instances_per_task" if ckpt else "backbone.gradient_checkpointing"
+    phases = train_phases(f"{mode} step", persistent, act, ckpt,
+                          Part("logits + loss copies", logits, "gpu", "baselines.instances_per_task",
+                               "structures.logits_bytes"), knob,
+                          both=[Part("LoRA x @ A^T per target module", mf.target_modules * b * (
+                              seq if causal else prompt) * cfg.lora.r * e // (mf.target_modules if ckpt else 1),
+                              "gpu", "baselines.instances_per_task", "PEFT LoRA forward")])
     fwd = forward_flops(mf, b, prompt_mean, tr.target_mean) if not causal else \
         forward_flops(mf, b, 0, min(cap, prompt_mean + tr.target_mean))
-    return phases, cfg.baselines.steps * train_flops(fwd, False)
+    return phases, world * bc.steps * cfg.baselines.grad_accum * train_flops(fwd, ckpt)
 
 
 def baselines_plan(ctx: Ctx) -> StagePlan:
+    from .stages_hypernet import zero_stage
+
     cfg, mf = ctx.cfg, ctx.mf
+    stage = zero_stage(cfg)
+    world = ctx.world if stage > 0 else 1
     modes = [m for m in cfg.eval.methods if m in BASELINES]
-    phases, flops = [], 0.0
+    phases, flops = [Phase("load", host_base(ctx, mf.elem, deepspeed=stage > 0))], 0.0
     for m in modes:
-        ph, f = _baseline_phases(ctx, m)
+        ph, f = _baseline_phases(ctx, m, stage, world)
         phases += ph
         flops += f
     disk = [Part(f"{len(modes)} LoRA adapter(s) + train.json", len(modes) * (
-        S.teacher_adapter_bytes(mf.teacher_lora_params) + 40 * cfg.baselines.steps + 8192), "disk")]
-    return StagePlan("baselines", bool(modes), "one GPU, one process (pipeline / evaluate trains them)", 1, phases,
-                     disk, first_step_forwards=1 if modes else None, flops=flops, steps=cfg.baselines.steps)
+        S.teacher_adapter_bytes(mf.teacher_lora_params) + 40 * cfg.baselines.steps + 8192), "disk"),
+            Part("resumable checkpoints (LoRA + Adam, kept while training)", len(modes) * (
+                max(1, cfg.baselines.keep_checkpoints) + 1) * S.hypernet_checkpoint_disk_bytes(
+                mf.teacher_lora_params, mf.elem, stage > 0), "disk", "baselines.keep_checkpoints",
+                "train/engine.py Engine.save")]
+    layout = (f"ZeRO-{stage} over {world} ranks (the hypernetwork's engine), modes one after the other" if stage
+              else "one process (plain torch loop)")
+    return StagePlan("baselines", bool(modes), layout, world, phases, disk,
+                     first_step_forwards=cfg.baselines.grad_accum if modes else None, flops=flops,
+                     steps=cfg.baselines.steps)
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
@@ -207,74 +233,83 @@ def _gen_parts(ctx: Ctx, src: int, elem: int, prefix: int = 0) -> list[Part]:
 
 
 def _hypernet_phase(ctx: Ctx, method: str) -> Phase:
+    """`eval/methods.Hypernet`: the student wraps the run's backbone (no second copy); per unit of
+    eval.tasks_per_batch tasks the instruction states and generated adapters are computed once and held for the unit
+    only; T5: the units' instruction K/V per decoding call; LLaMA: the prefix expanded per row in the generation
+    cache."""
     cfg, mf, df, sh = ctx.cfg, ctx.mf, ctx.df, ctx.mf.shape
-    elem, b = mf.elem, cfg.eval.batch_size
+    elem, e = mf.elem, cfg.eval
     fusion = cfg.hypernet.fusion and method != "tagi_no_fusion"
-    split = max((s for k, s in df.splits.items() if k != "train"), key=lambda s: s.tasks)
-    w, n = split.instr_width, split.tasks
-    states = S.instruction_states_bytes(sh, n, w, elem, fusion or mf.arch == "llama", mf.arch)
-    pairs = mf.target_modules
-    parts = [Part("student's own backbone copy", S.backbone_weights_bytes(mf.params, elem), "gpu", "",
-                  "eval.methods.load_student"),
-             Part("hypernetwork", mf.hypernet_params * elem, "gpu"),
-             Part(f"instruction states of all {n} tasks of the split", states, "gpu", "data.max_source_length",
-                  "methods.student_predict precompute_encodings(...).to(device)", cpu_alias=True),
-             Part(f"generated adapters of all {n} tasks", S.generated_adapters_bytes(n, mf.lora_params, elem, False)
-                  + n * pairs * cfg.hypernet.hidden * elem, "gpu", "", "methods.student_predict generate_adapters"),
-             Part(f"host copies while torch.cat builds them ({n} tasks)", S.precompute_concat_peak_bytes(states),
-                  "host", "data.max_source_length", "structures.precompute_concat_peak_bytes")]
+    split = max((s for k, s in df.splits.items() if k != "train"), key=lambda s: s.instr_width)
+    u = max(1, min(e.tasks_per_batch, split.tasks))
+    w = split.instr_width
+    r = cfg.hypernet.r or cfg.lora.r
+    parts = [Part("hypernetwork", mf.hypernet_params * elem, "gpu"),
+             Part(f"instruction states of a unit of {u} tasks", S.instruction_states_bytes(
+                 sh, u, w, elem, fusion or mf.arch == "llama", mf.arch), "gpu", "eval.tasks_per_batch",
+                 "methods.Hypernet.unit encode_instruction_rows"),
+             Part(f"generated adapters of {u} tasks", S.generated_adapters_bytes(u, mf.lora_params, elem, False)
+                  + u * mf.target_modules * cfg.hypernet.hidden * elem, "gpu", "eval.tasks_per_batch",
+                  "methods.Hypernet.unit generate_adapters"),
+             Part("one layer of the instruction pass", S.instruction_pass_working_bytes(
+                 sh, min(u, 16), w, elem, ctx.attn, ctx.cuda), "gpu", "eval.tasks_per_batch",
+                 "structures.instruction_pass_working_bytes")]
     if mf.arch == "llama" and fusion:
-        parts.append(Part("prefix copied per row", S.llama_prefix_rows_bytes(sh, b, w, elem), "gpu",
-                          "eval.batch_size", "fusion.expand_prefix"))
         parts += _gen_parts(ctx, split.input_width, elem, prefix=w)
     else:
-        src = split.input_width + (w if fusion else 0)
-        parts += _gen_parts(ctx, src, elem)
-    return Phase(f"{method} (split of {n} tasks)", parts)
+        if fusion:
+            parts.append(Part(f"instruction K/V of {u} tasks (per decoding call)", S.t5_instruction_kv_bytes(
+                sh, u, w, elem, r, False), "gpu", "eval.tasks_per_batch", "structures.t5_instruction_kv_bytes"))
+        parts += _gen_parts(ctx, split.input_width + (w if fusion else 0), elem)
+    return Phase(f"{method} (units of {u} tasks)", parts)
 
 
 def evaluate_plan(ctx: Ctx) -> StagePlan:
+    """`eval/evaluate.py`: sharded across the job's ranks (each its contiguous share of every (method, split)'s
+    units), one backbone per process, methods one after the other."""
     cfg, mf, df = ctx.cfg, ctx.mf, ctx.df
-    elem = mf.elem
-    methods = list(cfg.eval.methods)
+    elem, e = mf.elem, cfg.eval
+    methods = list(e.methods)
+    world = ctx.world
     cuda_ctx = [Part("CUDA context", S.CUDA_CONTEXT_GPU_BYTES, "gpu")] if ctx.cuda else []
-    resident = cuda_ctx + [Part("backbone weights (bb.model, all methods)", S.backbone_weights_bytes(mf.params, elem),
+    resident = cuda_ctx + [Part("backbone weights (all methods)", S.backbone_weights_bytes(mf.params, elem),
                                 "gpu", "backbone.dtype", "evaluate.run load_run_backbone")] + host_base(ctx)
     evals = {k: s for k, s in df.splits.items() if k != "train" and s.instances}
     widest = max(evals.values(), key=lambda s: s.prompt_width, default=df.splits["train"])
     phases = [Phase("load", host_base(ctx, elem))]
     flops, dsteps, rows_total = 0.0, 0, sum(s.instances for s in evals.values())
-    new, b = cfg.eval.max_new_tokens, cfg.eval.batch_size
+    new, b = e.max_new_tokens, e.batch_size
+    target_weights = sum(t["count"] * t["d_in"] * t["d_out"] for t in mf.targets) * elem
     for m in methods:
         parts = list(resident)
         if m == "no_ft":
             parts += _gen_parts(ctx, widest.prompt_width, elem)
         elif m in BASELINES:
-            e = mf.checkpoint_elem
-            parts += [Part(f"{m}: a second backbone at the checkpoint dtype, LoRA merged",
-                           S.backbone_weights_bytes(mf.params, e), "gpu", "", "methods.predict_baseline"),
-                      Part("its host copy while it loads", S.backbone_load_host_bytes(mf.params, e), "host",
-                           cpu_alias=True)]
+            parts += [Part(f"{m}: the target weights' host copies (LoRA merged in place, restored exactly)",
+                           target_weights, "host", "", "methods.merged_lora"),
+                      Part("the LoRA read on the host", S.teacher_adapter_bytes(mf.teacher_lora_params), "host")]
             src = widest.prompt_width if m == "tk_instruct" else widest.input_width
-            parts += _gen_parts(ctx, src, e)
+            parts += _gen_parts(ctx, src, elem)
         elif m == "teacher":
-            units = df.teacher_units
-            parts.append(Part(f"all {units} seen teachers, loaded then stacked (fp32, two copies)",
-                              S.evaluate_teacher_stack_bytes(units, mf.teacher_lora_params), "gpu",
-                              "teacher.group_by (or drop 'teacher' from eval.methods)",
-                              "structures.evaluate_teacher_stack_bytes"))
+            g = S.evaluate_teacher_group(df.teacher_units, e.tasks_per_batch, e.teacher_group_bytes,
+                                         mf.teacher_lora_params)
+            one = S.evaluate_teacher_group_bytes(g, mf.teacher_lora_params)
+            parts += [Part(f"a group of {g} teachers, stacked (fp32)", one, "gpu",
+                           "eval.teacher_group_bytes / eval.tasks_per_batch", "structures.evaluate_teacher_group_bytes"),
+                      Part("their host list + stack while loading", 2 * one, "host", "eval.teacher_group_bytes",
+                           "methods.Teachers.unit", cpu_alias=True)]
             parts += _gen_parts(ctx, widest.prompt_width, elem)
         elif m in HYPERNET_METHODS:
-            ph = _hypernet_phase(ctx, m)
-            parts += ph.parts
+            parts += _hypernet_phase(ctx, m).parts
         phases.append(Phase(m, parts))
         for s in evals.values():
             src = s.prompt_mean if m in ("no_ft", "teacher", "tk_instruct") else s.input_mean
             flops += decode_flops(mf, s.instances, src, new, prefix=s.instr_mean if m in HYPERNET_METHODS else 0)
-            dsteps += math.ceil(s.instances / b) * new
+            dsteps += math.ceil(s.instances / b / world) * new * world
     pred_bytes = sum(s.instances * (s.chars_per_instance + 4 * new + 120) for s in evals.values())
-    disk = [Part(f"predictions of {len(methods)} methods ({rows_total:,} instances each)",
-                 int(len(methods) * pred_bytes), "disk", "data.max_eval_instances_per_task"),
+    disk = [Part(f"predictions of {len(methods)} methods ({rows_total:,} instances each; shard files + merged)",
+                 int(2 * len(methods) * pred_bytes), "disk", "data.max_eval_instances_per_task"),
             Part("metrics.json + report", 1 << 20, "disk")]
-    return StagePlan("evaluate", True, "one GPU, one process, methods one after the other", 1, phases, disk,
-                     first_step_forwards=None, flops=flops, decode_steps=dsteps, decode_weight_bytes=mf.params * elem)
+    return StagePlan("evaluate", True, f"sharded over {world} ranks (torchrun / srun / Slurm array), one GPU each, "
+                     "methods one after the other", world, phases, disk, first_step_forwards=None, flops=flops,
+                     decode_steps=dsteps, decode_weight_bytes=mf.params * elem)

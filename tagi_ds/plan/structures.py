@@ -21,9 +21,8 @@ CUDA_CONTEXT_GPU_BYTES = 768 * 1024 ** 2  # context + cuBLAS workspace on the GP
 PY_INT_BYTES = 28 + 8  # one token id in a Python list: an int object (ids > 256 are not cached) + the pointer
 PY_LIST_BYTES = 56
 INSTANCE_OBJECT_BYTES = 700  # Task / Instance dataclasses, dicts and string headers, per instance (measured: SNI)
-ENCODE_CHUNK = 16  # hypernet_trainer.precompute_encodings(chunk=16)
-TEACHER_CACHE_SIZE = 64  # train/finetune.py TEACHER_CACHE_SIZE
-DS_CKPT_BYTES_PER_PARAM = 14  # DeepSpeed ZeRO-3 checkpoint of the trainable part: fp32 master + Adam m, v + 16-bit
+INSTRUCTION_BUCKET = 64  # train/hypernet_loop.INSTRUCTION_BUCKET
+DS_CKPT_BYTES_PER_PARAM = 14  # DeepSpeed ZeRO checkpoint of the trainable part: fp32 master + Adam m, v + 16-bit
 
 
 # ------------------------------------------------------------------------------------------------ process
@@ -102,10 +101,18 @@ def hypernet_plain_states_bytes(params: int, elem: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ instructions
+def bucket_width(tokens: int, cap: int) -> int:
+    """`train/hypernet_loop.bucket_instructions`: a micro batch's instructions are padded to its own longest,
+    rounded up to a multiple of INSTRUCTION_BUCKET (64); never to the run's longest. The plan sizes the widest
+    batch: the cap (data.max_source_length) rounded up."""
+    return -(-min(tokens, cap) // INSTRUCTION_BUCKET) * INSTRUCTION_BUCKET
+
+
 def instruction_states_bytes(sh: Shape, n_tasks: int, width: int, elem: int, fusion: bool, arch: str) -> int:
     """A `TaskEncoding` of n tasks padded to `width` (`modeling/tagi.py encode_instructions`): pooled (n, d),
     last hidden states (n, W, d) (kept for T5 fusion, and for LLaMA too: `llama_instruction_pass` returns them),
-    the mask (n, W) int64, and for LLaMA with fusion the KV prefix: per layer K and V (n, kv_heads, W, head_dim)."""
+    the mask (n, W) int64, and for LLaMA with fusion the KV prefix PER TASK: per layer K and V
+    (n, kv_heads, W, head_dim) (`fusion.PrefixKV`; expanded to the rows one layer at a time, `PrefixLayer`)."""
     n = n_tasks * sh.hidden * elem + n_tasks * width * sh.hidden * elem + n_tasks * width * 8
     if arch == "llama" and fusion:
         n += llama_prefix_bytes(sh, n_tasks, width, elem)
@@ -113,50 +120,31 @@ def instruction_states_bytes(sh: Shape, n_tasks: int, width: int, elem: int, fus
 
 
 def llama_prefix_bytes(sh: Shape, rows: int, width: int, elem: int) -> int:
-    """LLaMA instruction KV prefix of `rows` rows: L layers x (K, V) x rows x kv_width x W (`fusion.PrefixKV`)."""
+    """LLaMA instruction KV prefix of `rows` tasks (or rows): L layers x (K, V) x rows x kv_width x W."""
     return sh.dec_layers * 2 * rows * sh.kv_width * width * elem
 
 
-def finetune_instruction_states_bytes(sh: Shape, n_tasks: int, width: int, elem: int, fusion: bool,
-                                      arch: str) -> int:
-    """Every training task's instruction states, on EVERY rank, in host memory for the whole run:
-    `train/hypernet_trainer.py precompute_encodings` (all tasks, padded to the longest instruction) -> CPU."""
-    return instruction_states_bytes(sh, n_tasks, width, elem, fusion, arch)
+def t5_instruction_kv_bytes(sh: Shape, n_tasks: int, width: int, elem: int, lora_r: int, v_lora: bool) -> int:
+    """`fusion.t5_instruction_kv`: every decoder cross-attention's K and V over the instruction states, ONCE PER
+    TASK (n, heads, W, d_kv) (not per row: `split_cross_attention` reads them per task group); in training they stay
+    in the autograd graph (the task's LoRA on v) for the whole forward + backward, and the LoRA keeps x @ A^T."""
+    n = sh.dec_layers * 2 * n_tasks * sh.attn_width * width * elem
+    if v_lora:
+        n += sh.dec_layers * n_tasks * width * lora_r * elem
+    return n
 
 
-def precompute_concat_peak_bytes(states: int) -> int:
-    """`precompute_encodings` keeps every chunk's CPU copy in `parts` while torch.cat builds the result: two copies
-    of all the states at the peak (transient)."""
-    return 2 * states
-
-
-def encode_chunk_outputs_bytes(sh: Shape, width: int, elem: int, fusion: bool, arch: str) -> int:
-    """One chunk of 16 instructions' outputs on the device (hidden states; LLaMA: its whole KV cache, kept by
-    `llama_instruction_pass` whatever the fusion flag) until `.to("cpu")` (on a CPU device: the `parts` copy)."""
-    return instruction_states_bytes(sh, ENCODE_CHUNK, width, elem, fusion or arch == "llama", arch)
-
-
-def encode_chunk_working_bytes(sh: Shape, width: int, elem: int, impl: str, cuda: bool) -> int:
-    """One layer's no-grad working set while a chunk of 16 instructions runs."""
+def instruction_pass_working_bytes(sh: Shape, n_tasks: int, width: int, elem: int, impl: str, cuda: bool) -> int:
+    """One layer's no-grad working set while a micro batch's instructions run through the frozen backbone."""
     from .activations import forward_transient_bytes
 
-    return forward_transient_bytes(sh, ENCODE_CHUNK, width, width, impl, elem, cuda)
+    return forward_transient_bytes(sh, n_tasks, width, width, impl, elem, cuda)
 
 
-def encode_chunks(n_tasks: int) -> int:
-    """Backbone forwards `precompute_encodings` runs before training (every rank runs all of them)."""
-    return math.ceil(n_tasks / ENCODE_CHUNK)
-
-
-def llama_prefix_rows_bytes(sh: Shape, rows: int, width: int, elem: int) -> int:
-    """`fusion.expand_prefix`: index_select copies the task prefix once per ROW of the micro batch (device)."""
-    return llama_prefix_bytes(sh, rows, width, elem)
-
-
-def llama_grown_cache_bytes(sh: Shape, rows: int, width: int, seq: int, elem: int) -> int:
-    """The DynamicCache grows every layer to W + seq by torch.cat; under block checkpointing the grown cache of all
-    layers stays referenced (the checkpoint keeps the cache in its inputs) until backward ends (device)."""
-    return llama_prefix_bytes(sh, rows, width + seq, elem)
+def instruction_token_cache_bytes(n_tasks: int, tokens: float) -> int:
+    """`FinetuneBatches._instr`: each task's instruction ids, tokenized when a batch first needs it and kept (a few
+    hundred ids per task: after an epoch every task's)."""
+    return token_lists_bytes(n_tasks, tokens)
 
 
 # ------------------------------------------------------------------------------------------------ adapters
@@ -178,15 +166,24 @@ def teacher_adapter_bytes(lora_params: int) -> int:
     return lora_params * 4
 
 
-def finetune_teacher_cache_bytes(n_tasks: int, lora_params: int) -> int:
-    """`FinetuneTrainer.teacher_adapter`: an LRU of TEACHER_CACHE_SIZE teachers in host memory (L_ins, online KL)."""
-    return min(TEACHER_CACHE_SIZE, n_tasks) * teacher_adapter_bytes(lora_params)
+def finetune_teacher_cache_bytes(n_tasks: int, lora_params: int, cache_bytes: int) -> int:
+    """`distill_step.TeacherAdapters`: teachers read ahead of their step by a background thread into an LRU bounded
+    in BYTES (finetune.teacher_cache_gib), never more than the run's teachers (+ the one being read)."""
+    one = teacher_adapter_bytes(lora_params)
+    return min(n_tasks * one, cache_bytes + one)
 
 
-def evaluate_teacher_stack_bytes(units: int, lora_params: int) -> int:
-    """`eval/methods.py predict_teacher`: every seen unit's adapter read onto the device, then torch.stack'ed:
-    the list and the stack are both alive during decoding (two copies of all teachers)."""
-    return 2 * units * teacher_adapter_bytes(lora_params)
+def evaluate_teacher_group(units: int, tasks_per_batch: int, group_bytes: int, lora_params: int) -> int:
+    """Teachers of one evaluation unit (`eval/shards.work_units`): at most eval.tasks_per_batch tasks and at most
+    eval.teacher_group_bytes of adapter files (a single larger one alone)."""
+    one = teacher_adapter_bytes(lora_params)
+    return max(1, min(units, tasks_per_batch, group_bytes // max(1, one)))
+
+
+def evaluate_teacher_group_bytes(group: int, lora_params: int) -> int:
+    """`eval/methods.Teachers.unit`: the group's adapters read on the host, stacked there, then moved: one device
+    copy (the stack); the host holds the list and the stack while it is built."""
+    return group * teacher_adapter_bytes(lora_params)
 
 
 def stacked_lora_train_bytes(units: int, lora_params: int) -> int:
