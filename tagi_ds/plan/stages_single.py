@@ -90,7 +90,7 @@ def teacher_plan(ctx: Ctx) -> StagePlan:
     ] + host_base(ctx) + [examples])
     load = Phase("load", host_base(ctx, elem) + [examples])
     disk = [Part(f"{units} teacher adapters (fp32 safetensors)", units * (S.teacher_adapter_bytes(
-        mf.teacher_lora_params) + 8192), "disk", "teacher.group_by", "adapters.peft_io.write_peft_adapter"),
+        mf.teacher_lora_params) + 8192), "disk", "teacher.group_by", "run.peft_io.write_peft_adapter"),
             Part("resumable checkpoints (deleted when published)",
                  S.teacher_checkpoint_disk_bytes(k, mf.teacher_lora_params), "disk", "",
                  "teacher_batch.save_checkpoint")]

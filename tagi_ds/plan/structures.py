@@ -45,8 +45,8 @@ def token_lists_bytes(rows: int, tokens_per_row: float) -> int:
 
 # ------------------------------------------------------------------------------------------------ backbone
 def backbone_weights_bytes(params: int, elem: int) -> int:
-    """A whole backbone on one device: `modeling.backbone.load_backbone` (teacher, cache-logits, evaluate) or
-    `multitask.load_model_and_tokenizer` (baselines, at the checkpoint's dtype)."""
+    """A whole backbone on one device: `run/backbone.py` (teacher, cache-logits, evaluate) or the engine's set-up
+    below ZeRO-3 (pretrain, finetune, baselines), at backbone.dtype."""
     return params * elem
 
 
@@ -162,7 +162,7 @@ def per_row_lora_bytes(rows: int, lora_params: int, tokens: int, r: int, modules
 
 
 def teacher_adapter_bytes(lora_params: int) -> int:
-    """One teacher's adapter as read back (`adapters.peft_io.read_peft_adapter`: float32, stacked per type)."""
+    """One teacher's adapter as read back (`run.peft_io.read_peft_adapter`: float32, stacked per type)."""
     return lora_params * 4
 
 

@@ -1,9 +1,9 @@
 """Plan's byte formulas against what the code really allocates on tiny configs (CPU, no CUDA):
-- the instruction states `precompute_encodings` returns: bytes of its tensors = finetune_instruction_states_bytes;
-- its peak while torch.cat runs (two copies): an RSS delta in a fresh process, within 25%;
-- a teacher adapter as read back = teacher_adapter_bytes;
-- a whole stage (`tagi-ds pretrain` through the CLI, O(documents) instruction states) : peak RSS within 25% of the
-  plan's CPU-run figure for that same config."""
+- a micro batch's instruction states (`TagiStudent.encode_instructions` on `bucket_instructions` rows): bytes of its
+  tensors = instruction_states_bytes at the 64-token bucket; T5's per-task instruction K/V = t5_instruction_kv_bytes;
+- a teacher adapter as read back = teacher_adapter_bytes; evaluate's teacher groups = `eval/shards.work_units`;
+- a whole stage (`tagi-ds pretrain` through the CLI, a streamed text file, activations of a wide micro batch): peak
+  RSS within 25% of the plan's CPU-run figure for that same config."""
 from __future__ import annotations
 
 import json
@@ -52,10 +52,10 @@ def llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("arch", ["llama", "t5"])
-def test_instruction_states_bytes_equal_what_precompute_returns(arch):
+def test_instruction_states_bytes_equal_what_a_micro_batch_encodes(arch):
     from tagi_ds.modeling.tagi import build_student
     from tagi_ds.modeling.tiny import build_from_config, tiny_llama_config, tiny_t5_config
-    from tagi_ds.train.hypernet_trainer import precompute_encodings
+    from tagi_ds.train.hypernet_loop import bucket_instructions
 
     cfg = (tiny_llama_config(vocab_size=100, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
                              intermediate_size=64) if arch == "llama" else
@@ -64,16 +64,29 @@ def test_instruction_states_bytes_equal_what_precompute_returns(arch):
     student = build_student(backbone, arch, ["q", "v"], r=4, alpha=8, hidden=16, embed_dim=8, fusion=True,
                             backend="reference")
     g = torch.Generator().manual_seed(0)
-    rows = [torch.randint(3, 100, (int(n),), generator=g).tolist() for n in torch.randint(5, 40, (37,), generator=g)]
-    enc = precompute_encodings(student, rows, pad_id=0, device="cpu")
-    width = max(len(r) for r in rows)
+    lengths = [70, 5, 33, 12]  # the longest, 70, goes to the 128 bucket
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, 100, (n,), generator=g)
+        mask[i, :n] = 1
+    ids, mask = bucket_instructions(ids, mask, pad=0)
+    width = S.bucket_width(max(lengths), 1024)
+    assert ids.shape[1] == width == 128
+    with torch.no_grad():
+        enc = student.encode_instructions(ids, mask)
     held = _tensor_bytes(enc.pooled, enc.hidden, enc.mask, *(t for kv in (enc.prefix or ()) for t in kv))
-    predicted = S.finetune_instruction_states_bytes(backbone_shape(cfg, arch), len(rows), width, 2, True, arch)
-    assert predicted == held
+    sh = backbone_shape(cfg, arch)
+    assert S.instruction_states_bytes(sh, len(lengths), width, 2, True, arch) == held
+    if arch == "t5":  # the cross-attention K/V over the instructions: once per task, not per row
+        with torch.no_grad():
+            kv = student.instruction_kv(enc)
+        assert _tensor_bytes(*kv.keys, *kv.values) == S.t5_instruction_kv_bytes(sh, len(lengths), width, 2, 4,
+                                                                                 v_lora=False)
 
 
 def test_teacher_adapter_bytes_equal_what_is_read_back(tmp_path):
-    from tagi_ds.adapters.peft_io import read_peft_adapter, write_peft_adapter
+    from tagi_ds.run.peft_io import read_peft_adapter, write_peft_adapter
     from tagi_ds.modeling.backbone import target_specs
     from tagi_ds.modeling.tiny import tiny_t5_config
 
@@ -90,55 +103,48 @@ def test_teacher_adapter_bytes_equal_what_is_read_back(tmp_path):
     back, _, _ = read_peft_adapter(tmp_path / "t", specs)
     lora = sum(r * (s.d_in + s.d_out) for s in specs)
     assert _tensor_bytes(*(t for ab in back.values() for t in ab)) == S.teacher_adapter_bytes(lora)
-    assert S.evaluate_teacher_stack_bytes(7, lora) == 2 * 7 * S.teacher_adapter_bytes(lora)
 
 
-_PEAK_SCRIPT = r"""
-import json, sys, torch
-from tagi_ds.modeling.tagi import build_student
-from tagi_ds.modeling.tiny import build_from_config, tiny_llama_config
-from tagi_ds.train.hypernet_trainer import precompute_encodings
-torch.set_num_threads(1)
-cfg = tiny_llama_config(vocab_size=100, hidden_size=64, num_layers=8, num_heads=4, intermediate_size=64)
-student = build_student(build_from_config(cfg, seed=0, frozen=True), "llama", ["q", "v"], r=2, alpha=4, hidden=8,
-                        embed_dim=4, fusion=True, backend="reference")
-rows = [[5] * 256 for _ in range(160)]
-def status(key):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
-before = status("VmRSS:")
-open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
-enc = precompute_encodings(student, rows, pad_id=0, device="cpu")
-print(json.dumps({"delta": status("VmHWM:") - before}))
-"""
+
+def test_evaluate_teacher_group_is_what_work_units_builds():
+    """The plan's teacher group (eval.tasks_per_batch tasks, at most eval.teacher_group_bytes of adapters) equals the
+    largest unit `eval/shards.work_units` makes of one teacher per task."""
+    from types import SimpleNamespace
+
+    from tagi_ds.eval.shards import work_units
+
+    lora = 1_000_000  # 4 MB per teacher
+    one = S.teacher_adapter_bytes(lora)
+    tasks = [SimpleNamespace(name=f"t{i}") for i in range(50)]
+    for per_batch, group_bytes in ((16, 4 * 2 ** 30), (16, 10 * one + 5), (3, 10 * one), (16, one // 2)):
+        units = work_units(tasks, per_batch, lambda t: t.name, lambda u: one, group_bytes)
+        assert max(len(u) for u in units) == S.evaluate_teacher_group(50, per_batch, group_bytes, lora), \
+            (per_batch, group_bytes)
 
 
-def test_precompute_peak_is_two_copies_of_the_states():
-    """RSS rise while `precompute_encodings` runs = the states twice (chunk list + torch.cat) + one chunk's work."""
-    from tagi_ds.modeling.tiny import tiny_llama_config
+def _long_documents(path: Path, n: int, words: int) -> Path:
+    """n documents of `words` words (blank-line separated: data/pretrain_text.py's .txt layout)."""
+    import random
 
-    if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], env=ENV, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    delta = json.loads(out.stdout.strip().splitlines()[-1])["delta"]
-    sh = backbone_shape(tiny_llama_config(vocab_size=100, hidden_size=64, num_layers=8, num_heads=4,
-                                          intermediate_size=64), "llama")
-    states = S.finetune_instruction_states_bytes(sh, 160, 256, 4, True, "llama")  # 2 x 86 MB
-    predicted = S.precompute_concat_peak_bytes(states) + S.encode_chunk_working_bytes(sh, 256, 4, "sdpa", False)
-    assert 0.75 * predicted <= delta <= 1.25 * predicted, (delta, predicted)
+    rng = random.Random(0)
+    vocab = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "it", "ran", "far", "away", "over", "hills"]
+    path.write_text("\n\n".join(" ".join(rng.choice(vocab) for _ in range(words)) for _ in range(n)) + "\n")
+    return path
 
 
 def test_pretrain_stage_peak_rss_matches_the_plan(llama_dir, tmp_path):
-    """The real `tagi-ds pretrain` (one process, plain loop, 1 step) on 3,000 documents: its O(documents)
-    instruction states dominate; peak RSS within 25% of plan's CPU-run figure for the same config."""
+    """The real `tagi-ds pretrain` (one process, plain loop, 1 step) on a streamed text file, with a micro batch
+    whose activations and logits are most of the process: peak RSS within 25% of plan's CPU-run figure for the
+    same config."""
     from tagi_ds.config import load_config
     from tagi_ds.plan.report import make_plan
 
+    text = _long_documents(tmp_path / "docs.txt", 64, 1200)
     overrides = [f"runs_dir={tmp_path}", "name=p", "device=cpu", "threads=1", f"backbone.name_or_path={llama_dir}",
                  "backbone.arch=llama", "backbone.dtype=float32", "backbone.target_modules=[q, v]",
-                 "distributed.use_deepspeed=false", "pretrain.steps=1", "pretrain.warmup_steps=0",
-                 "pretrain.micro_batch_size=8", "data.pretrain_offline_docs=3000",
-                 "data.pretrain_segment_lengths=[32, 16, 16]", "hypernet.hidden=32", "hypernet.embed_dim=8",
+                 "backbone.gradient_checkpointing=false", "distributed.use_deepspeed=false", "pretrain.steps=1",
+                 "pretrain.warmup_steps=0", "pretrain.micro_batch_size=32", f"data.pretrain_text={text}",
+                 "data.pretrain_segment_lengths=[256, 512, 256]", "hypernet.hidden=32", "hypernet.embed_dim=8",
                  "lora.r=4", "lora.alpha=8"]
     cfg_path = REPO / "configs" / "tiny.yaml"
     plan = make_plan(load_config(cfg_path, overrides), nodes=1, gpus_per_node=1, stage="pretrain")
@@ -149,6 +155,7 @@ def test_pretrain_stage_peak_rss_matches_the_plan(llama_dir, tmp_path):
     log = proc.stdout.read()
     assert os.waitstatus_to_exitcode(status) == 0, log[-3000:]
     measured = usage.ru_maxrss * 1024
-    states = [p for p in plan["stages"]["pretrain"]["phases"]["instruction precompute"] if "two copies" in p["name"]]
-    assert states and states[0]["bytes"] > 0.4 * predicted  # the O(documents) structure is what is being checked
+    step = [ph for name, ph in plan["stages"]["pretrain"]["phases"].items() if name.startswith("micro batch")]
+    batch = max(sum(p["bytes"] for p in ph if "activations" in p["name"] or "logits" in p["name"]) for ph in step)
+    assert batch > 0.4 * predicted  # the micro batch, not the libraries, is what is being checked
     assert 0.75 * predicted <= measured <= 1.25 * predicted, (measured / 2 ** 30, predicted / 2 ** 30)

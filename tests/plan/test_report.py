@@ -41,16 +41,39 @@ def test_json_schema_every_stage_the_config_runs(llama_plan):
     json.dumps(p)  # plain JSON all the way down
 
 
-def test_finetune_host_flag_names_the_knob(llama_plan):
-    """LLaMA SNI: every rank holds every task's KV prefix (issue #15): hundreds of GiB, flagged, knob named."""
+def test_scale_configs_fit_and_zero_by_fit(llama_plan):
+    """LLaMA SNI on 2 x 8: every stage fits (issues #16, #17); finetune is flat in the tasks (nothing O(tasks) on the
+    host), two forwards per micro batch before step 1, and ZeRO-2 is what the plan recommends (the config's)."""
+    assert llama_plan["run"]["not_fitting"] == []
     ft = llama_plan["stages"]["finetune"]
-    assert not ft["fits_host"] and ft["host_gib_per_rank"] > 600  # 756 tasks x 1024 x 32 layers x K,V: 2 x 378 GiB
-    assert ft["host_peak_phase"] == "instruction precompute"
-    assert any("data.max_source_length" in k and k.startswith("host:") for k in ft["knobs"])
-    assert ft["first_step_forwards"] == 48 + 2  # ceil(756 / 16) chunks + grad_accum micro batches
-    assert ft["zero3_gather_gib_per_step"] > 2 * 2 * 6.7 * 0.9  # two gathers of a 13.5 GB backbone per micro batch
-    table = format_plan(llama_plan)
-    assert "does NOT fit" in table and "finetune: host" in table and "data.max_source_length" in table
+    assert ft["first_step_forwards"] == 2 * 2  # (instruction pass + training forward) x grad_accum
+    assert ft["host_gib_per_rank"] < 32
+    z = ft["zero"]
+    assert z["config_stage"] == 2 and z["recommended_stage"] == 2 and z["ok"]
+    assert z["gather_gib_per_step_zero3"] > 2 * 2 * 6.7 * 0.9  # ZeRO-3: two gathers of a 13.5 GB backbone per micro
+    assert z["gather_gib_per_step_zero2"] < 1.0  # ZeRO-2: the hypernetwork's gradients and parameters only
+    assert "ZeRO by fit, finetune" in format_plan(llama_plan)
+
+
+def test_zero3_config_is_told_to_use_zero2_and_a_tight_gpu_to_keep_zero3():
+    cfg = load_config(REPO / "configs" / "llama-sni.yaml", ["distributed.ds_config=ds_configs/zero3.json"])
+    z = make_plan(cfg, 2, 8, stage="finetune")["stages"]["finetune"]["zero"]
+    assert z["config_stage"] == 3 and z["recommended_stage"] == 2 and not z["ok"]
+    assert "distributed.ds_config=ds_configs/zero2.json" in z["knob"]
+    tight = make_plan(load_config(REPO / "configs" / "llama-sni.yaml"), 2, 8, stage="finetune", gpu_mem_gib=16)
+    zt = tight["stages"]["finetune"]["zero"]
+    assert zt["recommended_stage"] == 3 and zt["gpu_gib_zero3"] < 16 < zt["gpu_gib_zero2"] and not zt["ok"]
+
+
+def test_flags_fire_on_a_config_that_cannot_fit():
+    """A micro batch far too wide for the GPU and a teacher cache larger than the host share (32 GiB of 64 GiB per
+    node for 8 ranks): both flagged, with the knob that shrinks each."""
+    cfg = load_config(REPO / "configs" / "llama-sni.yaml", ["finetune.instances_per_task=256",
+                                                            "finetune.teacher_cache_gib=32"])
+    ft = make_plan(cfg, 2, 8, stage="finetune", host_mem_gib=64)["stages"]["finetune"]
+    assert not ft["fits_gpu"] and not ft["fits_host"] and not ft["fits"]
+    assert any(k.startswith("GPU: finetune.instances_per_task") for k in ft["knobs"])
+    assert any(k.startswith("host: finetune.teacher_cache_gib") for k in ft["knobs"])
 
 
 def test_smaller_limits_flag_more_and_bigger_limits_none():
@@ -62,18 +85,22 @@ def test_smaller_limits_flag_more_and_bigger_limits_none():
     assert all(s["fits"] and not s["knobs"] for s in big["stages"].values())
 
 
-def test_baselines_and_teacher_stack_flags_name_their_knobs():
+def test_evaluate_teachers_in_byte_groups_and_baselines_flags():
+    """evaluate holds one group of teachers (eval.teacher_group_bytes), whatever the number of units; the baselines
+    without activation checkpointing at a wide batch do not fit, and the knob says so."""
     p = make_plan(load_config(REPO / "configs" / "t5-xl-sni.yaml"), 2, 8)
-    bl, ev = p["stages"]["baselines"], p["stages"]["evaluate"]
-    assert not bl["fits_gpu"] and any("eval.baseline_batch_size" in k for k in bl["knobs"])
-    assert not ev["fits_gpu"] and ev["gpu_peak_phase"] == "teacher"
-    assert any("teacher.group_by" in k for k in ev["knobs"])
-    by_category = make_plan(load_config(REPO / "configs" / "t5-xl-sni.yaml", ["teacher.group_by=category"]), 2, 8)
+    ev = p["stages"]["evaluate"]
+    assert ev["fits"] and p["stages"]["baselines"]["fits"]
 
-    def stack(plan: dict) -> int:
-        return next(q["bytes"] for q in plan["stages"]["evaluate"]["phases"]["teacher"] if "seen teachers" in q["name"])
-    assert stack(by_category) * 756 == stack(p) * 60  # 60 category units instead of 756 task units
-    assert by_category["stages"]["evaluate"]["gpu_gib"] < ev["gpu_gib"]
+    def group(plan: dict) -> int:
+        return next(q["bytes"] for q in plan["stages"]["evaluate"]["phases"]["teacher"] if "group of" in q["name"])
+    small = make_plan(load_config(REPO / "configs" / "t5-xl-sni.yaml", ["eval.teacher_group_bytes=300000000"]), 2, 8)
+    one = 18_874_368 * 4  # a T5-XL teacher (q, v at r=32), fp32
+    assert group(p) == 16 * one and group(small) == 3 * one  # 16 tasks per unit; 300 MB / 75.5 MB = 3
+    bl = make_plan(load_config(REPO / "configs" / "t5-xl-sni.yaml", ["backbone.gradient_checkpointing=false",
+                                                                     "baselines.instances_per_task=32"]),
+                   2, 8, stage="baselines")["stages"]["baselines"]
+    assert not bl["fits_gpu"] and any("backbone.gradient_checkpointing" in k for k in bl["knobs"])
 
 
 def test_stage_selection_and_bad_input():
