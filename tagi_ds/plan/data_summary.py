@@ -2,8 +2,8 @@
 
 What the byte formulas need from the data:
 - counts: training tasks (the O(tasks) structures), teacher units (tasks or first categories), instances per split;
-- the common width instructions are padded to (`precompute_encodings` pads every task to the longest instruction,
-  capped at data.max_source_length) and the widest full prompt / student input / target a batch can hold (the
+- the widest instruction (capped at data.max_source_length; a micro batch pads its own instructions to a 64-token
+  bucket of its longest, so the widest batch is this rounded up) and the widest full prompt / student input / target a batch can hold (the
   worst batch is what fits or not);
 - mean lengths (time and disk estimates): label tokens per instance (logit cache rows), prompt tokens (FLOPs).
 
@@ -40,7 +40,7 @@ class SplitFacts:
     tasks: int
     instances: int
     instr_mean: float  # tokens of one task's instruction (after the cap)
-    instr_width: int  # what precompute_encodings pads every task of this split to
+    instr_width: int  # the split's longest instruction (capped): the widest micro batch's bucket rounds it up
     prompt_mean: float  # full Tk-Instruct prompt (teacher, cache, tk_instruct, no_ft), capped
     prompt_width: int  # widest full prompt a batch can hold
     input_mean: float  # student backbone input (instance part), capped at max_input_length
@@ -152,8 +152,8 @@ def _units(tasks: list, group_by: str) -> int:
 class PretrainFacts:
     docs: int
     chars_mean: float
-    tokens_mean: float  # tokens of a whole document (all of it is tokenized up front)
-    instr_width: int  # segment a + the tokenizer's framing token: what the precompute pads to
+    tokens_mean: float  # tokens of a whole document (tokenized when its block is read)
+    instr_width: int  # segment a + the tokenizer's framing token (bucketed to 64 per micro batch)
     input_width: int  # T5: segment b + eos; LLaMA: bos + b + c + eos (the causal sequence)
     target_width: int  # segment c + eos
 

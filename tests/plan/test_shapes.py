@@ -80,24 +80,34 @@ def _parts(stage: dict, phase: str, where: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name", list(SCALE))
-def test_zero3_split_of_the_finetune_step(facts, name):
+def test_zero_splits_of_the_finetune_step(facts, name):
+    """The configs' own ZeRO-2 (backbone whole, the hypernetwork's optimizer states sharded) and ZeRO-3 through
+    distributed.ds_config (backbone and hypernetwork sharded: DeepSpeed's own estimator)."""
     cfg = facts[name][0]
     p = make_plan(cfg, nodes=2, gpus_per_node=4, stage="finetune")
     st, m = p["stages"]["finetune"], p["model"]
     gpu = _parts(st, "micro batch: backward", "gpu")
-    assert p["world_size"] == 8
-    assert gpu["backbone (ZeRO-3 shard)"] == math.ceil(m["backbone_params"] * 2 / 8)  # bf16, no grads, no optimizer
-    # DeepSpeed's ZeRO-3 formula without offload: 4 x largest layer + 18 B/param / world
-    assert gpu["hypernet params + grads + optimizer (ZeRO-3)"] == \
-        4 * m["hypernet_largest_layer_params"] + int(18 * m["hypernet_params"] / 8)
+    assert p["world_size"] == 8 and st["layout"].startswith("ZeRO-2 over 8 ranks")
+    assert gpu["backbone weights, whole on every GPU (ZeRO below 3)"] == m["backbone_params"] * 2
+    assert gpu["hypernet params + grads + optimizer (ZeRO-2)"] == \
+        2 * 2 * m["hypernet_params"] + math.ceil(12 * m["hypernet_params"] / 8)
     totals = [sum(_parts(st, ph, "gpu").values()) for ph in st["phases"]]
     assert st["gpu_gib"] == pytest.approx(max(totals) / 2 ** 30, abs=1e-3)  # the largest phase is the peak
     assert 0 < st["gpu_gib"] < 80
-    assert st["first_step_forwards"] == math.ceil(p["data"]["train_tasks"] / 16) + cfg.finetune.grad_accum
+    assert st["first_step_forwards"] == 2 * cfg.finetune.grad_accum  # instruction pass + forward per micro batch
+
+    cfg3 = load_config(REPO / "configs" / f"{name}.yaml", ["distributed.ds_config=ds_configs/zero3.json"])
+    p3 = make_plan(cfg3, nodes=2, gpus_per_node=4, stage="finetune")
+    gpu3 = _parts(p3["stages"]["finetune"], "micro batch: backward", "gpu")
+    assert gpu3["backbone (ZeRO-3 shard)"] == math.ceil(m["backbone_params"] * 2 / 8)  # bf16, no grads, no optimizer
+    # DeepSpeed's ZeRO-3 formula without offload: 4 x largest layer + 18 B/param / world
+    assert gpu3["hypernet params + grads + optimizer (ZeRO-3)"] == \
+        4 * m["hypernet_largest_layer_params"] + int(18 * m["hypernet_params"] / 8)
+    assert p3["stages"]["finetune"]["zero3_gather_gib_per_step"] > 10 * st["zero3_gather_gib_per_step"]
 
 
 def test_more_gpus_shrink_the_shards_not_the_activations():
-    cfg = load_config(REPO / "configs" / "t5-xl-sni.yaml")
+    cfg = load_config(REPO / "configs" / "t5-xl-sni.yaml", ["distributed.ds_config=ds_configs/zero3.json"])
     one = _parts(make_plan(cfg, 1, 8, "finetune")["stages"]["finetune"], "micro batch: backward", "gpu")
     four = _parts(make_plan(cfg, 4, 8, "finetune")["stages"]["finetune"], "micro batch: backward", "gpu")
     assert four["backbone (ZeRO-3 shard)"] == pytest.approx(one["backbone (ZeRO-3 shard)"] / 4, rel=1e-6)
