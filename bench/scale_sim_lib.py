@@ -137,7 +137,7 @@ def free_port() -> int:
 
 # glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, after which the narrow model's
 # MB-sized tensors come from the heap and freed ones fragment it (RSS that no structure holds: +40% on the
-# instruction precompute, tests/plan/test_plan_vs_measured.py). The real-width tensors are tens to hundreds of MB,
+# old code's instruction precompute, measured). The real-width tensors are tens to hundreds of MB,
 # always mapped and returned when freed; a fixed 128 KiB threshold makes the narrow ones behave the same way.
 GLIBC_FIXED_MMAP = True
 

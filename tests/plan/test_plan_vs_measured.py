@@ -22,7 +22,7 @@ from conftest import REPO
 
 # A fixed glibc mmap threshold: every tensor over 128 KiB gets its own mapping and goes back to the OS when freed, as
 # the real-width tensors (tens of MB and up, over glibc's 32 MiB dynamic ceiling) always do. With the default dynamic
-# threshold the tiny models' MB-sized chunk tensors fragment the heap: +40% RSS in the precompute test below.
+# threshold the tiny models' MB-sized tensors fragment the heap (+40% RSS measured on the old instruction precompute).
 ENV = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
            TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
            MALLOC_MMAP_THRESHOLD_="131072")
