@@ -280,6 +280,30 @@ def growth_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def growth_summary(rows: list[dict], title: str) -> str:
+    """Per arch and stage: peak RSS and seconds to the first step at the smallest and the largest fraction, and
+    their ratios (the numbers issue #16 bounds: RSS <= 1.2x, first step <= 1.5x from 10% to 100%)."""
+    out = [title, f"{'arch':<6}{'stage':<10}{'tasks':>14}{'RSS GiB':>16}{'RSS x':>7}{'s to step 1':>16}{'time x':>8}",
+           "-" * 77]
+    groups: dict = {}
+    for r in rows:
+        if r["group"] == "growth" and "measured_gib" in r and not r.get("rc"):
+            groups.setdefault((r["arch"], r["stage"]), []).append(r)
+    for (arch, stage), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["fraction"])
+        lo, hi = rs[0], rs[-1]
+        if lo is hi:
+            continue
+        tasks = f"{lo['tasks']} -> {hi['tasks']}"
+        rss = f"{lo['measured_gib']:.2f} -> {hi['measured_gib']:.2f}"
+        f0, f1 = lo.get("first_step_s"), hi.get("first_step_s")
+        t = f"{f0:.0f} -> {f1:.0f}" if f0 is not None and f1 is not None else "-"
+        tx = f"{f1 / f0:.2f}" if f0 and f1 is not None else "-"
+        out.append(f"{arch:<6}{stage:<10}{tasks:>14}{rss:>16}{hi['measured_gib'] / lo['measured_gib']:>7.2f}"
+                   f"{t:>16}{tx:>8}")
+    return "\n".join(out)
+
+
 def disk_this_run(stage: str, p: dict) -> int:
     """The plan's disk parts scaled to what one measured run writes: one teacher unit / one task's cache shard; the
     hypernetwork stages' final checkpoint (the runs stop before the first periodic one) + export; evaluate's
@@ -338,6 +362,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default=str(REPO / "runs" / "scale_sim"), help="work folder (backbones, runs, logs)")
     ap.add_argument("--glibc-default", action="store_true",
                     help="keep glibc's dynamic mmap threshold in the stage processes (see scale_sim_lib.py)")
+    ap.add_argument("--before", default=None,
+                    help="with --replan: a folder of an earlier run's results-<arch>.json (e.g. the code before a "
+                         "change): its tables and growth are printed first, as measured and planned then")
     ap.add_argument("--replan", action="store_true",
                     help="measure nothing: recompute the plan columns of the saved results and print the tables")
     args = ap.parse_args(argv)
@@ -347,9 +374,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         for arch in args.arch:
             f = root / f"results-{arch}.json"
             rows += json.loads(f.read_text()) if f.is_file() else []
+        if args.before:
+            before = []
+            for arch in args.arch:
+                f = Path(args.before) / f"results-{arch}.json"
+                before += json.loads(f.read_text()) if f.is_file() else []
+            print(f"===== BEFORE ({args.before}: measured then, planned by the plan of then)")
+            print_tables(before)
+            print("\n" + growth_summary(before, "growth 10% -> 100%, BEFORE"))
+            print(f"\n===== AFTER ({root}: measured now, planned by the current formulas)")
         rows = replan(rows, root)
         save_json(root / "results-replanned.json", rows)
         print_tables(rows)
+        print("\n" + growth_summary(rows, "growth 10% -> 100%" + (", AFTER" if args.before else "")))
         return 0
     if args.glibc_default:
         import scale_sim_lib
@@ -376,6 +413,7 @@ def print_tables(rows: list[dict]) -> None:
     print(stage_table(rows))
     print("\ngrowth with the number of tasks (pretrain: documents)\n")
     print(growth_table(rows))
+    print("\n" + growth_summary(rows, "growth, smallest -> largest fraction"))
 
 
 if __name__ == "__main__":
