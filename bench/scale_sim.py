@@ -88,7 +88,7 @@ class ArchSim:
         from tagi_ds.config import load_config
         from tagi_ds.plan.report import make_plan
 
-        p = make_plan(load_config(cfg_path), nodes=1, gpus_per_node=ranks, stage=stage)
+        p = make_plan(sim_config(load_config(cfg_path), stage, ranks), nodes=1, gpus_per_node=ranks, stage=stage)
         return {**p["stages"][stage], "disk_this_run": disk_this_run(stage, p)}
 
     def measure(self, group: str, stage: str, label: str, cfg_path: Path, argv: list[str], run_dir: Path,
@@ -323,6 +323,22 @@ def disk_this_run(stage: str, p: dict) -> int:
     return sum(q["bytes"] for q in parts)
 
 
+def sim_config(cfg, stage: str, ranks: int):
+    """The config the plan is asked about for a measured run. One change: finetune's teacher read-ahead LRU holds
+    what the run has READ, at most finetune.teacher_cache_gib; the plan sizes a long run (the bound, or every
+    teacher when they fit). A run of `steps` micro batches per rank reads its batches' teachers and the next one's
+    (the lookahead): the plan is given that as its bound."""
+    if stage == "finetune":
+        from tagi_ds.plan.shapes import model_facts
+        from tagi_ds.plan.structures import teacher_adapter_bytes
+
+        f = cfg.finetune
+        read = (f.steps * f.grad_accum + 1) * f.tasks_per_batch
+        one = teacher_adapter_bytes(model_facts(cfg).teacher_lora_params)
+        f.teacher_cache_gib = min(f.teacher_cache_gib, (read - 1) * one / GiB)
+    return cfg
+
+
 def replan(rows: list[dict], root: Path) -> list[dict]:
     """The plan columns again, from each run's saved config (formulas changed, measurements kept)."""
     from tagi_ds.config import load_config
@@ -331,7 +347,7 @@ def replan(rows: list[dict], root: Path) -> list[dict]:
     for r in rows:
         cfg = r.get("config") or str(root / "configs" / f"{r['arch']}-{_config_label(r)}.yaml")
         stage = r.get("plan_stage") or r["stage"]
-        p = make_plan(load_config(cfg), nodes=1, gpus_per_node=r["ranks"], stage=stage)
+        p = make_plan(sim_config(load_config(cfg), stage, r["ranks"]), nodes=1, gpus_per_node=r["ranks"], stage=stage)
         rec = p["stages"][stage]
         r.update(plan_gib=rec["cpu_device_gib"], plan_gpu_gib=rec["gpu_gib"], plan_host_gib=rec["host_gib_per_rank"],
                  plan_first_step_forwards=rec["first_step_forwards"], plan_disk_gib=rec["disk_gib"],
