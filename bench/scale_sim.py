@@ -384,7 +384,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--replan", action="store_true",
                     help="measure nothing: recompute the plan columns of the saved results and print the tables")
     args = ap.parse_args(argv)
-    root = Path(args.out)
+    root = Path(args.out).resolve()  # absolute: the runs' teachers/ links point into it
     if args.replan:
         rows = []
         for arch in args.arch:
