@@ -218,9 +218,10 @@ def format_plan(p: dict[str, Any], detail: Optional[bool] = None) -> str:
         z = s.get("zero")
         if z:
             verdict = "as configured" if z["ok"] else f"configured ZeRO-{z['config_stage']}: set {z['knob']}"
-            lines.append(f"ZeRO by fit, {k}: ZeRO-2 {z['gpu_gib_zero2']:.1f} GiB/GPU ({z['gather_gib_per_step_zero2']:.2f}"
-                         f" GiB/step moved), ZeRO-3 {z['gpu_gib_zero3']:.1f} GiB/GPU ({z['gather_gib_per_step_zero3']:.1f}"
-                         f" GiB/step gathered) -> ZeRO-{z['recommended_stage']} ({verdict})")
+            lines.append(f"ZeRO by fit, {k}: ZeRO-2 {z['gpu_gib_zero2']:.1f} GiB/GPU "
+                         f"({z['gather_gib_per_step_zero2']:.2f} GiB/step moved), ZeRO-3 {z['gpu_gib_zero3']:.1f} "
+                         f"GiB/GPU ({z['gather_gib_per_step_zero3']:.1f} GiB/step gathered) -> "
+                         f"ZeRO-{z['recommended_stage']} ({verdict})")
     show = detail if detail is not None else len(p["stages"]) == 1
     if show:
         for k, s in p["stages"].items():

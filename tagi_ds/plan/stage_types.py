@@ -1,8 +1,8 @@
 """What a stage's plan is made of: named parts (bytes on the GPU, in host memory or on disk) grouped in phases,
-plus counts (forwards before the first optimizer step, ZeRO-3 traffic) and the FLOPs that the time estimate uses.
+plus counts (forwards before the first optimizer step, ZeRO traffic) and the FLOPs that the time estimate uses.
 
-A phase is a moment of the stage (load, a micro batch's instruction pass, a training step, one evaluated method); the peak of
-a place (GPU or host) is the largest phase total there. On a CPU-only machine the "GPU" parts live in host memory
+A phase is a moment of the stage (load, a micro batch's instruction pass, a training step, one evaluated method);
+the peak of a place (GPU or host) is the largest phase total there. On a CPU-only machine the "GPU" parts live in host memory
 too, so `cpu_device_peak` (what `bench/scale_sim.py` compares with a process's peak RSS) is the largest phase
 total of both.
 """

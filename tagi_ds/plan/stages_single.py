@@ -295,7 +295,8 @@ def evaluate_plan(ctx: Ctx) -> StagePlan:
                                          mf.teacher_lora_params)
             one = S.evaluate_teacher_group_bytes(g, mf.teacher_lora_params)
             parts += [Part(f"a group of {g} teachers, stacked (fp32)", one, "gpu",
-                           "eval.teacher_group_bytes / eval.tasks_per_batch", "structures.evaluate_teacher_group_bytes"),
+                           "eval.teacher_group_bytes / eval.tasks_per_batch",
+                           "structures.evaluate_teacher_group_bytes"),
                       Part("their host list + stack while loading", 2 * one, "host", "eval.teacher_group_bytes",
                            "methods.Teachers.unit", cpu_alias=True)]
             parts += _gen_parts(ctx, widest.prompt_width, elem)

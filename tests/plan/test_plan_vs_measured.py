@@ -6,7 +6,6 @@
   RSS within 25% of the plan's CPU-run figure for that same config."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
