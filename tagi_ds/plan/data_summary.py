@@ -3,8 +3,8 @@
 What the byte formulas need from the data:
 - counts: training tasks (the O(tasks) structures), teacher units (tasks or first categories), instances per split;
 - the widest instruction (capped at data.max_source_length; a micro batch pads its own instructions to a
-  64-token bucket of its longest, so the widest batch is this rounded up) and the widest full prompt / student input / target a batch can hold (the
-  worst batch is what fits or not);
+  64-token bucket of its longest, so the widest batch is this rounded up) and the widest full prompt / student
+  input / target a batch can hold (the worst batch is what fits or not);
 - mean lengths (time and disk estimates): label tokens per instance (logit cache rows), prompt tokens (FLOPs).
 
 Where the data is on disk it is read with the stages' own loaders (`data.registry`) and the prompt builders

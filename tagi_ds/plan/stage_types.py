@@ -2,9 +2,9 @@
 plus counts (forwards before the first optimizer step, ZeRO traffic) and the FLOPs that the time estimate uses.
 
 A phase is a moment of the stage (load, a micro batch's instruction pass, a training step, one evaluated method);
-the peak of a place (GPU or host) is the largest phase total there. On a CPU-only machine the "GPU" parts live in host memory
-too, so `cpu_device_peak` (what `bench/scale_sim.py` compares with a process's peak RSS) is the largest phase
-total of both.
+the peak of a place (GPU or host) is the largest phase total there. On a CPU-only machine the "GPU" parts live in
+host memory too, so `cpu_device_peak` (what `bench/scale_sim.py` compares with a process's peak RSS) is the largest
+phase total of both.
 """
 from __future__ import annotations
 
