@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scale_sim_lib import (ARCHS, REPO, SNI_DIR, Measured, build_backbone, cli, mem_available,  # noqa: E402
-                           publish_teacher_copies, run_measured, save_json, torchrun, write_config)
+                           publish_teacher_copies, run_measured, save_json, torchrun, warm_extensions, write_config)
 
 GiB = 1024 ** 3
 FULL_DOCS = 2000  # data.pretrain_offline_docs of the scale configs
@@ -411,6 +411,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.quick:
         args.arch, args.fractions, args.eval_fractions, args.no_ranks = ["t5"], [0.1], [0.1], True
     t0 = time.perf_counter()
+    print(f"DeepSpeed CPU comm op ready in {warm_extensions():.0f} s (built before any measured run)", flush=True)
     rows: list[dict] = []
     for arch in args.arch:
         sim = ArchSim(arch, root, args)

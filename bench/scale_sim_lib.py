@@ -142,15 +142,30 @@ def free_port() -> int:
 GLIBC_FIXED_MMAP = True
 
 
+# DeepSpeed JIT-builds its CPU shared-memory collective (deepspeed_shm_comm) into TORCH_EXTENSIONS_DIR on first use
+# (2-5 minutes on 2 cores). The default folder is per user, and another torch install on the machine rebuilds it
+# there in its own flavour: measured times to the first step then include a random rebuild. The stages get a folder
+# of their own, built once before any measured run (warm_extensions).
+TORCH_EXTENSIONS = REPO / "runs" / "torch_extensions"
+
+
 def worker_env() -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(REPO), TAGI_DEBUG="1")
+               PYTHONPATH=str(REPO), TAGI_DEBUG="1", TORCH_EXTENSIONS_DIR=str(TORCH_EXTENSIONS))
     if GLIBC_FIXED_MMAP:
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
+
+
+def warm_extensions() -> float:
+    """Build (or load) DeepSpeed's CPU comm op in the stages' extension folder; seconds it took."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; "
+                    "ShareMemCommBuilder().load()"], env=worker_env(), check=True, capture_output=True)
+    return time.perf_counter() - t0
 
 
 def mem_available() -> int:
