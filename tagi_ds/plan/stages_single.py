@@ -223,9 +223,16 @@ def baselines_plan(ctx: Ctx) -> StagePlan:
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
+def eval_rows(ctx: Ctx) -> int:
+    """Rows of one generation batch: eval.batch_size, at most a unit's rows (every method answers unit by unit of
+    eval.tasks_per_batch tasks, each with at most data.max_eval_instances_per_task instances)."""
+    e = ctx.cfg.eval
+    return max(1, min(e.batch_size, e.tasks_per_batch * ctx.cfg.data.max_eval_instances_per_task))
+
+
 def _gen_parts(ctx: Ctx, src: int, elem: int, prefix: int = 0) -> list[Part]:
     cfg, mf, sh = ctx.cfg, ctx.mf, ctx.mf.shape
-    b, new = cfg.eval.batch_size, cfg.eval.max_new_tokens
+    b, new = eval_rows(ctx), cfg.eval.max_new_tokens
     fwd = forward_transient_bytes(sh, b, src, src + prefix, ctx.attn, elem, ctx.cuda)
     return [Part("prompt forward (one layer)", fwd, "gpu", "eval.batch_size", "activations.forward_transient_bytes"),
             Part("generation KV cache", S.generation_cache_bytes(sh, mf.arch, b, src, new, elem, prefix), "gpu",
@@ -256,11 +263,11 @@ def _hypernet_phase(ctx: Ctx, method: str) -> Phase:
                  "structures.instruction_pass_working_bytes")]
     if mf.arch == "llama" and fusion:
         parts += _gen_parts(ctx, split.input_width, elem, prefix=w)
-    else:
+    else:  # T5: the encoder runs over the input alone; the instruction's cross-attention K/V are held per task
         if fusion:
             parts.append(Part(f"instruction K/V of {u} tasks (per decoding call)", S.t5_instruction_kv_bytes(
                 sh, u, w, elem, r, False), "gpu", "eval.tasks_per_batch", "structures.t5_instruction_kv_bytes"))
-        parts += _gen_parts(ctx, split.input_width + (w if fusion else 0), elem)
+        parts += _gen_parts(ctx, split.input_width, elem)
     return Phase(f"{method} (units of {u} tasks)", parts)
 
 
@@ -278,7 +285,7 @@ def evaluate_plan(ctx: Ctx) -> StagePlan:
     widest = max(evals.values(), key=lambda s: s.prompt_width, default=df.splits["train"])
     phases = [Phase("load", host_base(ctx, elem))]
     flops, dsteps, rows_total = 0.0, 0, sum(s.instances for s in evals.values())
-    new, b = e.max_new_tokens, e.batch_size
+    new, b = e.max_new_tokens, eval_rows(ctx)
     target_weights = sum(t["count"] * t["d_in"] * t["d_out"] for t in mf.targets) * elem
     for m in methods:
         parts = list(resident)
