@@ -339,12 +339,15 @@ def sim_config(cfg, stage: str, ranks: int):
     return cfg
 
 
-def replan(rows: list[dict], root: Path) -> list[dict]:
-    """The plan columns again, from each run's saved config (formulas changed, measurements kept)."""
+def replan(rows: list[dict], root: Path, stages: Optional[list[str]] = None) -> list[dict]:
+    """The plan columns again, from each run's saved config (formulas changed, measurements kept); only the rows
+    of `stages` when given (each plan reads the whole data set again: ~20 s a row on this machine)."""
     from tagi_ds.config import load_config
     from tagi_ds.plan.report import make_plan
 
     for r in rows:
+        if stages and r["stage"] not in stages:
+            continue
         cfg = r.get("config") or str(root / "configs" / f"{r['arch']}-{_config_label(r)}.yaml")
         stage = r.get("plan_stage") or r["stage"]
         p = make_plan(sim_config(load_config(cfg), stage, r["ranks"]), nodes=1, gpus_per_node=r["ranks"], stage=stage)
@@ -381,6 +384,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--before", default=None,
                     help="with --replan: a folder of an earlier run's results-<arch>.json (e.g. the code before a "
                          "change): its tables and growth are printed first, as measured and planned then")
+    ap.add_argument("--replan-stages", nargs="+", default=None,
+                    help="with --replan: only these stages' plan columns are recomputed")
     ap.add_argument("--replan", action="store_true",
                     help="measure nothing: recompute the plan columns of the saved results and print the tables")
     args = ap.parse_args(argv)
@@ -399,7 +404,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print_tables(before)
             print("\n" + growth_summary(before, "growth 10% -> 100%, BEFORE"))
             print(f"\n===== AFTER ({root}: measured now, planned by the current formulas)")
-        rows = replan(rows, root)
+        rows = replan(rows, root, args.replan_stages)
         save_json(root / "results-replanned.json", rows)
         print_tables(rows)
         print("\n" + growth_summary(rows, "growth 10% -> 100%" + (", AFTER" if args.before else "")))
