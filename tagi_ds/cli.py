@@ -44,7 +44,7 @@ COMMANDS: dict[str, Command] = {
     "pipeline": Command("tagi_ds.pipeline", "all stages in order: the main job (--from STAGE redoes one)", True),
     "generate-adapter": Command("tagi_ds.adapters.generate", "instruction -> standard PEFT LoRA adapter directory", False, ranks=False),
     "predict": Command("tagi_ds.adapters.predict", "predict with a generated adapter on inputs.jsonl", False, ranks=False),
-    "plan": Command("tagi_ds.train.plan", "per-GPU memory plan of a scale config for N nodes x G GPUs", False, ranks=False),
+    "plan": Command("tagi_ds.plan.cli", "per-stage GPU / host memory, disk and time of a run on N x G GPUs", False, ranks=False),
 }
 
 
