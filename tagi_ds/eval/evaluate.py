@@ -33,6 +33,8 @@ over the shards; a unit's setup, e.g. a hypernetwork unit's instruction encoding
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -49,7 +51,9 @@ from ..run.identity import check_stage_record, config_identity, identity_hash, w
 from ..run.methods import check_methods
 from ..run.paths import RunPaths
 from .costs import cost_lengths, relative_costs, training_curves
-from .methods import Method, UnitStats, answer_tasks, build_method, method_units
+from ..run.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_peft_adapter
+from ..run.prompts import prompt_settings, source_ids, teacher_reads_instruction
+from .methods import Hypernet, Method, Teachers, UnitStats, answer_tasks, build_method, merged_lora, method_units
 from .rank_classification import HELDOUT_DATASETS
 from .scoring import (POOLED, demo_output_scores, echo_scores, eval_splits, pooled_splits,
                       rank_classification_report, read_predictions, score_split, seen_source, write_predictions)
@@ -81,6 +85,73 @@ def identity(cfg, sub: Optional[str] = None) -> dict:
 
 def execution_plan(cfg) -> dict[str, Any]:
     return {k: getattr(cfg.eval, k) for k in EXECUTION_KEYS}
+
+
+# ------------------------------------------------------------------------------------------------ options
+# The distillation set-ups (teacher.prompt / teacher.base, hypernet.encoder) change how two methods run; they are
+# wrapped here, around eval/methods.py's objects, so each teacher is read on its own prompt and base and each
+# hypernetwork reads instructions as it was trained to.
+@dataclass
+class OptionTeachers(Teachers):
+    """`teacher`, read as trained: on the instance part alone (teacher.prompt=input) and / or on top of the merged
+    tk_instruct baseline (teacher.base=multitask)."""
+
+    def artifacts(self) -> list[Path]:
+        extra = [] if self.cfg.teacher.base == "backbone" else [_multitask_dir(self.cfg) / ADAPTER_WEIGHTS]
+        return super().artifacts() + extra
+
+    @contextlib.contextmanager
+    def session(self):
+        if self.cfg.teacher.base == "backbone":
+            yield
+            return
+        adapters, scale, _ = read_peft_adapter(_multitask_dir(self.cfg), self.bb.specs, device="cpu")
+        with merged_lora(self.bb.model, self.bb.specs, adapters, scale):
+            yield
+
+    @contextlib.contextmanager
+    def unit(self, tasks):
+        with super().unit(tasks) as ans:
+            if teacher_reads_instruction(self.cfg):
+                yield ans
+                return
+            settings, tok = prompt_settings(self.cfg, self.bb.arch), self.bb.tokenizer
+            yield dataclasses.replace(ans, sources=lambda ti: [
+                source_ids(tasks[ti], inst, tok, settings, with_instruction=False) for inst in tasks[ti].instances])
+
+
+@dataclass
+class MultitaskEncoderHypernet(Hypernet):
+    """A hypernetwork method trained with hypernet.encoder=multitask: its instructions read through backbone + the
+    tk_instruct LoRA, as in training."""
+
+    def artifacts(self) -> list[Path]:
+        return super().artifacts() + [_multitask_dir(self.cfg) / ADAPTER_WEIGHTS]
+
+    @contextlib.contextmanager
+    def session(self):
+        with super().session():
+            adapters, scale, _ = read_peft_adapter(_multitask_dir(self.cfg), self.bb.specs, device="cpu")
+            self.student.set_instruction_adapter(adapters, scale)
+            yield
+
+
+def _multitask_dir(cfg) -> Path:
+    folder = RunPaths.of(cfg).baseline("tk_instruct")
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ArtifactMismatchError(f"{folder}: no trained tk_instruct baseline; teacher.base / hypernet.encoder = "
+                                    f"multitask read it (run `tagi-ds baselines mode=tk_instruct` first)")
+    return folder
+
+
+def method_for(cfg, name: str, splits: dict, bb: LoadedBackbone, log: Log) -> Optional[Method]:
+    """eval.methods.build_method, with the distillation options applied to the teacher and hypernetwork methods."""
+    m = build_method(cfg, name, splits, bb, log)
+    if isinstance(m, Teachers) and (cfg.teacher.prompt != "full" or cfg.teacher.base != "backbone"):
+        return OptionTeachers(m.cfg, m.bb, m.units, m.name)
+    if isinstance(m, Hypernet) and cfg.hypernet.encoder == "multitask":
+        return MultitaskEncoderHypernet(m.cfg, m.bb, m.name, m.export)
+    return m
 
 
 # ------------------------------------------------------------------------------------------------ shard jobs
@@ -242,7 +313,7 @@ def run(cfg: Any, sub: Optional[str] = None, *, progress: bool = True, log: Log 
     t_all = time.perf_counter()
     objs: dict[str, Optional[Method]] = {}
     for name in methods:
-        objs[name] = build_method(cfg, name, splits, bb, log if rank == 0 else (lambda _msg: None))
+        objs[name] = method_for(cfg, name, splits, bb, log if rank == 0 else (lambda _msg: None))
         if objs[name] is not None:
             answer_jobs(cfg, objs[name], plan_jobs(cfg, objs[name], splits, [mine], ident_hash), splits, bb,
                         progress=progress, log=log)
@@ -406,7 +477,7 @@ def list_shards(cfg, count: int, config_path: str) -> str:
     lines = ["# method\tsplit\tshard\ttasks\tinstances\tstatus"]
     notes: list[str] = []
     for name in check_methods(cfg.eval.methods):
-        m = build_method(cfg, name, splits, bb, notes.append)
+        m = method_for(cfg, name, splits, bb, notes.append)
         if m is None:
             continue
         for job in plan_jobs(cfg, m, splits, [Shard(i, count) for i in range(count)], ident_hash):
