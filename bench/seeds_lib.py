@@ -62,6 +62,13 @@ def read_run(run_dir: Path, seed: int) -> RunScores:
         rec = json.loads(mpath.read_text())
         for task, scores in (rec.get("per_task") or {}).items():
             teachers[task] = {m: float(scores[m]) for m in METRICS}
+    dev = run_dir / "dev.json"  # bench/seeds.py --dev: the held-out seen tasks
+    if dev.is_file():
+        for method, splits in json.loads(dev.read_text())["methods"].items():
+            d = splits["dev"]
+            overall.setdefault(method, {})["dev"] = {m: float(d["overall"][m]) for m in METRICS}
+            per_task.setdefault(method, {})["dev"] = {t: {m: float(v[m]) for m in METRICS}
+                                                      for t, v in d["per_task"].items()}
     seconds = None
     pj = run_dir / "pipeline.json"
     if pj.is_file():
@@ -129,12 +136,14 @@ class Summary:
     diffs: list[dict]                                                      # rows of paired differences
     teachers: list[dict]                                                   # seen: teachers vs students
     seconds: list[Optional[float]]
+    diff_split: str = "unseen"                                             # where the differences are taken
 
 
 def summarize(runs: Sequence[RunScores], *, splits: Sequence[str] = ("unseen", "seen"), n_boot: int = 10000,
-              pairs: Optional[Sequence[tuple[str, str]]] = None) -> Summary:
+              pairs: Optional[Sequence[tuple[str, str]]] = None, diff_split: str = "unseen") -> Summary:
     """Mean ± sd of every method over the runs, the paired differences (default: tagi − hint, tagi − tk_instruct,
-    tagi − each ablation) with their bootstrap intervals on unseen EM and R-L, and teachers vs students on seen."""
+    tagi − each ablation) with their bootstrap intervals on `diff_split` EM and R-L, and teachers vs students on
+    seen."""
     methods = [m for m in ORDER if all(m in r.overall for r in runs)]
     cells: dict = {}
     per_seed: dict = {}
@@ -154,7 +163,7 @@ def summarize(runs: Sequence[RunScores], *, splits: Sequence[str] = ("unseen", "
             continue
         row = {"a": a, "b": b}
         for met in METRICS:
-            d = paired_diff(runs, a, b, "unseen", met)
+            d = paired_diff(runs, a, b, diff_split, met)
             if d is None:
                 break
             row[met] = bootstrap_interval(d, n_boot=n_boot)
@@ -162,7 +171,7 @@ def summarize(runs: Sequence[RunScores], *, splits: Sequence[str] = ("unseen", "
         else:
             diffs.append(row)
     return Summary([r.seed for r in runs], methods, cells, per_seed, diffs, teacher_rows(runs, methods),
-                   [r.seconds for r in runs])
+                   [r.seconds for r in runs], diff_split)
 
 
 def teacher_rows(runs: Sequence[RunScores], methods: Sequence[str]) -> list[dict]:
@@ -203,7 +212,7 @@ def render_markdown(s: Summary, title: str, echo: Optional[Mapping[str, Mapping[
     n = len(s.seeds)
     lines = [f"# {title}", "", f"Seeds {', '.join(map(str, s.seeds))} (n = {n}): mean ± sd over seeds (sd with n − 1). "
              "EM leads: on this suite ROUGE-L rewards echoing the input (the echo row).", ""]
-    splits = [sp for sp in ("unseen", "seen") if any(sp in s.cells.get(m, {}) for m in s.methods)]
+    splits = [sp for sp in ("dev", "unseen", "seen") if any(sp in s.cells.get(m, {}) for m in s.methods)]
     header = ["method"] + [f"{sp} {SHORT[m]}" for sp in splits for m in METRICS]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in s.methods:
@@ -213,7 +222,7 @@ def render_markdown(s: Summary, title: str, echo: Optional[Mapping[str, Mapping[
         cells = ["*echo input*"] + [f"{echo[sp][met]:.2f}" if sp in echo else "—" for sp in splits for met in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     if s.diffs:
-        lines += ["", "Paired differences on unseen tasks, A − B per (seed, task): mean over tasks × seeds [95% two-way "
+        lines += ["", f"Paired differences on {s.diff_split} tasks, A − B per (seed, task): mean over tasks × seeds [95% two-way "
                   "bootstrap interval over tasks and seeds]; per seed in brackets after.", "",
                   "| A − B | EM | R-L | EM per seed |", "|---|---|---|---|"]
         for d in s.diffs:

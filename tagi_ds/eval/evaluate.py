@@ -374,11 +374,11 @@ def write_outputs(cfg, methods: Sequence[str], splits: dict, merged: dict[str, M
                 results[m][name] = None
         if merged[m].stats["instances"]:
             timing[m] = _throughput(merged[m].stats)
-        shown = ", ".join(f"{s} {r['rougeL']:.1f}/{r['exact_match']:.1f}" for s, r in results[m].items() if r)
+        shown = ", ".join(f"{s} {r['exact_match']:.1f}/{r['rougeL']:.1f}" for s, r in results[m].items() if r)
         acc = (ranked.get(m) or {}).get("unseen")
         acc_txt = f"; unseen rank-classification accuracy mean {acc['mean']:.1f} median {acc['median']:.1f}" if acc \
             else ""
-        log(f"evaluate {m}: {shown or 'no numbers'} (R-L/EM{acc_txt})")
+        log(f"evaluate {m}: {shown or 'no numbers'} (EM/R-L{acc_txt})")
     lengths = cost_lengths(cfg, splits, bb.tokenizer, bb.arch)
     rel = relative_costs(cfg, methods, lengths, bb)
     tk_time = timing.get("tk_instruct", {}).get("seconds_per_instance")
@@ -388,7 +388,7 @@ def write_outputs(cfg, methods: Sequence[str], splits: dict, merged: dict[str, M
             timing[m]["relative_time"] = (timing[m]["seconds_per_instance"] / tk_time) if tk_time else None
     echo, demo = echo_scores(splits), demo_output_scores(splits)
     seen_from = seen_source(splits)
-    floors = [{"floor": label, **{f"{sp} R-L / EM": (f"{v[sp]['rougeL']:.2f} / {v[sp]['exact_match']:.2f}"
+    floors = [{"floor": label, **{f"{sp} EM / R-L": (f"{v[sp]['exact_match']:.2f} / {v[sp]['rougeL']:.2f}"
                                                     if v.get(sp) else "—") for sp in echo}}
               for label, v in (("copy the input", echo), ("copy the first demonstration's output", demo))]
     tables = {"Cost per instance (FLOPs: analytic; time: measured in this run)": _cost_rows(methods, rel, timing),
@@ -398,7 +398,9 @@ def write_outputs(cfg, methods: Sequence[str], splits: dict, merged: dict[str, M
         tables[f"Held-out P3 accuracy (rank classification, {how} log-likelihood; mean and median over datasets, "
                f"the median of the datasets' medians over prompts)"] = _p3_rows(methods, ranked)
     tables["Trivial floors"] = floors
-    tables["Unseen ROUGE-L per task"] = _per_task_rows(details, methods, [s for s in splits if s.startswith("unseen")])
+    unseen = [s for s in splits if s.startswith("unseen")]
+    tables["Unseen exact match per task"] = _per_task_rows(details, methods, unseen, "exact_match")
+    tables["Unseen ROUGE-L per task"] = _per_task_rows(details, methods, unseen)
     atomic_write_json(paths.eval_metrics, {"methods": details, "echo": echo, "demo_output": demo, "timing": timing,
                                            "rank_classification": {"reduction": cfg.eval.rank_classification,
                                                                    "by_method": ranked},
@@ -453,7 +455,8 @@ def _p3_rows(methods, ranked) -> list[dict]:
     return rows
 
 
-def _per_task_rows(details: dict, methods: Sequence[str], splits: Sequence[str]) -> list[dict]:
+def _per_task_rows(details: dict, methods: Sequence[str], splits: Sequence[str], metric: str = "rougeL"
+                   ) -> list[dict]:
     rows = []
     for split in splits:
         names: list[str] = []
@@ -463,7 +466,7 @@ def _per_task_rows(details: dict, methods: Sequence[str], splits: Sequence[str])
             row: dict[str, Any] = {"task": n, "split": split}
             for m in methods:
                 pt = (details[m].get(split) or {}).get("per_task", {})
-                row[m] = round(pt[n]["rougeL"], 1) if n in pt else "—"
+                row[m] = round(pt[n][metric], 1) if n in pt else "—"
             rows.append(row)
     return rows
 
