@@ -99,7 +99,7 @@ def needs_multitask_first(cfg) -> bool:
             or cfg.teacher.base == "multitask")
 
 
-def run_seed(cfg, log, dev: int = 0) -> float:
+def run_seed(cfg, log, dev: int = 0, diagnose: bool = False) -> float:
     from tagi_ds import pipeline
 
     t0 = time.perf_counter()
@@ -109,9 +109,14 @@ def run_seed(cfg, log, dev: int = 0) -> float:
         backbone_stage.run(cfg, progress=False, log=log)  # the baseline needs the run's backbone first
         baselines.run(pipeline.with_budgets(cfg), "tk_instruct", progress=False, log=log)
     pipeline.run(cfg, progress=False, log=log)
+    secs = time.perf_counter() - t0  # the pipeline's (and the baseline's) time: what a seed costs
     if dev:
         dev_scores(cfg, log)
-    return time.perf_counter() - t0
+    if diagnose:
+        from seeds_diag import diagnose as run_diagnosis
+
+        run_diagnosis(cfg, log=log)
+    return secs
 
 
 def dev_tasks(cfg):
@@ -168,7 +173,14 @@ def aggregate(args, cfgs, walls: dict[int, float], log) -> Path:
     out = out_dir(args, cfgs[0])
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.config}: {len(runs)} seeds" + (f" ({' '.join(args.overrides)})" if args.overrides else "")
-    md = L.render_markdown(summary, title, echo)
+    if args.diagnose and args.report_only:
+        from seeds_diag import diagnose as run_diagnosis
+
+        for c in cfgs:
+            run_diagnosis(c, log=log)
+    diags = [json.loads((c.run_dir / "diagnosis.json").read_text()) for c in cfgs
+             if (c.run_dir / "diagnosis.json").is_file()]
+    md = L.render_markdown(summary, title, echo) + "\n".join(L.diagnosis_markdown(diags)) + "\n"
     if L.plot(summary, out / "seeds.png"):
         md += "\n![unseen EM and R-L, mean ± sd over seeds](seeds.png)\n"
     atomic_write_text(out / "seeds.md", md)
@@ -211,6 +223,7 @@ def main(argv=None) -> int:
                    help="build the tiny backbone per seed (its recipe holds the seed) instead of sharing the asset")
     p.add_argument("--dev", type=int, default=0, help="hold the last DEV training tasks out and score them (split "
                    "'dev': choose settings there)")
+    p.add_argument("--diagnose", action="store_true", help="also what distillation did (bench/seeds_diag.py)")
     p.add_argument("--n-boot", type=int, default=10000)
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every seed")
     args = p.parse_args(argv)
@@ -227,7 +240,7 @@ def main(argv=None) -> int:
             if args.reuse:
                 reuse(cfg, Path(cfg.runs_dir) / f"{args.reuse}_s{s}", log)
             log(f"seeds: seed {s} -> {cfg.run_dir}")
-            walls[s] = run_seed(cfg, log, args.dev)
+            walls[s] = run_seed(cfg, log, args.dev, args.diagnose)
             log(f"seeds: seed {s} done in {walls[s]:.0f} s")
         log(f"seeds: {len(cfgs)} seed(s) in {time.perf_counter() - t_all:.0f} s")
     out = aggregate(args, cfgs, walls, log)

@@ -244,6 +244,25 @@ def render_markdown(s: Summary, title: str, echo: Optional[Mapping[str, Mapping[
     return "\n".join(lines) + "\n"
 
 
+def diagnosis_markdown(diags: Sequence[Mapping]) -> list[str]:
+    """The table of bench/seeds_diag.py's numbers, mean ± sd over the runs that have them."""
+    diags = [d for d in diags if d]
+    if not diags:
+        return []
+    lines = ["", "What distillation did (bench/seeds_diag.py): KL(teacher ‖ student) per label token at T = 1, and the "
+             "generated ΔW against the teacher's (L_ins value, cosine, norm ratio), on the seen tasks and on the "
+             "unseen paraphrases (their seen primitive's teacher), mean ± sd over seeds.", "",
+             "| method | split | KL | L_ins | cos | norm |", "|---|---|---|---|---|---|"]
+    methods = [m for m in ORDER if all(m in d["methods"] for d in diags)]
+    for m in methods:
+        for sp in ("seen", "unseen_paraphrase"):
+            if not all(sp in d["methods"][m] for d in diags):
+                continue
+            cells = [_ms(mean_sd([d["methods"][m][sp][k] for d in diags]), 3) for k in ("kl", "l_ins", "cos", "norm")]
+            lines.append(f"| {m} | {sp} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(s: Summary, path: Path, split: str = "unseen") -> bool:
     """Unseen EM and R-L per method, mean with ± sd error bars and the per-seed points; False when nothing to draw."""
     methods = [m for m in s.methods if split in s.cells.get(m, {})]
