@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from ..data.collate import PromptSettings
 from ..data.tasks import Task
 from ..errors import ArtifactMismatchError, ConfigError
-from ..io_utils import sha256_file, sha256_json
+from ..io_utils import atomic_write_json, sha256_file, sha256_json
 from .identity import config_identity, task_data
 from .peft_io import ADAPTER_WEIGHTS
 from .prompts import num_demonstrations
@@ -94,16 +94,28 @@ def weights_sha256(path: Path) -> str:
     return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
-# A shard's manifest also records the size and mtime of the teacher weights it was made from. Not part of what a
-# reader expects (a copy to another filesystem changes the mtime): when the stat still matches, the finetune's
-# start-up trusts it and the full hash is checked when the shard is first read; when it differs, the start-up hashes
-# the weights at once, so a retrained teacher is refused before anything is written.
-TEACHER_STAT = "teacher_adapter_stat"
+# Beside its manifest, a shard keeps the size and mtime of the teacher weights it was made from (a hidden file, not
+# part of the shard's content: two equal runs write different mtimes, and a copy to another filesystem changes it).
+# When the stat still matches, the finetune's start-up trusts it and the full hash is checked when the shard is first
+# read; when it differs or is missing, the start-up hashes the weights at once, so a retrained teacher is refused
+# before anything is written.
+TEACHER_STAT_FILE = ".teacher_stat.json"
 
 
-def weights_stat(path: Path) -> list[int]:
+def _weights_stat(path: Path) -> list[int]:
     st = Path(path).stat()
     return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def record_teacher_stat(shard: Path, weights: Path) -> None:
+    atomic_write_json(Path(shard) / TEACHER_STAT_FILE, _weights_stat(weights))
+
+
+def teacher_stat_matches(shard: Path, weights: Path) -> bool:
+    try:
+        return json.loads((Path(shard) / TEACHER_STAT_FILE).read_text()) == _weights_stat(weights)
+    except (OSError, ValueError):
+        return False
 
 
 def shard_fields(cfg, task: Task, *, arch: str, tokenizer_hash: str, backbone_id: str, teacher_dir: Path,

@@ -30,7 +30,7 @@ from ..errors import ArtifactMismatchError
 from ..io_utils import sha256_json
 from ..modeling.label_logits import align_label_logits
 from ..modeling.lora import BatchedLoraHooks, delta_weight
-from ..run.artifacts import TEACHER_STAT, shard_fields, teacher_manifest, teachers_identity, weights_stat
+from ..run.artifacts import record_teacher_stat, shard_fields, teacher_manifest, teachers_identity
 from ..run.backbone import LoadedBackbone
 from ..run.identity import config_identity
 from ..run.paths import RunPaths
@@ -174,7 +174,7 @@ def write_unit_shards(cfg, ru: RunUnits, unit: str, bb: LoadedBackbone, paths: R
         if shard.exists():
             CacheShardReader(shard, fields)  # raises ArtifactMismatchError naming the differing field
             raise ArtifactMismatchError(f"{shard}: existing shard does not match this run; remove it to rebuild")
-        todo.append((t, {**fields, TEACHER_STAT: weights_stat(paths.teacher(unit) / ADAPTER_WEIGHTS)}))
+        todo.append((t, fields))
     if not todo:
         return written, skipped
     settings = prompt_settings(cfg, bb.arch)
@@ -188,6 +188,7 @@ def write_unit_shards(cfg, ru: RunUnits, unit: str, bb: LoadedBackbone, paths: R
                     break
                 shard = write_task_shard(bb, hooks, adapters, t, settings, paths.logit_cache, fields,
                                          cfg.cache.batch_size, with_instruction=teacher_reads_instruction(cfg))
+                record_teacher_stat(shard, paths.teacher(unit) / ADAPTER_WEIGHTS)
                 width = fields.get("k", fields.get("num_samples"))
                 log(f"cache-logits {t.name}: wrote {shard} ({len(t.instances)} instances, {fields['mode']} {width}, "
                     f"T={fields['temperature']}, {cfg.teacher.prompt} prompt)")

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -69,14 +70,64 @@ def _find_auto(node: Any, prefix: str = "") -> Optional[str]:
     return None
 
 
+@dataclass(frozen=True)
+class ModelSizes:
+    """What ZeRO-3's bucket and threshold sizes are derived from (counted on the meta device: no weights)."""
+
+    hidden: int          # d_model / hidden_size
+    total: int           # parameters of the whole backbone
+    largest: int         # parameters of its largest single tensor
+
+    def zero3_values(self) -> dict[str, int]:
+        """ZeRO-3 sizes that keep a rank's backbone near its shard (measured: bench/zero3_partition.py).
+
+        - persistence threshold 10 x hidden (transformers' "auto"): norms and biases stay whole (cheap), every
+          weight matrix is partitioned; DeepSpeed's fixed 1e5 left 37 of a tiny model's 38 tensors whole.
+        - prefetch bucket 0.9 x hidden^2 and reduce bucket hidden^2 (transformers' "auto").
+        - at most total / 64 parameters gathered at once (never below the largest tensor, which must fit, nor above
+          DeepSpeed's 1e9): with the fixed 1e9 a model under 1e9 parameters was gathered whole in every step.
+        """
+        live = int(min(max(self.total // 64, self.largest), 10 ** 9))
+        return {"stage3_param_persistence_threshold": 10 * self.hidden,
+                "stage3_prefetch_bucket_size": int(0.9 * self.hidden ** 2),
+                "reduce_bucket_size": self.hidden ** 2,
+                "stage3_max_live_parameters": live, "stage3_max_reuse_distance": live}
+
+
+def model_sizes(model_config, arch: str) -> ModelSizes:
+    """The backbone's sizes from its config alone: the model is built on the meta device (no memory, no init)."""
+    from transformers import AutoModelForCausalLM, T5ForConditionalGeneration
+
+    with torch.device("meta"):
+        model = (T5ForConditionalGeneration(model_config) if arch == "t5"
+                 else AutoModelForCausalLM.from_config(model_config))
+    numels = [p.numel() for p in model.parameters()]  # shared (tied) tensors once: parameters() dedups
+    hidden = getattr(model_config, "d_model", None) or model_config.hidden_size
+    return ModelSizes(hidden=int(hidden), total=int(sum(numels)), largest=int(max(numels)))
+
+
+def _fill_zero3_sizes(zero: dict, sizes: Optional[ModelSizes]) -> None:
+    """ZeRO-3 size keys that are "auto" (or absent) get the model's values; explicit numbers are kept (the user's
+    tuning wins). Without sizes an "auto" key is dropped: DeepSpeed's default applies."""
+    values = sizes.zero3_values() if sizes is not None else {}
+    for key in ModelSizes(1, 1, 1).zero3_values():
+        if key not in zero or _is_auto(zero[key]):
+            if key in values:
+                zero[key] = values[key]
+            else:
+                zero.pop(key, None)
+
+
 def ds_config_from_file(path: str | os.PathLike, *, micro_batch: int, grad_accum: int, lr: float,
                         weight_decay: float, grad_clip: float, dtype: str, zero_stage: Optional[int] = None,
-                        param_persistence_threshold: Optional[int] = None, world_size: int) -> dict:
+                        param_persistence_threshold: Optional[int] = None, world_size: int,
+                        sizes: Optional[ModelSizes] = None) -> dict:
     """Load a DeepSpeed JSON config and fill every "auto" from the recipe's values.
 
     Filled: train_micro_batch_size_per_gpu, gradient_accumulation_steps, train_batch_size (= micro · accum · world),
     optimizer.params.lr / weight_decay (only when the file has an optimizer section), gradient_clipping,
     bf16.enabled, fp16.enabled, zero_optimization.stage; `zero_stage` and `param_persistence_threshold` override.
+    Under ZeRO-3 the bucket / threshold sizes that are "auto" come from the backbone's `sizes` (ModelSizes).
     Raises ConfigError naming the file and key for malformed JSON, wrong types, values that contradict the recipe,
     a "scheduler" section (the engine owns the schedule) or an "auto" nothing fills.
     """
@@ -119,6 +170,7 @@ def ds_config_from_file(path: str | os.PathLike, *, micro_batch: int, grad_accum
                           f"distributed.zero_stage")
     if not isinstance(stage, int) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: key 'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
+    _fill_zero3_sizes(zero, sizes if stage == 3 else None)
     if param_persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = int(param_persistence_threshold)
     left = _find_auto(cfg)

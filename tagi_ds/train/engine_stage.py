@@ -37,8 +37,10 @@ from ..run.backbone_recipe import resolve_backbone_path
 from ..run.dist import all_reduce_mean, collective_guard, init_distributed, rank, world_size
 from ..run.identity import write_stage_record
 from ..run.signals import StopSignals, Stopped
-from .distributed import ds_config_from_file, global_token_mean, release_zero3_context, zero3_model_context
+from .distributed import (ds_config_from_file, global_token_mean, model_sizes, release_zero3_context,
+                          zero3_model_context)
 from .engine import Engine, seed_everything
+from .zero3_probe import BackboneBytes, measure_backbone_bytes, partition_facts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 METRICS_FILE = "metrics.jsonl"
@@ -92,6 +94,10 @@ def setup_backbone(cfg, *, micro_batch: int, loop: LoopConfig) -> EngineSetup:
         torch.set_num_threads(int(cfg.threads))
     seed_everything(cfg.seed)
     ds = None
+    b = cfg.backbone
+    path = str(resolve_backbone_path(cfg))
+    model_config = AutoConfig.from_pretrained(path)
+    arch = b.arch if b.arch != "auto" else detect_arch(model_config)
     if cfg.distributed.use_deepspeed:
         info = init_distributed(cfg.distributed.timeout_s)
         ds = ds_config_from_file(resolve_ds_config(cfg.distributed.ds_config), micro_batch=micro_batch,
@@ -99,12 +105,9 @@ def setup_backbone(cfg, *, micro_batch: int, loop: LoopConfig) -> EngineSetup:
                                  grad_clip=loop.grad_clip, dtype=cfg.backbone.dtype,
                                  zero_stage=cfg.distributed.zero_stage,
                                  param_persistence_threshold=cfg.distributed.param_persistence_threshold,
-                                 world_size=info.world_size)
+                                 world_size=info.world_size, sizes=model_sizes(model_config, arch))
     device = resolve_device(cfg.device)
-    b = cfg.backbone
-    path = str(resolve_backbone_path(cfg))
     tokenizer = AutoTokenizer.from_pretrained(b.tokenizer or path)
-    arch = b.arch if b.arch != "auto" else detect_arch(AutoConfig.from_pretrained(path))
     attn = b.attn_implementation or choose_attn_implementation(arch, device)
     with zero3_model_context(ds) if ds is not None else contextlib.nullcontext():
         backbone, arch = load_backbone(path, arch, b.dtype, attn)
@@ -127,19 +130,6 @@ class StageSpec:
     summary: dict = field(default_factory=dict)  # stage facts for summary.json (tasks, terms, init_from, ...)
     close: Optional[Callable[[dict], None]] = None  # releases the stage's helpers (threads); may add to the summary
     lr_scale_of: Optional[Callable[[str], float]] = None  # per-parameter lr multiplier (the hypernetwork's heads)
-
-
-def partition_facts(backbone: nn.Module) -> dict[str, Any]:
-    """ZeRO-3 state of the frozen backbone's parameters (rank-local; no collectives)."""
-    params = list(backbone.named_parameters())
-    if not params or not hasattr(params[0][1], "ds_numel"):
-        return {"partitioned": False, "n_params": len(params)}
-    w = world_size()
-    name, big = max(params, key=lambda kv: kv[1].ds_numel)
-    return {"partitioned": all(p.numel() == 0 for _, p in params), "n_params": len(params),
-            "shards_ok": all(p.ds_tensor.numel() == math.ceil(p.ds_numel / w) for _, p in params),
-            "example": {"name": name, "ds_numel": int(big.ds_numel), "numel": int(big.numel()),
-                        "shard": int(big.ds_tensor.numel()), "status": str(big.ds_status)}}
 
 
 def _global_means(sums: dict[str, float], n_tokens: float) -> dict[str, float]:
@@ -215,6 +205,25 @@ def train_stage(setup: EngineSetup, spec: StageSpec, *, on_checkpoint: Optional[
         release_zero3_context()
 
 
+def _record_backbone_bytes(summary: dict, measured: BackboneBytes, stage: str) -> None:
+    """Peak and at-rest backbone bytes of the first steps, as fractions of the whole model, largest over ranks."""
+    facts = measured.facts()
+    peak = torch.tensor([float(measured.peak), float(measured.at_rest)], dtype=torch.float64)
+    if world_size() > 1:
+        if dist.get_backend() == "nccl":
+            peak = peak.cuda()
+        with collective_guard("backbone-bytes all-reduce"):
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        peak = peak.cpu()
+    facts.update(max_rank_peak_fraction=round(float(peak[0]) / measured.full, 4),
+                 max_rank_at_rest_fraction=round(float(peak[1]) / measured.full, 4))
+    summary["backbone_partition"].update(first_steps=facts)
+    if rank() == 0:
+        print(f"{stage}: ZeRO-3 backbone per rank in steps 1-2: peak {facts['max_rank_peak_fraction']:.3f} of the "
+              f"model ({measured.full / 2 ** 20:.1f} MiB whole), {facts['max_rank_at_rest_fraction']:.3f} at rest",
+              flush=True)
+
+
 def _checkpoint(engine: Engine, spec: StageSpec, step: int, position: int,
                 on_checkpoint: Optional[Callable[[int], None]]) -> None:
     """A resumable checkpoint; `position` is the GLOBAL data position of the next micro batch (any world size)."""
@@ -236,6 +245,10 @@ def _train(engine: Engine, module: nn.Module, spec: StageSpec, setup: EngineSetu
     _ = engine.logger  # create the bar / writer now, so it starts at the (resumed) step, not one step late
     last: dict[str, float] = {}
     nonfinite_in_a_row = 0
+    # ZeRO-3: what the backbone really occupies on this rank, measured over the first two optimizer steps
+    # (zero3_probe): DeepSpeed records its fetch trace in the first and prefetches by it from the second on.
+    probe, probe_until = contextlib.ExitStack(), min(engine.global_step + 2, loop.steps)
+    measured = probe.enter_context(measure_backbone_bytes(setup.backbone)) if engine.global_step < loop.steps else None
     while engine.global_step < loop.steps:
         batch = spec.batches.batch(position + r).to(setup.device)
         position += W
@@ -263,6 +276,10 @@ def _train(engine: Engine, module: nn.Module, spec: StageSpec, setup: EngineSetu
             sums[k] = sums.get(k, 0.0) + float(v)
         if not engine.step(tokens=int(n_local)):
             continue
+        if measured is not None and engine.global_step >= probe_until:
+            probe.close()
+            _record_backbone_bytes(summary, measured, spec.name)
+            measured = None
         step = engine.global_step
         if "time_to_first_step_s" not in summary:
             summary["time_to_first_step_s"] = round(time.perf_counter() - setup.started, 3)
@@ -282,6 +299,7 @@ def _train(engine: Engine, module: nn.Module, spec: StageSpec, setup: EngineSetu
         if loop.time_budget_s is not None and _out_of_time(t_start, loop.time_budget_s):
             summary["stopped_by_time_budget"] = step
             break
+    probe.close()
     summary.update(final_step=engine.global_step, last_logged=last, train_seconds=time.perf_counter() - t_start,
                    skipped_nonfinite_updates=getattr(engine, "skipped_updates", 0))
     return position

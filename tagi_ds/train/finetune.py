@@ -29,7 +29,7 @@ from ..distill.signal import CachedTeacherSignal
 from ..modeling.label_logits import label_positions
 from ..errors import ArtifactMismatchError, ConfigError
 from ..run.dist import world_size
-from ..run.artifacts import TEACHER_STAT, check_temperatures, shard_fields, weights_sha256, weights_stat
+from ..run.artifacts import check_temperatures, shard_fields, teacher_stat_matches, weights_sha256
 from ..run.backbone import backbone_identity
 from ..run.export_io import EXPORT_CONFIG, load_trainable
 from ..run.identity import check_stage_record, config_identity, task_data
@@ -145,7 +145,7 @@ def check_teacher_artifacts(cfg, tasks: list[Task], paths: RunPaths, shard_expec
     """Refuse a missing or mismatched teacher / cache shard now, before anything is written. Cheap: file presence and
     every shard manifest field but the teacher weights' hash; that hash and the shard's checksums are verified once,
     when the shard is first read (ahead of its step, in the read-ahead thread). Teacher weights whose size or mtime
-    differ from what the shard recorded are hashed here (run.artifacts.TEACHER_STAT)."""
+    differ from what the shard recorded are hashed here (run.artifacts.TEACHER_STAT_FILE)."""
     f = cfg.finetune
     for task in tasks:
         if f.lambda_ins > 0 or (f.lambda_kl > 0 and f.kl_teacher == "task_lora"):  # the task's teacher adapter
@@ -161,7 +161,7 @@ def check_teacher_artifacts(cfg, tasks: list[Task], paths: RunPaths, shard_expec
                                             f"`tagi-ds cache-logits` first")
             reader = CacheShardReader(shard, shard_expect(task.name, False), verify=False)  # names a differing field
             weights = tdir / ADAPTER_WEIGHTS
-            if reader.manifest.get(TEACHER_STAT) != weights_stat(weights):  # changed since the cache: hash it now
+            if not teacher_stat_matches(shard, weights):  # changed since the cache (or no record): hash it now
                 check_expect(reader.manifest, {"teacher_adapter_hash": weights_sha256(weights)},
                              str(shard / MANIFEST_FILE))
 

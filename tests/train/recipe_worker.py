@@ -60,7 +60,7 @@ def write_teachers_and_cache(cfg, seed: int = 0) -> list[str]:
     from tagi_ds.data.registry import load_run_tasks_from_config
     from tagi_ds.distill.logit_cache import CacheShardWriter, tokenizer_hash
     from tagi_ds.modeling.backbone import detect_arch, target_specs
-    from tagi_ds.run.artifacts import shard_fields
+    from tagi_ds.run.artifacts import record_teacher_stat, shard_fields
     from tagi_ds.run.backbone import backbone_identity
     from tagi_ds.run.paths import RunPaths
     from tagi_ds.run.peft_io import write_peft_adapter
@@ -92,6 +92,7 @@ def write_teachers_and_cache(cfg, seed: int = 0) -> list[str]:
             for inst in task.instances:
                 L = len(encode_target(tok, inst.label, settings.max_target_length))
                 w.add(inst.id, torch.randn(L, mconf.vocab_size, generator=g) * 3.0)
+        record_teacher_stat(paths.cache_shard(task.name), paths.teacher(task.name) / "adapter_model.safetensors")
     return [t.name for t in tasks]
 
 

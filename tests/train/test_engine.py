@@ -87,8 +87,11 @@ def test_ds_config_errors_name_file_and_key(tmp_path):
         _fill(write({"bf16": {"enabled": "yes"}, "zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigError, match="key 'scheduler' is not allowed"):
         _fill(write({"scheduler": {"type": "WarmupLR"}, "zero_optimization": {"stage": 2}}))
-    with pytest.raises(ConfigError, match=r"key 'zero_optimization.reduce_bucket_size' is \"auto\""):
-        _fill(write({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))
+    with pytest.raises(ConfigError, match=r"key 'zero_optimization.sub_group_size' is \"auto\""):
+        _fill(write({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}))
+    # a ZeRO-3 size key set to "auto" without a model to size it from: DeepSpeed's default (the key dropped)
+    assert "reduce_bucket_size" not in _fill(write({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))[
+        "zero_optimization"]
     with pytest.raises(ConfigError, match=r"key 'zero_optimization.stage' must be 0, 1, 2 or 3"):
         _fill(write({"zero_optimization": {"stage": 4}}))
     with pytest.raises(ConfigError, match="not found"):
@@ -97,6 +100,35 @@ def test_ds_config_errors_name_file_and_key(tmp_path):
                                                                  "torch_adam": True}},
                        "zero_optimization": {"stage": 2}}))
     assert cfg["optimizer"]["params"] == {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}
+
+
+def test_zero3_sizes_come_from_the_model_and_explicit_numbers_win(tmp_path):
+    """Issue 20: the shipped 1e5 persistence threshold kept 37 of a tiny model's 38 tensors whole and the 1e9 live
+    parameters let a small model be gathered whole. "auto" sizes now follow the backbone (transformers' rules for
+    the threshold and buckets, at most 1/64 of the model gathered at once, never less than its largest tensor)."""
+    from transformers import LlamaForCausalLM
+
+    from tagi_ds.modeling.tiny import tiny_llama_config
+    from tagi_ds.train.distributed import ModelSizes, model_sizes
+
+    config = tiny_llama_config(vocab_size=400, hidden_size=64, intermediate_size=176)
+    sizes = model_sizes(config, "llama")
+    real = LlamaForCausalLM(config)
+    assert sizes == ModelSizes(64, sum(p.numel() for p in real.parameters()),
+                               max(p.numel() for p in real.parameters()))
+    zo = _fill(REPO / "ds_configs" / "zero3.json", sizes=sizes)["zero_optimization"]
+    assert zo["stage3_param_persistence_threshold"] == 640 and zo["stage3_prefetch_bucket_size"] == int(0.9 * 64 ** 2)
+    assert zo["reduce_bucket_size"] == 64 ** 2
+    assert zo["stage3_max_live_parameters"] == zo["stage3_max_reuse_distance"] == max(sizes.total // 64, sizes.largest)
+    below = [n for n, p in real.named_parameters() if p.numel() < zo["stage3_param_persistence_threshold"]]
+    assert below and all("norm" in n for n in below)  # only the norms stay whole
+    big = ModelSizes(hidden=4096, total=6_738_415_616, largest=131_072_000)  # LLaMA-2-7B
+    assert big.zero3_values()["stage3_max_live_parameters"] == 131_072_000  # the embedding: above 1/64 of 7B
+    p = tmp_path / "mine.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 123}}))
+    mine = _fill(p, sizes=sizes)["zero_optimization"]
+    assert mine["stage3_max_live_parameters"] == 123  # the user's number kept; an absent key is sized like "auto"
+    assert mine["stage3_prefetch_bucket_size"] == int(0.9 * 64 ** 2)
 
 
 def test_global_token_mean_one_process():

@@ -187,6 +187,36 @@ def test_teachers_are_read_ahead_hashed_once_and_bounded_in_bytes(llama_run):
     assert len(spec.module.loss.teachers._cache) == 1  # a budget below one adapter keeps just the last one
 
 
+def test_a_retrained_teacher_is_refused_at_start_up_and_an_untouched_one_is_not_hashed(llama_run):
+    """The start-up trusts a teacher whose weights' stat matches the one its shard recorded; a teacher retrained
+    after its cache (new weights, new mtime) is hashed there and refused, naming the shard and the field."""
+    import os
+
+    from tagi_ds.run import artifacts
+    from tagi_ds.run.paths import RunPaths
+
+    yaml, sets = llama_run
+    cfg = load_config(yaml, sets)
+    weights = RunPaths.of(cfg).teacher(cfg_task := sorted(p.name for p in RunPaths.of(cfg).logit_cache.iterdir())[0])
+    weights = weights / "adapter_model.safetensors"
+    before, st = weights.read_bytes(), weights.stat()
+    try:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(weights)
+        save_file({k: v + 0.01 for k, v in tensors.items()}, weights)  # the retrained teacher
+        artifacts._file_sha256.cache_clear()
+        with pytest.raises(ArtifactMismatchError, match=f"{cfg_task}.*teacher_adapter_hash"):
+            _built(cfg, "retrained")
+        assert artifacts._file_sha256.cache_info().misses == 1  # only the changed teacher was hashed
+    finally:
+        weights.write_bytes(before)
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    artifacts._file_sha256.cache_clear()
+    _built(cfg, "restored")
+    assert artifacts._file_sha256.cache_info().misses == 0
+
+
 def test_pretrain_input_has_one_bos_after_the_prefix_and_keeps_it_without_fusion(llama_run):
     """Issue 18 (minor): stage 1 fed the fused LLaMA student [bos a ; bos b c]. With fusion the input starts at b
     (the prefix row opens with bos); without fusion it is the whole sequence and opens with bos."""

@@ -160,6 +160,11 @@ def test_zero3_stages_partition_learn_and_log_exactly_their_terms(work, launch_a
         assert part["partitioned"] and part["shards_ok"], part
         ex = part["example"]
         assert ex["numel"] == 0 and ex["shard"] == -(-ex["ds_numel"] // 2) and "NOT_AVAILABLE" in ex["status"]
+        # measured during the first two steps, not before the first forward (train/zero3_probe.py): threshold 0,
+        # so nothing stays whole after them, and the model was never gathered whole at once on a rank
+        first = part["first_steps"]
+        assert first["max_rank_at_rest_fraction"] == pytest.approx(first["shard_bytes"] / first["full_bytes"], abs=1e-3)
+        assert first["at_rest_fraction"] < 0.52 and first["max_rank_peak_fraction"] < 1.0 and first["fetches_sampled"]
         m = _metrics(d)
         assert sorted(m) == list(range(1, STEPS + 1))
         _assert_falls(m)
