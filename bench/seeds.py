@@ -159,7 +159,8 @@ def dev_scores(cfg, log) -> dict:
 
 
 def out_dir(args, cfg0) -> Path:
-    base = args.name or cfg0.name
+    """<runs_dir>/<name>[_<tag>]_seeds, named by the config's own name (cfg0 is a seed's run, already renamed)."""
+    base = args.name or load_config(args.config, list(args.overrides)).name
     return Path(args.runs_dir or cfg0.runs_dir) / f"{base}{'_' + args.tag if args.tag else ''}_seeds"
 
 

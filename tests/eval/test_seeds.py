@@ -115,3 +115,18 @@ def test_markdown_and_plot(L, runs, tmp_path):
 def test_a_run_without_evaluation_is_named(L, tmp_path):
     with pytest.raises(FileNotFoundError, match="no evaluation"):
         L.read_run(tmp_path / "missing", 0)
+
+
+def test_seed_runs_and_table_folder_are_named_by_the_config(monkeypatch):
+    """Seed s runs as <name>_<tag>_s<s>; the table folder is <name>_<tag>_seeds, not named after seed 0's run."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("seeds_bench", REPO / "bench" / "seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    args = argparse.Namespace(name=None, config=str(REPO / "configs" / "tiny.yaml"), overrides=["cache.mode=sampled"],
+                              tag="sampled", runs_dir=None, dev=0, ablations=False, backbone_per_seed=False)
+    cfg = seeds.seed_config(args, 1)
+    assert (cfg.name, cfg.seed, cfg.cache.mode) == ("tiny_sampled_s1", 1, "sampled")
+    assert seeds.out_dir(args, cfg) == Path(cfg.runs_dir) / "tiny_sampled_seeds"
