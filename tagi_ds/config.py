@@ -198,6 +198,10 @@ class HypernetConfig:
                            "per task beside the input's; LLaMA: a KV prefix)")
     train_encoder: bool = f(False, "train a copy of the instruction encoder (HINT / official code) instead of freezing it")
     kernel: Literal["auto", "reference", "triton"] = f("auto", "LoRA / head kernels: triton on CUDA when auto")
+    encoder: Literal["backbone", "multitask"] = f(
+        "backbone", "what reads the instruction (pooled task vector and fusion states), one of backbone | multitask: "
+        "the frozen backbone, or the backbone with the tk_instruct baseline's LoRA applied (the official TAGI code "
+        "reads it through Tk-Instruct's encoder; needs the baselines stage before pretrain / finetune)")
     head_lr_scale: Optional[float] = f(
         None, "lr multiplier of the heads' weight matrices; None = 1/sqrt(hidden). Adam moves each of a head row's "
         "`hidden` weights by ~lr per step, all in step, so a generated LoRA entry moves up to ~hidden x lr (a LoRA's "
@@ -222,6 +226,15 @@ class TeacherConfig:
                               "loading the data and the backbone once; far below a cluster's per-user job limit)", ge=1)
     write_cache: bool = f(False, "after publishing its units, the teacher stage also writes their logit-cache shards "
                                  "with the backbone already loaded (one job per units instead of two)")
+    prompt: Literal["full", "input"] = f(
+        "full", "what a teacher reads, one of full | input: full = the Tk-Instruct prompt (definition + demonstrations "
+        "+ input); input = the instance part alone (data.max_input_length tokens), the cheapest prompt for a per-task "
+        "teacher, fair because its task lives in its LoRA. The cache, the online KL and the teacher row of the report "
+        "read each teacher on this prompt; the student still reads instruction + input")
+    base: Literal["backbone", "multitask"] = f(
+        "backbone", "what a teacher's LoRA sits on, one of backbone | multitask: the frozen backbone, or the backbone "
+        "with the tk_instruct baseline's LoRA merged in (the official TAGI code: teachers on top of Tk-Instruct; needs "
+        "the baselines stage before the teacher stage). L_ins then matches the task-specific part only")
 
 
 @dataclass
@@ -281,6 +294,10 @@ class FinetuneConfig(LoopConfig):
     online_teacher: bool = f(False, "compute teacher logits live instead of reading the cache")
     init_from_pretrain: bool = f(True, "start from the pretrain export when it exists")
     teacher_cache_gib: float = f(2.0, "host memory for teacher adapters read ahead of their step (LRU, in GiB)", gt=0)
+    kl_teacher: Literal["task_lora", "multitask"] = f(
+        "task_lora", "whose logits the KL distils, one of task_lora | multitask: each task's LoRA teacher (the cache, "
+        "or live with online_teacher), or the tk_instruct baseline on the full prompt, computed live (the official "
+        "TAGI code's logit teacher: one multitask model; needs the baselines stage before finetune)")
 
 
 @dataclass

@@ -36,6 +36,8 @@ over the shards; a unit's setup, e.g. a hypernetwork unit's instruction encoding
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -55,7 +57,9 @@ from ..run.paths import RunPaths
 from ..run.signals import StopSignals, Stopped
 from ..run.stage_lock import stage_locked
 from .costs import cost_lengths, relative_costs, training_curves
-from .methods import Method, UnitStats, answer_tasks, build_method, method_units
+from ..run.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_peft_adapter
+from ..run.prompts import prompt_settings, source_ids, teacher_reads_instruction
+from .methods import Hypernet, Method, Teachers, UnitStats, answer_tasks, build_method, merged_lora, method_units
 from .rank_classification import HELDOUT_DATASETS
 from .scoring import (POOLED, demo_output_scores, echo_scores, eval_splits, pooled_splits,
                       rank_classification_report, read_predictions, score_split, seen_source, write_predictions)
@@ -87,6 +91,73 @@ def identity(cfg, sub: Optional[str] = None) -> dict:
 
 def execution_plan(cfg) -> dict[str, Any]:
     return {k: getattr(cfg.eval, k) for k in EXECUTION_KEYS}
+
+
+# ------------------------------------------------------------------------------------------------ options
+# The distillation set-ups (teacher.prompt / teacher.base, hypernet.encoder) change how two methods run; they are
+# wrapped here, around eval/methods.py's objects, so each teacher is read on its own prompt and base and each
+# hypernetwork reads instructions as it was trained to.
+@dataclass
+class OptionTeachers(Teachers):
+    """`teacher`, read as trained: on the instance part alone (teacher.prompt=input) and / or on top of the merged
+    tk_instruct baseline (teacher.base=multitask)."""
+
+    def artifacts(self) -> list[Path]:
+        extra = [] if self.cfg.teacher.base == "backbone" else [_multitask_dir(self.cfg) / ADAPTER_WEIGHTS]
+        return super().artifacts() + extra
+
+    @contextlib.contextmanager
+    def session(self):
+        if self.cfg.teacher.base == "backbone":
+            yield
+            return
+        adapters, scale, _ = read_peft_adapter(_multitask_dir(self.cfg), self.bb.specs, device="cpu")
+        with merged_lora(self.bb.model, self.bb.specs, adapters, scale):
+            yield
+
+    @contextlib.contextmanager
+    def unit(self, tasks):
+        with super().unit(tasks) as ans:
+            if teacher_reads_instruction(self.cfg):
+                yield ans
+                return
+            settings, tok = prompt_settings(self.cfg, self.bb.arch), self.bb.tokenizer
+            yield dataclasses.replace(ans, sources=lambda ti: [
+                source_ids(tasks[ti], inst, tok, settings, with_instruction=False) for inst in tasks[ti].instances])
+
+
+@dataclass
+class MultitaskEncoderHypernet(Hypernet):
+    """A hypernetwork method trained with hypernet.encoder=multitask: its instructions read through backbone + the
+    tk_instruct LoRA, as in training."""
+
+    def artifacts(self) -> list[Path]:
+        return super().artifacts() + [_multitask_dir(self.cfg) / ADAPTER_WEIGHTS]
+
+    @contextlib.contextmanager
+    def session(self):
+        with super().session():
+            adapters, scale, _ = read_peft_adapter(_multitask_dir(self.cfg), self.bb.specs, device="cpu")
+            self.student.set_instruction_adapter(adapters, scale)
+            yield
+
+
+def _multitask_dir(cfg) -> Path:
+    folder = RunPaths.of(cfg).baseline("tk_instruct")
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ArtifactMismatchError(f"{folder}: no trained tk_instruct baseline; teacher.base / hypernet.encoder = "
+                                    f"multitask read it (run `tagi-ds baselines mode=tk_instruct` first)")
+    return folder
+
+
+def method_for(cfg, name: str, splits: dict, bb: LoadedBackbone, log: Log) -> Optional[Method]:
+    """eval.methods.build_method, with the distillation options applied to the teacher and hypernetwork methods."""
+    m = build_method(cfg, name, splits, bb, log)
+    if isinstance(m, Teachers) and (cfg.teacher.prompt != "full" or cfg.teacher.base != "backbone"):
+        return OptionTeachers(m.cfg, m.bb, m.units, m.name)
+    if isinstance(m, Hypernet) and cfg.hypernet.encoder == "multitask":
+        return MultitaskEncoderHypernet(m.cfg, m.bb, m.name, m.export)
+    return m
 
 
 # ------------------------------------------------------------------------------------------------ shard jobs
@@ -302,7 +373,7 @@ def run(cfg: Any, sub: Optional[str] = None, *, progress: bool = True, log: Log 
             return sig.requested if sig.should_stop(collective=False) else None
 
         for name in methods:
-            objs[name] = build_method(cfg, name, splits, bb, log if rank == 0 else (lambda _msg: None))
+            objs[name] = method_for(cfg, name, splits, bb, log if rank == 0 else (lambda _msg: None))
             if objs[name] is not None:
                 answer_jobs(cfg, objs[name], plan_jobs(cfg, objs[name], splits, [mine], ident_hash), splits, bb,
                             progress=progress, log=log, stop=stop)
@@ -363,11 +434,11 @@ def write_outputs(cfg, methods: Sequence[str], splits: dict, merged: dict[str, M
                 results[m][name] = None
         if merged[m].stats["instances"]:
             timing[m] = _throughput(merged[m].stats)
-        shown = ", ".join(f"{s} {r['rougeL']:.1f}/{r['exact_match']:.1f}" for s, r in results[m].items() if r)
+        shown = ", ".join(f"{s} {r['exact_match']:.1f}/{r['rougeL']:.1f}" for s, r in results[m].items() if r)
         acc = (ranked.get(m) or {}).get("unseen")
         acc_txt = f"; unseen rank-classification accuracy mean {acc['mean']:.1f} median {acc['median']:.1f}" if acc \
             else ""
-        log(f"evaluate {m}: {shown or 'no numbers'} (R-L/EM{acc_txt})")
+        log(f"evaluate {m}: {shown or 'no numbers'} (EM/R-L{acc_txt})")
     lengths = cost_lengths(cfg, splits, bb.tokenizer, bb.arch)
     rel = relative_costs(cfg, methods, lengths, bb)
     tk_time = timing.get("tk_instruct", {}).get("seconds_per_instance")
@@ -377,7 +448,7 @@ def write_outputs(cfg, methods: Sequence[str], splits: dict, merged: dict[str, M
             timing[m]["relative_time"] = (timing[m]["seconds_per_instance"] / tk_time) if tk_time else None
     echo, demo = echo_scores(splits), demo_output_scores(splits)
     seen_from = seen_source(splits)
-    floors = [{"floor": label, **{f"{sp} R-L / EM": (f"{v[sp]['rougeL']:.2f} / {v[sp]['exact_match']:.2f}"
+    floors = [{"floor": label, **{f"{sp} EM / R-L": (f"{v[sp]['exact_match']:.2f} / {v[sp]['rougeL']:.2f}"
                                                     if v.get(sp) else "—") for sp in echo}}
               for label, v in (("copy the input", echo), ("copy the first demonstration's output", demo))]
     tables = {"Cost per instance (FLOPs: analytic; time: measured in this run)": _cost_rows(methods, rel, timing),
@@ -387,7 +458,9 @@ def write_outputs(cfg, methods: Sequence[str], splits: dict, merged: dict[str, M
         tables[f"Held-out P3 accuracy (rank classification, {how} log-likelihood; mean and median over datasets, "
                f"the median of the datasets' medians over prompts)"] = _p3_rows(methods, ranked)
     tables["Trivial floors"] = floors
-    tables["Unseen ROUGE-L per task"] = _per_task_rows(details, methods, [s for s in splits if s.startswith("unseen")])
+    unseen = [s for s in splits if s.startswith("unseen")]
+    tables["Unseen exact match per task"] = _per_task_rows(details, methods, unseen, "exact_match")
+    tables["Unseen ROUGE-L per task"] = _per_task_rows(details, methods, unseen)
     atomic_write_json(paths.eval_metrics, {"methods": details, "echo": echo, "demo_output": demo, "timing": timing,
                                            "rank_classification": {"reduction": cfg.eval.rank_classification,
                                                                    "by_method": ranked},
@@ -442,7 +515,8 @@ def _p3_rows(methods, ranked) -> list[dict]:
     return rows
 
 
-def _per_task_rows(details: dict, methods: Sequence[str], splits: Sequence[str]) -> list[dict]:
+def _per_task_rows(details: dict, methods: Sequence[str], splits: Sequence[str], metric: str = "rougeL"
+                   ) -> list[dict]:
     rows = []
     for split in splits:
         names: list[str] = []
@@ -452,7 +526,7 @@ def _per_task_rows(details: dict, methods: Sequence[str], splits: Sequence[str])
             row: dict[str, Any] = {"task": n, "split": split}
             for m in methods:
                 pt = (details[m].get(split) or {}).get("per_task", {})
-                row[m] = round(pt[n]["rougeL"], 1) if n in pt else "—"
+                row[m] = round(pt[n][metric], 1) if n in pt else "—"
             rows.append(row)
     return rows
 
@@ -466,7 +540,7 @@ def list_shards(cfg, count: int, config_path: str) -> str:
     lines = ["# method\tsplit\tshard\ttasks\tinstances\tstatus"]
     notes: list[str] = []
     for name in check_methods(cfg.eval.methods):
-        m = build_method(cfg, name, splits, bb, notes.append)
+        m = method_for(cfg, name, splits, bb, notes.append)
         if m is None:
             continue
         for job in plan_jobs(cfg, m, splits, [Shard(i, count) for i in range(count)], ident_hash):

@@ -21,6 +21,7 @@ METRICS: tuple[str, ...] = ("rougeL", "exact_match")
 # Optional per-method inputs that go to report.md only (not to report.json).
 _MD_ONLY = ("time_s",)
 BAR_PLOT = "unseen_rougeL.png"
+EM_PLOT = "unseen_em.png"
 CURVES_PLOT = "training_curves.png"
 
 
@@ -81,17 +82,17 @@ def _save_png(fig: Any, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def plot_unseen_bar(report: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
-    """Bar chart of unseen ROUGE-L per method; False (no file) when no method has the number."""
-    methods = [m for m in _ordered(list(report)) if (report[m]["unseen"] or {}).get("rougeL") is not None]
+def plot_unseen_bar(report: Mapping[str, Mapping[str, Any]], path: Path, metric: str = "rougeL") -> bool:
+    """Bar chart of an unseen metric per method; False (no file) when no method has the number."""
+    methods = [m for m in _ordered(list(report)) if (report[m]["unseen"] or {}).get(metric) is not None]
     if not methods:
         return False
     plt = _plt()
-    vals = [report[m]["unseen"]["rougeL"] for m in methods]
+    vals = [report[m]["unseen"][metric] for m in methods]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(methods) + 1.5), 3.2))
     bars = ax.bar(methods, vals, color=["tab:red" if m == "tagi" else "tab:blue" for m in methods])
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_ylabel("ROUGE-L (unseen tasks)")
+    ax.set_ylabel(f"{'exact match' if metric == 'exact_match' else 'ROUGE-L'} (unseen tasks)")
     ax.tick_params(axis="x", labelrotation=30)
     _save_png(fig, path)
     plt.close(fig)
@@ -141,26 +142,30 @@ def render_markdown(report: Mapping[str, Mapping[str, Any]], timings: Mapping[st
                     split_labels: Optional[Mapping[str, str]] = None) -> str:
     splits = [s for s in SPLITS if any(report[m][s] is not None for m in report) or (echo or {}).get(s)]
     label = {s: (split_labels or {}).get(s, s) for s in splits}
-    header = ["method"] + [f"{label[s]} {lab}" for s in splits for lab in ("R-L", "EM")] + ["rel. FLOPs",
+    # EM leads: on short-answer suites ROUGE-L gives partial credit for echoing the input's words (the echo row);
+    # ROUGE-L stays beside it, as SNI reports it.
+    header = ["method"] + [f"{label[s]} {lab}" for s in splits for lab in ("EM", "R-L")] + ["rel. FLOPs",
                                                                                            "time/inst (s)"]
     rows = []
     for m in _ordered(list(report)):
         cells = [m]
         for s in splits:
             e = report[m][s] or {}
-            cells += [_fmt(e.get("rougeL")), _fmt(e.get("exact_match"))]
+            cells += [_fmt(e.get("exact_match")), _fmt(e.get("rougeL"))]
         cells += [_fmt(report[m]["relative_flops"], 3), _fmt(timings.get(m), 4)]
         rows.append(cells)
     if echo:
         cells = ["*echo input (reference)*"]
         for s in splits:
             e = echo.get(s) or {}
-            cells += [_fmt(e.get("rougeL")), _fmt(e.get("exact_match"))]
+            cells += [_fmt(e.get("exact_match")), _fmt(e.get("rougeL"))]
         rows.append(cells + ["—", "—"])
     parts = [f"# {title}", "",
-             "ROUGE-L (R-L) and exact match (EM) as SNI's official script computes them (×100); relative FLOPs are "
-             "analytic per-instance inference FLOPs over Tk-Instruct's (instruction + input every instance); "
-             "— means no number.", "", _md_table(header, rows), ""]
+             "Exact match (EM) first, ROUGE-L (R-L) beside it, as SNI's official script computes them (×100): "
+             "ROUGE-L gives partial credit for repeating the input's words, which the echo row (every answer = "
+             "its input) measures; EM does not. Relative FLOPs are analytic per-instance inference FLOPs over "
+             "Tk-Instruct's (instruction + input every instance); — means no number.", "", _md_table(header, rows),
+             ""]
     for note in notes:
         parts += [note, ""]
     for name, table in extra_tables.items():
@@ -198,6 +203,9 @@ def write_report(run_dir: str | Path, results: Mapping[str, Mapping[str, Any]],
     echo_n = {s: _split_entry(v, f"echo[{s!r}]") for s, v in (echo or {}).items() if s in SPLITS}
     written: dict[str, Path] = {}
     plots: list[tuple[str, str]] = []
+    if plot_unseen_bar(report, run_dir / EM_PLOT, "exact_match"):
+        written["em_plot"] = run_dir / EM_PLOT
+        plots.append(("Unseen-task exact match per method", EM_PLOT))
     if plot_unseen_bar(report, run_dir / BAR_PLOT):
         written["bar_plot"] = run_dir / BAR_PLOT
         plots.append(("Unseen-task ROUGE-L per method", BAR_PLOT))

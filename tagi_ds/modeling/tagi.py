@@ -106,6 +106,32 @@ class TagiStudent(nn.Module):
         self._cross_lora = any(s.module_type in ("dec_cross.k", "dec_cross.v") for s in self.specs)
         if arch == "t5" and fusion and self.cache_cross_kv:
             install_cached_cross_attention(backbone)
+        # hypernet.encoder=multitask: a fixed LoRA (the multitask model's) applied while the instruction is read;
+        # plain attributes, not buffers: never in a state dict or an export (the config names it).
+        self.instruction_adapter: Adapters | None = None  # module type → (A (1, L, r, d_in), B (1, L, d_out, r))
+
+    def set_instruction_adapter(self, adapters: Adapters | None, scale: float = 1.0) -> None:
+        """Read every instruction through backbone + this LoRA (A (L, r, d_in), B (L, d_out, r) per module type, its
+        own scale `scale`; None = the plain backbone). The student's hooks carry it, B rescaled to their scale, during
+        `encode_instructions` only: the input path keeps the generated adapters. T5 and LLaMA alike (on T5 the
+        encoder's targets take it, so the instruction states fused into the decoder are the multitask encoder's)."""
+        if adapters is None:
+            self.instruction_adapter = None
+            return
+        if self.train_encoder:
+            raise ConfigError("hypernet.encoder=multitask reads the instruction through the backbone's hooks; a "
+                              "trained encoder copy (hypernet.train_encoder) has none: use one or the other")
+        self.hooks.check_adapters({mt: (a[None], b[None]) for mt, (a, b) in adapters.items()}, 1)
+        ratio = float(scale) / self.lora_scale
+        self.instruction_adapter = {mt: (a[None].detach().clone(), (b * ratio)[None].detach().clone())
+                                    for mt, (a, b) in adapters.items()}
+
+    def _instruction_lora(self, n_tasks: int, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.instruction_adapter is None:
+            return contextlib.nullcontext()
+        dtype = next(self.backbone.parameters()).dtype
+        ad = {mt: (a.to(device, dtype), b.to(device, dtype)) for mt, (a, b) in self.instruction_adapter.items()}
+        return self.hooks.apply(ad, torch.zeros(n_tasks, dtype=torch.long, device=device))
 
     def train(self, mode: bool = True) -> "TagiStudent":
         super().train(mode)
@@ -131,18 +157,21 @@ class TagiStudent(nn.Module):
 
     # ------------------------------------------------------------------------------------------- instructions
     def encode_instructions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TaskEncoding:
-        """Encode n_tasks instructions (n_tasks, Li) once; the LoRA hooks are inactive here (plain backbone)."""
+        """Encode n_tasks instructions (n_tasks, Li) once; the generated adapters are inactive here (the plain
+        backbone, or the backbone + the instruction adapter: `set_instruction_adapter`)."""
         if self.hooks._state is not None:
             raise TagiError("encode_instructions called inside hooks.apply: instructions must see the plain backbone")
         grad = contextlib.nullcontext() if self.train_encoder else torch.no_grad()
         prefix = None
+        lora = self._instruction_lora(input_ids.shape[0], input_ids.device)
         if self.arch == "t5":
             enc = self.instruction_encoder if self.train_encoder else self.backbone.encoder
-            with grad:
+            with grad, lora:
                 hidden = enc(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         else:
             if self.fusion or not self.train_encoder:
-                hidden, prefix = llama_instruction_pass(self.backbone, input_ids, attention_mask)
+                with lora:
+                    hidden, prefix = llama_instruction_pass(self.backbone, input_ids, attention_mask)
             if self.train_encoder:
                 hidden = self.instruction_encoder(input_ids=input_ids, attention_mask=attention_mask,
                                                   position_ids=positions_from_mask(attention_mask)).last_hidden_state

@@ -45,3 +45,27 @@ def prompt_ids(tasks: Sequence[Task], tokenizer, settings: PromptSettings, with_
                ) -> list[list[int]]:
     """The prompts of every instance of `tasks`, in order (what a plain backbone is asked to continue)."""
     return [source_ids(t, inst, tokenizer, settings, with_instruction) for t in tasks for inst in t.instances]
+
+
+def teacher_reads_instruction(cfg) -> bool:
+    """True when the teachers read the full Tk-Instruct prompt (teacher.prompt=full); False when they read the
+    instance part alone (teacher.prompt=input: the same ids the no-instruction baseline reads). Every reader of a
+    teacher (its training, its cache, the online KL, its report row) encodes through this, so each teacher is always
+    read on the prompt it was trained on."""
+    return cfg.teacher.prompt == "full"
+
+
+def teacher_examples(cfg, task: Task, tokenizer, settings: PromptSettings) -> list[EncodedPair]:
+    """A task's instances as its teacher reads them (`teacher.prompt`), targets as the student's."""
+    return encode_examples(task, tokenizer, settings, with_instruction=teacher_reads_instruction(cfg))
+
+
+def teacher_options(cfg) -> dict:
+    """The teacher settings beyond run.artifacts.teacher_config that change what a teacher is (its prompt, its base):
+    only the non-default ones, so teachers and shards published before these options existed keep their hashes."""
+    out = {}
+    if cfg.teacher.prompt != "full":
+        out["prompt"] = cfg.teacher.prompt
+    if cfg.teacher.base != "backbone":
+        out["base"] = cfg.teacher.base
+    return out

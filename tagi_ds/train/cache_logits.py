@@ -5,13 +5,15 @@ label position of its training instances; the writing itself is train/cache_writ
     torchrun --nproc_per_node 8 -m tagi_ds.cli cache-logits --config X.yaml    # the units split over 8 GPUs
 
 For each selected unit with a published teacher (teachers/<unit>/, checked against this config's teacher manifest),
-the teacher (backbone + its LoRA through the hooks) reads every training instance of the unit's tasks once, in
-batches of cache.batch_size, and `CacheShardWriter` stores log_softmax(logits / cache.temperature) top-k
+the teacher (backbone + its LoRA through the hooks) reads every training instance of the unit's tasks once, on
+its own prompt (teacher.prompt), in batches of cache.batch_size, and `CacheShardWriter` stores log_softmax(logits / cache.temperature) top-k
 (cache.top_k) at every label position — T5: the decoder positions of the label; LLaMA: the positions whose next
 token is a target token — in `<run_dir>/logit_cache/<task>/`, keyed by instance id.
 
 The label ids are the student's: same tokenizer, same `Instance.label`, same `encode_target(.., max_target_length)`
-truncation (`teacher.encode_examples` = `collate.collate_full`), so the finetune's KL aligns position by position.
+truncation (`run.prompts.encode_examples` = `collate.collate_full`), so the finetune's KL aligns position by position
+whatever prompt the teacher reads (teacher.prompt=input: the instance part alone, the student reads instruction +
+input; only the label positions are stored, and they hold the same target tokens).
 A shard whose manifest matches is skipped; one that does not is refused (ArtifactMismatchError); a killed job
 leaves only a hidden temp folder, removed when the shard is written again.
 """
@@ -23,14 +25,14 @@ from typing import Optional
 import torch
 
 from ..errors import ArtifactMismatchError
-from ..run.artifacts import check_temperatures, published_state, teacher_manifest, teachers_identity
+from ..run.artifacts import check_temperatures, published_state
 from ..run.backbone import LoadedBackbone, load_run_backbone
 from ..run.dist import barrier, join_ranks, my_share
 from ..run.paths import RunPaths
 from ..run.signals import StopSignals, Stopped
 from ..run.units import RunUnits, load_run_units
 from ..run.stage_lock import stage_locked
-from .cache_writer import write_unit_shards
+from .cache_writer import teacher_manifest_of, teachers_identity_of, write_unit_shards
 
 EXTRA_KEYS = ("task", "array_index")
 
@@ -38,12 +40,12 @@ EXTRA_KEYS = ("task", "array_index")
 def identity(cfg, sub: Optional[str] = None) -> dict:
     """The teachers' identity plus the cache's own settings (mode, top-k / samples, temperature, estimator)."""
     cache = {k: v for k, v in vars(cfg.cache).items() if k != "batch_size"}
-    return {**teachers_identity(cfg), "cache": cache}
+    return {**teachers_identity_of(cfg), "cache": cache}
 
 
 def _teacher_ready(cfg, ru: RunUnits, unit: str, bb: LoadedBackbone, paths: RunPaths) -> bool:
     """True when this config's teacher of `unit` is published; a teacher of another configuration is refused."""
-    m = teacher_manifest(cfg, unit, ru.tasks[unit], bb.arch, bb.tokenizer_hash)
+    m = teacher_manifest_of(cfg, unit, ru.tasks[unit], bb.arch, bb.tokenizer_hash)
     return published_state(paths.teacher(unit), m["hash"]) == "done"
 
 

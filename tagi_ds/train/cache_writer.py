@@ -3,16 +3,23 @@ and the teacher stage with `teacher.write_cache` calls it for the units it just 
 already has (one array job per group of units instead of two, the backbone loaded once).
 
 For each task of a published teacher unit, the teacher (backbone + its LoRA through the hooks) reads every training
-instance once, in batches of cache.batch_size, and `CacheShardWriter` stores what the cache mode keeps (top-k,
+instance once, on the prompt it was trained on (teacher.prompt: the full Tk-Instruct prompt or the instance part
+alone; the labels, and so the label positions the student's KL reads, are the same either way), in batches of
+cache.batch_size, and `CacheShardWriter` stores what the cache mode keeps (top-k,
 sampled, priority: distill/teacher_rows.py) at every label position — T5: the decoder positions of the label;
 LLaMA: the positions whose next token is a target token — in `<run_dir>/logit_cache/<task>/`, keyed by instance id.
 A shard whose manifest matches is skipped; one that does not is refused (ArtifactMismatchError); a killed job leaves
 only a hidden temp folder, removed when the shard is written again.
+
+Also what every reader of a teacher shares beyond run/artifacts.py: the manifest and stage identity with the teacher
+options (teacher.prompt, teacher.base) folded in, and the teacher's base model (teacher.base=multitask: the
+tk_instruct baseline merged into the backbone while the teachers train, write their cache or are read live).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -20,26 +27,111 @@ from ..data.collate import PromptSettings, assemble, pad_id
 from ..data.tasks import Task
 from ..distill.logit_cache import CacheShardWriter, shard_is_complete
 from ..errors import ArtifactMismatchError
+from ..io_utils import sha256_json
 from ..modeling.label_logits import align_label_logits
-from ..modeling.lora import BatchedLoraHooks
-from ..run.artifacts import check_shard_to_rebuild, record_teacher_stat, shard_fields
+from ..modeling.lora import BatchedLoraHooks, delta_weight
+from ..run.artifacts import (check_shard_to_rebuild, record_teacher_stat, shard_fields, teacher_manifest,
+                             teachers_identity)
 from ..run.backbone import LoadedBackbone
+from ..run.identity import config_identity
 from ..run.paths import RunPaths
-from ..run.peft_io import ADAPTER_WEIGHTS, read_peft_adapter
-from ..run.prompts import encode_examples, prompt_settings
+from ..run.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_peft_adapter
+from ..run.prompts import encode_examples, prompt_settings, teacher_options, teacher_reads_instruction
 from ..run.units import RunUnits
+
+MULTITASK = "tk_instruct"  # the baseline that is the multitask model (teacher.base / finetune.kl_teacher / encoder)
+
+
+# ------------------------------------------------------------------------------------------------ identities
+def _options(cfg) -> dict[str, Any]:
+    """teacher_options, plus what a multitask base depends on (the baseline's own settings)."""
+    opts = teacher_options(cfg)
+    if opts.get("base") == "multitask":
+        opts["multitask"] = config_identity(cfg, ("seed", "lora", "baselines"))
+    return opts
+
+
+def teacher_manifest_of(cfg, unit: str, tasks, arch: str, tokenizer_hash: str) -> dict:
+    """run.artifacts.teacher_manifest with the teacher options (prompt, base) in the hashed body when not default."""
+    m = teacher_manifest(cfg, unit, tasks, arch, tokenizer_hash)
+    opts = _options(cfg)
+    if not opts:
+        return m
+    body = {**{k: v for k, v in m.items() if k != "hash"}, "options": opts}
+    return {**body, "hash": sha256_json(body)}
+
+
+def teachers_identity_of(cfg) -> dict:
+    """run.artifacts.teachers_identity with the teacher options (the teacher and cache-logits stages' identity)."""
+    ident = teachers_identity(cfg)
+    opts = _options(cfg)
+    if opts:
+        ident["teacher"] = {**ident["teacher"], "options": opts}
+    return ident
+
+
+def teacher_shard_fields(cfg) -> dict[str, Any]:
+    """The shard manifest fields that record a non-default teacher prompt / base (the finetune expects them too)."""
+    return {f"teacher_{k}": v for k, v in teacher_options(cfg).items()}
 
 
 def expected_shard_fields(cfg, task: Task, bb: LoadedBackbone, teacher_dir: Path) -> dict[str, Any]:
-    return shard_fields(cfg, task, arch=bb.arch, tokenizer_hash=bb.tokenizer_hash, backbone_id=bb.identity,
-                        teacher_dir=teacher_dir, vocab_size=bb.vocab_size, settings=prompt_settings(cfg, bb.arch))
+    fields = shard_fields(cfg, task, arch=bb.arch, tokenizer_hash=bb.tokenizer_hash, backbone_id=bb.identity,
+                          teacher_dir=teacher_dir, vocab_size=bb.vocab_size, settings=prompt_settings(cfg, bb.arch))
+    return {**fields, **teacher_shard_fields(cfg)}
+
+
+# ------------------------------------------------------------------------------------------------ the base model
+def multitask_adapter_dir(cfg, needed_by: str) -> Path:
+    """The tk_instruct baseline's PEFT folder; ArtifactMismatchError naming who needs it when it is not trained."""
+    folder = RunPaths.of(cfg).baseline(MULTITASK)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ArtifactMismatchError(
+            f"{folder}: no trained {MULTITASK} baseline, and {needed_by} reads the multitask model; run "
+            f"`tagi-ds baselines --config ... mode={MULTITASK}` first (the pipeline's baselines stage runs after "
+            f"finetune unless its order is changed)")
+    return folder
+
+
+@contextlib.contextmanager
+def merged_adapter(model: torch.nn.Module, specs, folder: Path) -> Iterator[torch.nn.Module]:
+    """`model` with the PEFT adapter in `folder` merged into its target weights (W + s·B·A in float32, cast back);
+    the original weights wait on the host and are put back on exit, bit for bit."""
+    adapters, scale, _ = read_peft_adapter(folder, specs, device="cpu")
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for spec in specs:
+                linear = model.get_submodule(spec.name)
+                A, B = adapters[spec.module_type]
+                dev = linear.weight.device
+                new_w = linear.weight.float() + delta_weight(A[spec.layer].to(dev), B[spec.layer].to(dev), scale)
+                if not torch.isfinite(new_w).all():
+                    raise ArtifactMismatchError(f"{folder}: merging into {spec.name} gives non-finite weights")
+                saved[spec.name] = linear.weight.detach().to("cpu", copy=True)
+                linear.weight.copy_(new_w.to(linear.weight.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                model.get_submodule(name).weight.copy_(w)
+
+
+def teacher_base(cfg, bb: LoadedBackbone) -> contextlib.AbstractContextManager:
+    """The teachers' base model for the duration: the backbone as it is (teacher.base=backbone), or with the
+    tk_instruct baseline merged in (teacher.base=multitask)."""
+    if cfg.teacher.base == "backbone":
+        return contextlib.nullcontext(bb.model)
+    return merged_adapter(bb.model, bb.specs, multitask_adapter_dir(cfg, "teacher.base=multitask"))
 
 
 @torch.no_grad()
 def write_task_shard(bb: LoadedBackbone, hooks: BatchedLoraHooks, adapters: dict, task: Task,
-                     settings: PromptSettings, out_root: Path, fields: dict, batch_size: int) -> Path:
-    """Run the teacher over `task`'s training instances and publish its shard (atomically, via the writer)."""
-    examples = encode_examples(task, bb.tokenizer, settings)
+                     settings: PromptSettings, out_root: Path, fields: dict, batch_size: int,
+                     with_instruction: bool = True) -> Path:
+    """Run the teacher over `task`'s training instances, on its own prompt (`with_instruction`: the full prompt, else
+    the instance part alone), and publish its shard (atomically, via the writer)."""
+    examples = encode_examples(task, bb.tokenizer, settings, with_instruction=with_instruction)
     ids = [inst.id for inst in task.instances]
     pad = pad_id(bb.tokenizer)
     with CacheShardWriter(out_root, task.name, fields) as writer:
@@ -90,16 +182,17 @@ def write_unit_shards(cfg, ru: RunUnits, unit: str, bb: LoadedBackbone, paths: R
     adapters = {mt: (a.unsqueeze(0), b.unsqueeze(0)) for mt, (a, b) in adapters1.items()}  # one "task" row
     hooks = BatchedLoraHooks(bb.model, bb.specs, scale)
     try:
-        for t, fields in todo:
-            if stop is not None and stop():
-                break
-            shard = write_task_shard(bb, hooks, adapters, t, settings, paths.logit_cache, fields,
-                                     cfg.cache.batch_size)
-            record_teacher_stat(shard, paths.teacher(unit) / ADAPTER_WEIGHTS)
-            width = fields.get("k", fields.get("num_samples"))
-            log(f"cache-logits {t.name}: wrote {shard} ({len(t.instances)} instances, {fields['mode']} {width}, "
-                f"T={fields['temperature']})")
-            written.append(t.name)
+        with teacher_base(cfg, bb):
+            for t, fields in todo:
+                if stop is not None and stop():
+                    break
+                shard = write_task_shard(bb, hooks, adapters, t, settings, paths.logit_cache, fields,
+                                         cfg.cache.batch_size, with_instruction=teacher_reads_instruction(cfg))
+                record_teacher_stat(shard, paths.teacher(unit) / ADAPTER_WEIGHTS)
+                width = fields.get("k", fields.get("num_samples"))
+                log(f"cache-logits {t.name}: wrote {shard} ({len(t.instances)} instances, {fields['mode']} {width}, "
+                    f"T={fields['temperature']}, {cfg.teacher.prompt} prompt)")
+                written.append(t.name)
     finally:
         hooks.remove()
     return written, skipped

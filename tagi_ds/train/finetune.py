@@ -6,6 +6,12 @@
 Outputs: <run_dir>/finetune/<variant>/{checkpoints/, export/, metrics.jsonl, summary.json, stage.json,
 config.yaml}, TensorBoard under <run_dir>/tb/finetune/<variant>. The pipeline trains each variant its methods need
 with the variant's overrides (run/methods.py); a plain `variant=NAME` here only names the folder.
+
+The official TAGI code's set-up, as options (README "Distillation set-ups"):
+- finetune.kl_teacher=multitask: the KL's teacher is the tk_instruct baseline (one multitask LoRA, full prompt),
+  computed live (`MultitaskTeacherLoss`); L_ins still reads each task's own teacher.
+- hypernet.encoder=multitask: the student reads every instruction through backbone + the tk_instruct LoRA.
+Both read the baselines stage's tk_instruct folder, so that stage must run first.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from ..data.sampler import EpochPositions, TaskGroupedSampler
 from ..data.tasks import Task
 from ..distill.logit_cache import MANIFEST_FILE, CacheShardReader, check_expect, tokenizer_hash
 from ..distill.signal import CachedTeacherSignal
+from ..modeling.label_logits import label_positions
 from ..errors import ArtifactMismatchError, ConfigError
 from ..run.dist import world_size
 from ..run.artifacts import check_temperatures, shard_fields, teacher_stat_matches, weights_sha256
@@ -28,9 +35,11 @@ from ..run.export_io import EXPORT_CONFIG, load_trainable
 from ..run.identity import check_stage_record, config_identity, task_data
 from ..run.paths import RunPaths, check_unit_name
 from ..run.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ..run.prompts import prompt_settings
+from ..run.peft_io import read_peft_adapter
+from ..run.prompts import prompt_settings, teacher_reads_instruction
 from ..run.units import teacher_unit
 from ..run.stage_lock import stage_locked
+from .cache_writer import multitask_adapter_dir, teacher_shard_fields
 from .distill_step import DistillLoss, TeacherAdapters
 from .engine_stage import StageSpec, train_stage
 from .hypernet_loop import StudentSetup, TrainBatch, bucket_instructions, hypernet_stage, setup_student
@@ -43,11 +52,26 @@ def uses_pretrain(cfg) -> bool:
     return bool(cfg.finetune.init_from_pretrain and cfg.pretrain.enabled)
 
 
+def reads_multitask(cfg) -> bool:
+    """The finetune reads the tk_instruct baseline (KL teacher, instruction encoder or the teachers' base)."""
+    f = cfg.finetune
+    return ((f.lambda_kl > 0 and f.kl_teacher == "multitask") or cfg.hypernet.encoder == "multitask"
+            or cfg.teacher.base == "multitask")
+
+
+def kl_from_cache(cfg) -> bool:
+    """The KL reads the task teachers' logit cache (not a live teacher)."""
+    f = cfg.finetune
+    return f.lambda_kl > 0 and not f.online_teacher and f.kl_teacher == "task_lora"
+
+
 def identity(cfg, sub: Optional[str] = None) -> dict:
-    """Everything but the evaluation: the task data, teachers and their cache (the KL / L_ins targets), and stage 1
-    when the finetune starts from its export. `sub` is the variant (a folder name: the config carries its
-    overrides)."""
+    """Everything but the evaluation: the task data, teachers and their cache (the KL / L_ins targets), the multitask
+    baseline when it is read, and stage 1 when the finetune starts from its export. `sub` is the variant (a folder
+    name: the config carries its overrides)."""
     sections = ("seed", "data", "backbone", "lora", "hypernet", "teacher", "cache", "finetune")
+    if reads_multitask(cfg):
+        sections += ("baselines",)
     if uses_pretrain(cfg):
         return config_identity(cfg, sections + ("pretrain",))
     return task_data(config_identity(cfg, sections))
@@ -59,8 +83,10 @@ class FinetuneBatches:
 
     def __init__(self, tasks: list[Task], tokenizer, settings: PromptSettings, *, tasks_per_batch: int,
                  instances_per_task: int, seed: int, online_teacher: bool,
-                 lookahead: Optional[Callable[[list[str]], None]] = None, stride: int = 1):
+                 lookahead: Optional[Callable[[list[str]], None]] = None, stride: int = 1,
+                 teacher_instruction: bool = True):
         self.tasks, self.tokenizer, self.settings = tasks, tokenizer, settings
+        self.teacher_instruction = teacher_instruction  # the live teacher's prompt: full, or the instance part
         self.task_pos = {t.name: i for i, t in enumerate(tasks)}
         self.dataset = TaskInstanceDataset(tasks)
         self._instr: dict[str, list[int]] = {}
@@ -78,12 +104,42 @@ class FinetuneBatches:
         if self.lookahead is not None:  # the teachers of this rank's NEXT micro batch start loading now
             self.lookahead(self.tasks_at(position + self.stride))
         sb = collate_student(pairs, self.tokenizer, self.settings, instruction_cache=self._instr)
-        full = collate_full(pairs, self.tokenizer, self.settings) if self.online_teacher else None
+        full = (collate_full(pairs, self.tokenizer, self.settings, with_instruction=self.teacher_instruction)
+                if self.online_teacher else None)
         index = torch.tensor([self.task_pos[n] for n in sb.task_names], dtype=torch.long)
         instr_ids, instr_mask = bucket_instructions(sb.instr_ids, sb.instr_mask, pad_id(self.tokenizer))
         return TrainBatch(task_index=index, task_ids=sb.task_ids, input_ids=sb.input_ids,
                           attention_mask=sb.attention_mask, labels=sb.labels, instr_ids=instr_ids,
                           instr_mask=instr_mask, task_names=sb.task_names, instance_ids=sb.instance_ids, extra=full)
+
+
+class MultitaskTeacherLoss(DistillLoss):
+    """finetune.kl_teacher=multitask: the KL's teacher is ONE model for every task, the tk_instruct baseline (backbone
+    + its LoRA, through the student's own hooks, B scaled by s_multitask / s_student) reading the full Tk-Instruct
+    prompt, computed live without grad: the official TAGI code's logit teacher. L_ins still reads each task's own
+    teacher (`teachers`)."""
+
+    def __init__(self, *, multitask: tuple[dict, float], **kw):
+        super().__init__(online_teacher=True, **kw)
+        self.multitask = multitask  # ({module type: (A (L, r, d_in), B (L, d_out, r))}, scale)
+
+    @torch.no_grad()
+    def online_teacher_logits(self, student, batch) -> torch.Tensor:
+        full = batch.extra  # FullPromptBatch of the same instances, full prompt
+        dev = full.input_ids.device
+        dtype = next(student.hypernet.parameters()).dtype
+        adapters, scale = self.multitask
+        one = {mt: (a[None].to(dev, dtype), (b * (scale / student.lora_scale))[None].to(dev, dtype))
+               for mt, (a, b) in adapters.items()}
+        bb = student.backbone
+        with student.hooks.apply(one, torch.zeros_like(full.task_ids)):
+            if student.arch == "t5":
+                out = bb(input_ids=full.input_ids, attention_mask=full.attention_mask,
+                         decoder_input_ids=bb._shift_right(full.labels), use_cache=False)
+            else:
+                out = bb(input_ids=full.input_ids, attention_mask=full.attention_mask, use_cache=False)
+        logits, _, _ = label_positions(out.logits, full.labels, student.arch)
+        return logits  # (N, L, V) at the label positions, the student's layout
 
 
 def check_teacher_artifacts(cfg, tasks: list[Task], paths: RunPaths, shard_expect) -> None:
@@ -93,13 +149,13 @@ def check_teacher_artifacts(cfg, tasks: list[Task], paths: RunPaths, shard_expec
     differ from what the shard recorded are hashed here (run.artifacts.TEACHER_STAT_FILE)."""
     f = cfg.finetune
     for task in tasks:
-        if f.lambda_ins > 0 or f.lambda_kl > 0:  # both need the task's teacher adapter
+        if f.lambda_ins > 0 or (f.lambda_kl > 0 and f.kl_teacher == "task_lora"):  # the task's teacher adapter
             tdir = paths.teacher(teacher_unit(task, cfg.teacher.group_by))
             for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                 if not (tdir / name).is_file():
                     raise ArtifactMismatchError(f"{tdir / name}: missing; finetune needs the teacher of task "
                                                 f"'{task.name}' (run `tagi-ds teacher` first)")
-        if f.lambda_kl > 0 and not f.online_teacher:
+        if kl_from_cache(cfg):
             shard = paths.cache_shard(task.name)
             if not shard.is_dir():
                 raise ArtifactMismatchError(f"{shard}: no logit-cache shard for task '{task.name}'; run "
@@ -133,27 +189,40 @@ def build_stage(cfg, variant: str, setup: StudentSetup, record: Optional[dict]) 
     vocab = int(setup.student.backbone.config.vocab_size)
 
     def shard_expect(name: str, with_teacher_hash: bool = True) -> dict:  # the cache stage's own definition
-        return shard_fields(cfg, by_name[name], arch=setup.arch, tokenizer_hash=tok_hash, backbone_id=bb_id,
-                            teacher_dir=teacher_dir(name), vocab_size=vocab, settings=settings,
-                            with_teacher_hash=with_teacher_hash)
+        return {**shard_fields(cfg, by_name[name], arch=setup.arch, tokenizer_hash=tok_hash, backbone_id=bb_id,
+                               teacher_dir=teacher_dir(name), vocab_size=vocab, settings=settings,
+                               with_teacher_hash=with_teacher_hash), **teacher_shard_fields(cfg)}
 
-    cached = f.lambda_kl > 0 and not f.online_teacher
-    signal = CachedTeacherSignal(paths.logit_cache, expect=shard_expect) if cached else None
+    multitask = None  # (adapters, scale) of the tk_instruct baseline, when something reads it
+    if cfg.hypernet.encoder == "multitask" or (f.lambda_kl > 0 and f.kl_teacher == "multitask"):
+        folder = multitask_adapter_dir(cfg, "hypernet.encoder=multitask / finetune.kl_teacher=multitask")
+        adapters, scale, _ = read_peft_adapter(folder, setup.student.specs, device="cpu")
+        multitask = (adapters, scale)
+        if cfg.hypernet.encoder == "multitask":
+            setup.student.set_instruction_adapter(adapters, scale)
+    signal = CachedTeacherSignal(paths.logit_cache, expect=shard_expect) if kl_from_cache(cfg) else None
     if settings.instruction_overflow == "error":  # refuse a too-long instruction now, not at the step that meets it
         for task in tasks:
             instruction_ids(task, setup.tokenizer, settings)
     check_teacher_artifacts(cfg, tasks, paths, shard_expect)
-    needs_adapters = f.lambda_ins > 0 or (f.lambda_kl > 0 and f.online_teacher)
+    live_multitask = f.lambda_kl > 0 and f.kl_teacher == "multitask"
+    live_task = f.lambda_kl > 0 and f.online_teacher and not live_multitask
+    needs_adapters = f.lambda_ins > 0 or live_task
     teachers = TeacherAdapters(teacher_dir, setup.student.specs, int(f.teacher_cache_gib * 2 ** 30),
                                also=signal.shard if signal is not None else None, adapters=needs_adapters)
     reads_ahead = needs_adapters or signal is not None
+    # the live teacher's prompt: the multitask model reads the full prompt, a task teacher its own (teacher.prompt)
     batches = FinetuneBatches(tasks, setup.tokenizer, settings, tasks_per_batch=f.tasks_per_batch,
-                              instances_per_task=f.instances_per_task, seed=cfg.seed, online_teacher=f.online_teacher,
-                              lookahead=teachers.prefetch if reads_ahead else None, stride=world_size())
+                              instances_per_task=f.instances_per_task, seed=cfg.seed,
+                              online_teacher=live_task or live_multitask,
+                              lookahead=teachers.prefetch if reads_ahead else None, stride=world_size(),
+                              teacher_instruction=live_multitask or teacher_reads_instruction(cfg))
     c = cfg.cache
-    loss = DistillLoss(lambda_kl=f.lambda_kl, lambda_ins=f.lambda_ins, temperature=f.temperature,
-                       online_teacher=f.online_teacher, signal=signal, teachers=teachers,
-                       kl_options={"missing_mass": c.missing_mass, "estimator": c.estimator, "control": c.control})
+    common = dict(lambda_kl=f.lambda_kl, lambda_ins=f.lambda_ins, temperature=f.temperature, signal=signal,
+                  teachers=teachers,
+                  kl_options={"missing_mass": c.missing_mass, "estimator": c.estimator, "control": c.control})
+    loss = (MultitaskTeacherLoss(multitask=multitask, **common) if live_multitask
+            else DistillLoss(online_teacher=f.online_teacher, **common))
     terms = ["ce"] + [n for n, w in (("kl", f.lambda_kl), ("l_ins", f.lambda_ins)) if w > 0]
     def close(summary: dict) -> None:
         teachers.close()
@@ -169,8 +238,16 @@ def check_config(cfg, variant: str) -> None:
     check_unit_name(variant)
     if f.lambda_kl < 0 or f.lambda_ins < 0:
         raise ConfigError(f"finetune.lambda_kl={f.lambda_kl} / lambda_ins={f.lambda_ins}: weights must be >= 0")
-    if f.lambda_kl > 0 and not f.online_teacher:
+    if kl_from_cache(cfg):
         check_temperatures(cfg.cache.temperature, f.temperature)
+    if live_task_on_multitask_base(cfg):
+        raise ConfigError("finetune.online_teacher with teacher.base=multitask: the live teacher runs on the student's "
+                          "raw backbone; write the cache instead (finetune.online_teacher=false)")
+
+
+def live_task_on_multitask_base(cfg) -> bool:
+    f = cfg.finetune
+    return f.lambda_kl > 0 and f.online_teacher and f.kl_teacher == "task_lora" and cfg.teacher.base == "multitask"
 
 
 @stage_locked("finetune")  # one writer per stage folder (run/stage_lock.py)

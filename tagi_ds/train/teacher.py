@@ -1,4 +1,5 @@
-"""Stage `teacher`: per-unit (task or category) LoRA teachers on the frozen backbone, full Tk-Instruct prompt.
+"""Stage `teacher`: per-unit (task or category) LoRA teachers on the frozen backbone (or on the multitask model:
+teacher.base), reading the full Tk-Instruct prompt or the instance part alone (teacher.prompt).
 
     tagi-ds teacher --config X.yaml                  # every unit, teacher.tasks_per_batch teachers per batch
     tagi-ds teacher --config X.yaml task=NAME        # one unit (a task, or a category with teacher.group_by=category)
@@ -26,20 +27,19 @@ from ..data.tasks import Task
 from ..metrics import compute_metrics
 from ..modeling.label_logits import align_label_logits
 from ..modeling.lora import BatchedLoraHooks
-from ..run.artifacts import (check_temperatures, published_state, teacher_manifest, teachers_identity,
-                             with_weights_hash)
+from ..run.artifacts import check_temperatures, published_state, with_weights_hash
 from ..run.array import n_jobs, resolve_array_index, sbatch_line
 from ..run.backbone import LoadedBackbone, load_run_backbone
 from ..run.decode import decode_prompts
 from ..run.dist import barrier, join_ranks, my_share
 from ..run.paths import RunPaths
 from ..run.peft_io import write_peft_adapter
-from ..run.prompts import encode_examples, prompt_settings
+from ..run.prompts import encode_examples, prompt_settings, teacher_examples
 from ..run.signals import StopSignals, Stopped
 from ..run.units import RunUnits, load_run_units
 from ..run.stage_lock import stage_locked
 from .logging import TrainLogger
-from .cache_writer import write_unit_shards
+from .cache_writer import teacher_base, teacher_manifest_of, teachers_identity_of, write_unit_shards
 from .teacher_batch import BatchedTeacherTrainer, UnitSpec
 
 EXTRA_KEYS = ("task", "array_index")
@@ -48,7 +48,7 @@ CACHE_SBATCH = "slurm/cache_array.sbatch"
 
 
 def identity(cfg, sub: Optional[str] = None) -> dict:
-    return teachers_identity(cfg)
+    return teachers_identity_of(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -80,17 +80,22 @@ def label_losses(bb: LoadedBackbone, examples: Sequence[EncodedPair], row_unit: 
 
 def held_back_metrics(bb: LoadedBackbone, unit_tasks: Sequence[list[Task]], seen: dict[str, Task],
                       adapters: dict, scale: float, settings: PromptSettings, *, max_new_tokens: int,
-                      batch_size: int) -> list[dict]:
-    """Per unit: held-back loss, ROUGE-L and EM of the teacher and of the zero-shot backbone."""
+                      batch_size: int, encode=None) -> list[dict]:
+    """Per unit: held-back loss, ROUGE-L and EM of the teacher and of the zero-shot model (the teachers' base), each
+    unit's numbers also per task (`per_task`). `encode(task, tokenizer, settings)` gives the prompts the teachers
+    read (default: the full prompt)."""
+    encode = encode or encode_examples
     examples: list[EncodedPair] = []
     refs: list[list[str]] = []
     row_unit: list[int] = []
+    row_task: list[str] = []
     for i, tasks in enumerate(unit_tasks):
         for t in tasks:
             if t.name in seen:
-                examples += encode_examples(seen[t.name], bb.tokenizer, settings)
+                examples += encode(seen[t.name], bb.tokenizer, settings)
                 refs += [list(inst.references) for inst in seen[t.name].instances]
                 row_unit += [i] * len(seen[t.name].instances)
+                row_task += [t.name] * len(seen[t.name].instances)
     if not examples:
         return [{"held_back": None} for _ in unit_tasks]
     rows = torch.tensor(row_unit, dtype=torch.long)
@@ -116,6 +121,11 @@ def held_back_metrics(bb: LoadedBackbone, unit_tasks: Sequence[list[Task]], seen
             m = compute_metrics([preds[j] for j in idx], [refs[j] for j in idx])
             rec[name] = {"loss": sum(ce[j] for j in idx) / max(1, sum(cnt[j] for j in idx)), **m,
                          "examples": [[preds[j], refs[j][0]] for j in idx[:3]]}
+        preds = runs["teacher"][2]
+        rec["per_task"] = {}
+        for name in dict.fromkeys(row_task[j] for j in idx):
+            rows = [j for j in idx if row_task[j] == name]
+            rec["per_task"][name] = compute_metrics([preds[j] for j in rows], [refs[j] for j in rows])
         out.append(rec)
     return out
 
@@ -134,10 +144,18 @@ def train_units(cfg, ru: RunUnits, units: Sequence[str], bb: LoadedBackbone, pat
                 time_budget_s: Optional[float] = None, progress: bool = True, log=print,
                 stop: Optional[StopSignals] = None) -> list[str]:
     """Train and publish `units` together (one batch), for at most `time_budget_s` seconds. Returns the folders."""
+    with teacher_base(cfg, bb):  # teacher.base=multitask: the tk_instruct baseline merged in, for training and metrics
+        return _train_units(cfg, ru, units, bb, paths, time_budget_s=time_budget_s, progress=progress, log=log,
+                            stop=stop)
+
+
+def _train_units(cfg, ru: RunUnits, units: Sequence[str], bb: LoadedBackbone, paths: RunPaths, *,
+                 time_budget_s: Optional[float], progress: bool, log, stop: Optional[StopSignals]) -> list[str]:
     settings = prompt_settings(cfg, bb.arch)
-    manifests = [teacher_manifest(cfg, u, ru.tasks[u], bb.arch, bb.tokenizer_hash) for u in units]
-    specs_units = [UnitSpec(u, [e for t in ru.tasks[u] for e in encode_examples(t, bb.tokenizer, settings)],
-                            m["seed"]) for u, m in zip(units, manifests)]
+    manifests = [teacher_manifest_of(cfg, u, ru.tasks[u], bb.arch, bb.tokenizer_hash) for u in units]
+    encode = lambda task, tok, st: teacher_examples(cfg, task, tok, st)  # noqa: E731 (teacher.prompt)
+    specs_units = [UnitSpec(u, [e for t in ru.tasks[u] for e in encode(t, bb.tokenizer, settings)], m["seed"])
+                   for u, m in zip(units, manifests)]
     tc = cfg.teacher
     trainer = BatchedTeacherTrainer(bb.model, bb.arch, bb.specs, specs_units, r=cfg.lora.r, alpha=cfg.lora.alpha,
                                     dropout=cfg.lora.dropout, lr=tc.lr, steps=tc.steps, batch_size=tc.batch_size,
@@ -168,7 +186,7 @@ def train_units(cfg, ru: RunUnits, units: Sequence[str], bb: LoadedBackbone, pat
         log(f"teacher: time budget {tc.time_budget_s}s reached at step {res.steps}/{tc.steps}; publishing as is")
     adapters = {mt: (a.detach(), b.detach()) for mt, (a, b) in trainer.lora.adapters().items()}
     evals = held_back_metrics(bb, [ru.tasks[u] for u in units], ru.seen, adapters, trainer.scale, settings,
-                              max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+                              max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, encode=encode)
     task_type = "SEQ_2_SEQ_LM" if bb.arch == "t5" else "CAUSAL_LM"
     out = []
     for i, (u, m) in enumerate(zip(units, manifests)):
@@ -213,7 +231,7 @@ def run(cfg, sub: Optional[str] = None, *, progress: bool = True, log=print, tas
     bb = load_run_backbone(cfg)
     todo, skipped = [], []
     for u in selected:  # refuse any mismatch before training anything
-        m = teacher_manifest(cfg, u, ru.tasks[u], bb.arch, bb.tokenizer_hash)
+        m = teacher_manifest_of(cfg, u, ru.tasks[u], bb.arch, bb.tokenizer_hash)
         if published_state(paths.teacher(u), m["hash"], damaged="rebuild", log=log) == "done":
             skipped.append(u)
             log(f"teacher {u}: skipped (published at {paths.teacher(u)}, manifest {m['hash'][:12]})")

@@ -44,17 +44,22 @@ def test_write_and_read_back(tmp_path):
     assert "0.0120" in rows["tk_instruct"]           # time from results[m]["time_s"]
     assert "12.50" in rows["*echo input (reference)*"]
     assert rows["tk_instruct"].index("40.10") < rows["tk_instruct"].index("55.00")  # unseen column before seen
+    header = next(line for line in md.splitlines() if line.startswith("| method |"))
+    assert header.startswith("| method | unseen EM | unseen R-L |")  # EM leads, R-L beside it
+    assert rows["tk_instruct"].index("20.50") < rows["tk_instruct"].index("40.10")
+    assert "echo row" in md
     assert "## P3 accuracy" in md and "61.23" in md
     assert "![Unseen-task ROUGE-L per method](unseen_rougeL.png)" in md
+    assert md.index("(unseen_em.png)") < md.index("(unseen_rougeL.png)")
     assert "(training_curves.png)" in md
-    for key in ("bar_plot", "curves_plot"):
+    for key in ("em_plot", "bar_plot", "curves_plot"):
         assert written[key].read_bytes()[:8] == PNG
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
 
 
 def test_no_numbers_no_plots(tmp_path):
     written = write_report(tmp_path, {"no_ft": {}}, curves={})
-    assert "bar_plot" not in written and "curves_plot" not in written
+    assert not {"em_plot", "bar_plot", "curves_plot"} & set(written)
     assert not (tmp_path / "unseen_rougeL.png").exists()
     assert ".png" not in (tmp_path / "report.md").read_text()
     assert read_report(tmp_path) == {"no_ft": {s: None for s in SPLITS} | {"relative_flops": None}}
