@@ -137,9 +137,9 @@ class BatchedLoraHooks:
         self._handles.clear()
 
 
-def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """ΔW = s·B·A for one adapter: A (r, d_in), B (d_out, r) → (d_out, d_in), in float32."""
-    return scale * (B.float() @ A.float())
+def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ΔW = s·B·A for one adapter: A (r, d_in), B (d_out, r) → (d_out, d_in), in `dtype` (float32 by default)."""
+    return scale * (B.to(dtype) @ A.to(dtype))
 
 
 def merge_into_copy(model: nn.Module, specs: Sequence[TargetSpec], adapters: Adapters, task_index: int,
@@ -161,7 +161,8 @@ def merge_into_copy(model: nn.Module, specs: Sequence[TargetSpec], adapters: Ada
         for spec in specs:
             linear = merged.get_submodule(spec.name)
             A, B = adapters[spec.module_type]
-            new_w = linear.weight.float() + delta_weight(A[task_index, spec.layer], B[task_index, spec.layer], scale)
+            dt = torch.promote_types(linear.weight.dtype, torch.float32)  # bf16 / fp32 models: fp32; fp64 stays fp64
+            new_w = linear.weight.to(dt) + delta_weight(A[task_index, spec.layer], B[task_index, spec.layer], scale, dt)
             if not torch.isfinite(new_w).all():
                 raise ArtifactMismatchError(f"merging the adapter of task {task_index} into {spec.name} gives "
                                             "non-finite weights")
