@@ -33,7 +33,7 @@ from ..data.collate import encode_student_input, instruction_ids, pad_id
 from ..data.prompts import build_task_input
 from ..data.tasks import Task
 from ..errors import ArtifactMismatchError, ConfigError
-from ..modeling.lora import BatchedLoraHooks, delta_weight
+from ..modeling.lora import BatchedLoraHooks, merged_in_place
 from ..run.backbone import LoadedBackbone
 from ..run.decode import DecodeStats, OnBatch, decode_prompts, decode_student
 from ..run.export_io import EXPORT_CONFIG, load_student_from_export
@@ -166,28 +166,9 @@ class NoFinetune:
         yield _plain_answerer(self.bb.model, self.bb, self.cfg, tasks)
 
 
-@contextlib.contextmanager
-def merged_lora(model: torch.nn.Module, specs: Sequence, adapters: dict, scale: float) -> Iterator[torch.nn.Module]:
-    """`model` with one LoRA (adapters: module type → (A (layers, r, d_in), B (layers, d_out, r))) merged into its
-    target weights, W + s·B·A in float32 then cast back; the original weights are copied to the host first and put
-    back on exit, bit for bit (an unmerge by subtraction would not be exact in bf16)."""
-    saved: dict[str, torch.Tensor] = {}
-    try:
-        with torch.no_grad():
-            for spec in specs:
-                linear = model.get_submodule(spec.name)
-                A, B = adapters[spec.module_type]
-                new_w = linear.weight.float() + delta_weight(A[spec.layer].to(linear.weight.device),
-                                                             B[spec.layer].to(linear.weight.device), scale)
-                if not torch.isfinite(new_w).all():
-                    raise ArtifactMismatchError(f"merging the baseline LoRA into {spec.name} gives non-finite weights")
-                saved[spec.name] = linear.weight.detach().to("cpu", copy=True)
-                linear.weight.copy_(new_w.to(linear.weight.dtype))
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, w in saved.items():
-                model.get_submodule(name).weight.copy_(w)
+def merged_lora(model: torch.nn.Module, specs: Sequence, adapters: dict, scale: float):
+    """modeling.lora.merged_in_place for a baseline's LoRA (weights restored bit for bit on exit)."""
+    return merged_in_place(model, specs, adapters, scale, what="the baseline LoRA")
 
 
 @dataclass

@@ -142,6 +142,32 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, dtype: torch.dt
     return scale * (B.to(dtype) @ A.to(dtype))
 
 
+@contextlib.contextmanager
+def merged_in_place(model: nn.Module, specs: Sequence[TargetSpec], adapters: Mapping, scale: float,
+                    what: str = "the adapter") -> Iterator[nn.Module]:
+    """`model` with one LoRA (adapters: module type → (A (layers, r, d_in), B (layers, d_out, r))) merged into its
+    target weights, W + s·B·A in float32 then cast back; the original weights are copied to the host first and put
+    back on exit, bit for bit (an unmerge by subtraction would not be exact in bf16). `what` names the adapter in
+    the error a non-finite merge raises."""
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for spec in specs:
+                linear = model.get_submodule(spec.name)
+                A, B = adapters[spec.module_type]
+                dev = linear.weight.device
+                new_w = linear.weight.float() + delta_weight(A[spec.layer].to(dev), B[spec.layer].to(dev), scale)
+                if not torch.isfinite(new_w).all():
+                    raise ArtifactMismatchError(f"{what}: merging into {spec.name} gives non-finite weights")
+                saved[spec.name] = linear.weight.detach().to("cpu", copy=True)
+                linear.weight.copy_(new_w.to(linear.weight.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                model.get_submodule(name).weight.copy_(w)
+
+
 def merge_into_copy(model: nn.Module, specs: Sequence[TargetSpec], adapters: Adapters, task_index: int,
                     scale: float) -> nn.Module:
     """A deep copy of `model` with task `task_index`'s ΔW merged into each target weight (the original is untouched).

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -29,7 +29,7 @@ from ..distill.logit_cache import CacheShardWriter, shard_is_complete
 from ..errors import ArtifactMismatchError
 from ..io_utils import sha256_json
 from ..modeling.label_logits import align_label_logits
-from ..modeling.lora import BatchedLoraHooks, delta_weight
+from ..modeling.lora import BatchedLoraHooks, merged_in_place
 from ..run.artifacts import (check_shard_to_rebuild, record_teacher_stat, shard_fields, teacher_manifest,
                              teachers_identity)
 from ..run.backbone import LoadedBackbone
@@ -93,28 +93,11 @@ def multitask_adapter_dir(cfg, needed_by: str) -> Path:
     return folder
 
 
-@contextlib.contextmanager
-def merged_adapter(model: torch.nn.Module, specs, folder: Path) -> Iterator[torch.nn.Module]:
-    """`model` with the PEFT adapter in `folder` merged into its target weights (W + s·B·A in float32, cast back);
-    the original weights wait on the host and are put back on exit, bit for bit."""
+def merged_adapter(model: torch.nn.Module, specs, folder: Path) -> contextlib.AbstractContextManager:
+    """`model` with the PEFT adapter in `folder` merged into its target weights for the duration (restored bit for
+    bit on exit)."""
     adapters, scale, _ = read_peft_adapter(folder, specs, device="cpu")
-    saved: dict[str, torch.Tensor] = {}
-    try:
-        with torch.no_grad():
-            for spec in specs:
-                linear = model.get_submodule(spec.name)
-                A, B = adapters[spec.module_type]
-                dev = linear.weight.device
-                new_w = linear.weight.float() + delta_weight(A[spec.layer].to(dev), B[spec.layer].to(dev), scale)
-                if not torch.isfinite(new_w).all():
-                    raise ArtifactMismatchError(f"{folder}: merging into {spec.name} gives non-finite weights")
-                saved[spec.name] = linear.weight.detach().to("cpu", copy=True)
-                linear.weight.copy_(new_w.to(linear.weight.dtype))
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, w in saved.items():
-                model.get_submodule(name).weight.copy_(w)
+    return merged_in_place(model, specs, adapters, scale, what=str(folder))
 
 
 def teacher_base(cfg, bb: LoadedBackbone) -> contextlib.AbstractContextManager:

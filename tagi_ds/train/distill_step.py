@@ -84,6 +84,21 @@ class TeacherAdapters:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+@torch.no_grad()
+def hooked_label_logits(student: TagiStudent, adapters: dict, task_ids: torch.Tensor, full) -> torch.Tensor:
+    """Logits (N, L, V) at the label positions of a full-prompt batch, from the student's backbone with `adapters`
+    (rows' LoRA by `task_ids`, B already scaled to the student's lora scale) added by the student's own hooks."""
+    bb = student.backbone
+    with student.hooks.apply(adapters, task_ids):
+        if student.arch == "t5":
+            out = bb(input_ids=full.input_ids, attention_mask=full.attention_mask,
+                     decoder_input_ids=bb._shift_right(full.labels), use_cache=False)
+        else:
+            out = bb(input_ids=full.input_ids, attention_mask=full.attention_mask, use_cache=False)
+    logits, _, _ = label_positions(out.logits, full.labels, student.arch)
+    return logits
+
+
 class DistillLoss:
     """The loss callable the loop runs inside the engine's forward (see the module docstring)."""
 
@@ -126,15 +141,7 @@ class DistillLoss:
             A = torch.stack([a[mt][0] for a, _ in per_task]).to(dev, dtype)
             B = torch.stack([a[mt][1] * (s / student.lora_scale) for a, s in per_task]).to(dev, dtype)
             stacked[mt] = (A, B)
-        bb = student.backbone
-        with student.hooks.apply(stacked, full.task_ids):
-            if student.arch == "t5":
-                out = bb(input_ids=full.input_ids, attention_mask=full.attention_mask,
-                         decoder_input_ids=bb._shift_right(full.labels), use_cache=False)
-            else:
-                out = bb(input_ids=full.input_ids, attention_mask=full.attention_mask, use_cache=False)
-        logits, _, _ = label_positions(out.logits, full.labels, student.arch)
-        return logits
+        return hooked_label_logits(student, stacked, full.task_ids, full)
 
     def l_ins_sum(self, student: TagiStudent, batch, adapters: dict, mask: torch.Tensor) -> torch.Tensor:
         """Σ over the batch's tasks of (label tokens of the task) × mean over target modules of the normalised

@@ -26,7 +26,6 @@ from ..data.sampler import EpochPositions, TaskGroupedSampler
 from ..data.tasks import Task
 from ..distill.logit_cache import MANIFEST_FILE, CacheShardReader, check_expect, tokenizer_hash
 from ..distill.signal import CachedTeacherSignal
-from ..modeling.label_logits import label_positions
 from ..errors import ArtifactMismatchError, ConfigError
 from ..run.dist import world_size
 from ..run.artifacts import check_temperatures, shard_fields, teacher_stat_matches, weights_sha256
@@ -40,7 +39,7 @@ from ..run.prompts import prompt_settings, teacher_reads_instruction
 from ..run.units import teacher_unit
 from ..run.stage_lock import stage_locked
 from .cache_writer import multitask_adapter_dir, teacher_shard_fields
-from .distill_step import DistillLoss, TeacherAdapters
+from .distill_step import DistillLoss, TeacherAdapters, hooked_label_logits
 from .engine_stage import StageSpec, train_stage
 from .hypernet_loop import StudentSetup, TrainBatch, bucket_instructions, hypernet_stage, setup_student
 
@@ -131,15 +130,7 @@ class MultitaskTeacherLoss(DistillLoss):
         adapters, scale = self.multitask
         one = {mt: (a[None].to(dev, dtype), (b * (scale / student.lora_scale))[None].to(dev, dtype))
                for mt, (a, b) in adapters.items()}
-        bb = student.backbone
-        with student.hooks.apply(one, torch.zeros_like(full.task_ids)):
-            if student.arch == "t5":
-                out = bb(input_ids=full.input_ids, attention_mask=full.attention_mask,
-                         decoder_input_ids=bb._shift_right(full.labels), use_cache=False)
-            else:
-                out = bb(input_ids=full.input_ids, attention_mask=full.attention_mask, use_cache=False)
-        logits, _, _ = label_positions(out.logits, full.labels, student.arch)
-        return logits  # (N, L, V) at the label positions, the student's layout
+        return hooked_label_logits(student, one, torch.zeros_like(full.task_ids), full)  # (N, L, V), student layout
 
 
 def check_teacher_artifacts(cfg, tasks: list[Task], paths: RunPaths, shard_expect) -> None:
