@@ -9,9 +9,9 @@ from tagi_ds.plan.activations import activation_bytes
 from tagi_ds.plan.shapes import backbone_shape
 
 
-def _saved_activation_bytes(model: torch.nn.Module, fn) -> int:
-    """Bytes of distinct storages autograd saves during fn(), parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def _saved_activation_bytes(model: torch.nn.Module, fn, exclude: frozenset = frozenset()) -> int:
+    """Bytes of distinct storages autograd saves during fn(), parameters (and the `exclude` storages) excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()} | set(exclude)
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -126,18 +126,7 @@ def test_frozen_backbone_with_lora_hooks(arch, dtype):
                          use_cache=False).logits
             return m.model(input_ids=ids, attention_mask=mask).last_hidden_state
 
-    params = {p.untyped_storage().data_ptr() for p in m.parameters()} | frozen
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    measured = sum(seen.values())
+    measured = _saved_activation_bytes(m, run, frozenset(frozen))
     elem = 4 if dtype == torch.float32 else 2
     sh = backbone_shape(c, arch)
     s_src, s_tgt = (s_in, s_t) if arch == "t5" else (s_in, 0)
