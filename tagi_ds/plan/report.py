@@ -112,6 +112,7 @@ def stage_record(sp: StagePlan, gpu_limit: float, host_limit: float, throughput:
         "knobs": ([] if fits_gpu else [f"GPU: {k}" for k in _knobs(sp, "gpu", gpu_limit)])
         + ([] if fits_host else [f"host: {k}" for k in _knobs(sp, "host", host_limit)]),
         "tflop": round(sp.flops / 1e12, 1), "time_h": round(_time_hours(sp, throughput, bandwidth), 3),
+        "time_s": round(3600 * _time_hours(sp, throughput, bandwidth), 2),  # short stages (benches) need seconds
         "steps": sp.steps, "notes": sp.notes,
         "phases": {ph.name: [p.to_dict() for p in ph.parts] for ph in sp.phases},
         "disk": [p.to_dict() for p in sp.disk],
