@@ -52,6 +52,9 @@ from tagi_ds.run.paths import RunPaths  # noqa: E402
 GiB = 1024 ** 3
 # TinyLlama-1.1B's shape (random weights): ~1.1e9 parameters, untied embeddings.
 FULL = dict(hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4, intermediate_size=5632, vocab_size=32000)
+# LLaMA-2-7B's shape (configs/llama-sni.yaml's backbone): --shape 7b.
+LLAMA7B = dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=11008,
+               vocab_size=32000)
 SMALL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=344, vocab_size=4000)
 # Token lengths of one task (SNI means: instruction Def + 2 Pos 942 chars, instance 288, label 24, at ~4 chars/token).
 # A pseudo-word is ~1.8 tokens of the tokenizer trained here: these word counts give ~240 / ~72 tokens.
@@ -61,6 +64,8 @@ LENGTHS = dict(definition=95, example_input=20, example_output=4, input=30, targ
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="a narrow backbone on the CPU, fp32: the same code path")
+    p.add_argument("--shape", default="1b", choices=("1b", "7b"), help="the GPU backbone: TinyLlama-1.1B or "
+                   "LLaMA-2-7B shaped (--small overrides)")
     p.add_argument("--config", default=str(REPO / "configs" / "llama-sni.yaml"), help="eval settings come from here")
     p.add_argument("--unseen-tasks", type=int, default=16)
     p.add_argument("--seen-tasks", type=int, default=16)
@@ -112,11 +117,10 @@ def write_data(root: Path, args: argparse.Namespace) -> tuple[Path, list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------ backbone
-def write_backbone(folder: Path, corpus: list[str], small: bool, device: torch.device, dtype: torch.dtype) -> int:
+def write_backbone(folder: Path, corpus: list[str], shape: dict, device: torch.device, dtype: torch.dtype) -> int:
     """A random LLaMA of the benchmark's shape and a tokenizer trained on the corpus, saved as a model folder."""
     from transformers import LlamaForCausalLM
 
-    shape = SMALL if small else FULL
     tok = train_sentencepiece_tokenizer(corpus, folder / "tokenizer", vocab_size=min(shape["vocab_size"], 4000))
     config = tiny_llama_config(max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -257,7 +261,8 @@ def main(argv=None) -> int:
     work = Path(args.work or tmp.name)
     t0 = time.perf_counter()
     sni, corpus = write_data(work / "sni", args)
-    params = write_backbone(work / "backbone", corpus, args.small, device, dtype)
+    shape = SMALL if args.small else (LLAMA7B if args.shape == "7b" else FULL)
+    params = write_backbone(work / "backbone", corpus, shape, device, dtype)
     print(f"data and a {params / 1e9:.2f}B-parameter backbone in {time.perf_counter() - t0:.0f} s", flush=True)
     overrides = [f"runs_dir={work / 'runs'}", "name=eval_throughput", f"device={device.type}",
                  "data.source=sni", f"data.sni_dir={sni}", f"data.max_eval_instances_per_task={args.instances}",

@@ -24,6 +24,11 @@ DEFAULT_GPU_MEM_GIB = 80.0
 DEFAULT_HOST_MEM_GIB = 1024.0  # per node
 DEFAULT_THROUGHPUT_TFLOPS = 100.0  # sustained bf16 TFLOP/s per GPU: ~1/3 of an A100's 312 peak
 DEFAULT_MEM_BANDWIDTH_GBS = 1500.0  # GB/s per GPU reading weights while decoding (A100 80GB: 2039 peak)
+# Eager greedy decoding is launch-bound, not bandwidth-bound: one step costs about this much per decoder layer
+# whatever the batch. Measured with bench/eval_throughput.py on an H200 (2026-11-30, transformers 5.24, torch 2.11,
+# bf16, eval.batch_size 16 and 64): 1.06-1.38 ms per layer at 1.1B (22 layers), 1.10-1.54 at 7B (32 layers), where
+# weights / bandwidth gave 0.5 and 3.2 ms per step. A step takes the larger of the two.
+DECODE_LAYER_STEP_S = 1.2e-3
 
 
 def stages_run(cfg: Any) -> list[str]:
@@ -92,7 +97,8 @@ def _knobs(sp: StagePlan, where: str, limit: float) -> list[str]:
 def _time_hours(sp: StagePlan, throughput_tflops: float, bandwidth_gbs: float) -> float:
     gpus = max(1, sp.processes)
     compute = sp.flops / (throughput_tflops * 1e12 * gpus)
-    decode = sp.decode_steps * sp.decode_weight_bytes / (bandwidth_gbs * 1e9 * gpus)
+    per_step = max(sp.decode_weight_bytes / (bandwidth_gbs * 1e9), sp.decode_layers * DECODE_LAYER_STEP_S)
+    decode = sp.decode_steps * per_step / gpus
     return (compute + decode) / 3600.0
 
 

@@ -57,6 +57,7 @@ class StagePlan:
     flops: float = 0.0  # whole stage, all processes
     decode_steps: int = 0  # greedy decoding steps (memory-bound: weights read once per step)
     decode_weight_bytes: int = 0
+    decode_layers: int = 0  # decoder layers a decoding step runs through (its launch-bound floor, report.py)
     steps: int = 0
     notes: list[str] = field(default_factory=list)
 

@@ -108,7 +108,7 @@ def teacher_plan(ctx: Ctx) -> StagePlan:
     return StagePlan("teacher", True, f"Slurm array: {elements} elements of {per_job} unit(s) (teacher.units_per_job)"
                      f"{also}, one GPU each, {procs} at once (or torchrun ranks, each its share)", procs,
                      [load, *train_ph, held], disk, first_step_forwards=1, flops=flops, decode_steps=steps,
-                     decode_weight_bytes=mf.params * elem, steps=tc.steps)
+                     decode_weight_bytes=mf.params * elem, decode_layers=mf.shape.dec_layers, steps=tc.steps)
 
 
 # ------------------------------------------------------------------------------------------------ cache-logits
@@ -320,4 +320,4 @@ def evaluate_plan(ctx: Ctx) -> StagePlan:
             Part("metrics.json + report", 1 << 20, "disk")]
     return StagePlan("evaluate", True, f"sharded over {world} ranks (torchrun / srun / Slurm array), one GPU each, "
                      "methods one after the other", world, phases, disk, first_step_forwards=None, flops=flops,
-                     decode_steps=dsteps, decode_weight_bytes=mf.params * elem)
+                     decode_steps=dsteps, decode_weight_bytes=mf.params * elem, decode_layers=mf.shape.dec_layers)

@@ -132,3 +132,19 @@ def test_cli_json_and_table_through_the_real_entry_point():
     assert "GPU GiB" in table.stdout and "evaluate" in table.stdout and "300 TFLOP/s" in table.stdout
     bad = subprocess.run(base + ["--stage", "nope"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_decoding_time_has_the_launch_bound_floor_measured_on_a_gpu(llama_plan):
+    """Greedy decoding is launch-bound (bench/eval_throughput.py on an H200: ~1.2 ms per decoder layer a step at
+    any batch), so evaluate's time does not vanish with memory bandwidth; the old estimate (weights / bandwidth)
+    put SNI evaluation of LLaMA-7B at a tenth of what the device measured."""
+    from tagi_ds.plan.report import DECODE_LAYER_STEP_S
+
+    cfg = load_config(REPO / "configs" / "llama-sni.yaml")
+    fast = make_plan(cfg, nodes=2, gpus_per_node=8, stage="evaluate", mem_bandwidth_gbs=1e9, throughput_tflops=1e9)
+    ev = fast["stages"]["evaluate"]
+    e = cfg.eval
+    instances = sum(s["instances"] for k, s in fast["data"]["splits"].items() if k != "train")
+    floor_s = instances / e.batch_size * e.max_new_tokens * 32 * DECODE_LAYER_STEP_S / 16  # 32 layers, 16 GPUs
+    assert ev["time_s"] >= 0.95 * floor_s * len(e.methods) > 0
+    assert ev["time_s"] == pytest.approx(llama_plan["stages"]["evaluate"]["time_s"], rel=0.2)  # launch-bound
