@@ -3,6 +3,7 @@
     .venv/bin/python bench/scale_sim.py                      # T5 (24 + 24 blocks) and LLaMA (32), ~20 min
     .venv/bin/python bench/scale_sim.py --quick              # T5 only, 10% of the tasks, one process per stage
     .venv/bin/python bench/scale_sim.py --arch llama --fractions 0.3 1 --no-ranks
+    .venv/bin/python bench/scale_sim.py --arch llama --stages baselines  # one stage (~3 min)
 
 Data: the SNI subset at /work/shared/data/sni (687 train tasks, 83 test tasks), capped as configs/t5-xl-sni.yaml /
 llama-sni.yaml cap it (100 instances per task; instruction / prompt 1024, input 512, target 128 tokens). Each
@@ -17,7 +18,8 @@ scale_sim_lib.py. Departures from the scale configs, all forced by one CPU and s
 - the baselines (`tagi-ds baselines mode=tk_instruct`, on the engine) train 2 steps at the scale config's batch
   (baselines.tasks_per_batch x instances_per_task), on the 5 training tasks whose every prompt is over the cap
   (random draws of the whole set are mostly shorter than the widest batch, which is what the plan sizes);
-- evaluate scores 1 instance per task with 1 new token (the O(tasks) structures are what is measured).
+- evaluate scores 1 instance per task with 1 new token (the O(tasks) structures are what is measured);
+- data.seen_held_back 0 (the scale configs' 100 held-back instances are the shared subset's whole task).
 Each run is compared with plan's prediction for that same config on a CPU (GPU and host parts in one process:
 `cpu_device_gib`). A run the plan predicts will not fit in MemAvailable is skipped and reported as such.
 """
@@ -27,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +41,7 @@ from scale_sim_lib import (ARCHS, REPO, SNI_DIR, Measured, build_backbone, cli, 
 
 GiB = 1024 ** 3
 FULL_DOCS = 2000  # data.pretrain_offline_docs of the scale configs
+STAGE_GROUPS = ("teacher", "pretrain", "finetune", "baselines", "evaluate")  # --stages, in the order they run
 
 
 class ArchSim:
@@ -51,16 +55,16 @@ class ArchSim:
         if args.resume and saved.is_file():  # keep the runs that finished; measure the others
             self.rows = [r for r in json.loads(saved.read_text()) if r.get("rc") == 0 or r.get("skipped")]
             self.done = {r["label"]: r for r in self.rows}
-        self.train_tasks = self._train_task_names()
-        self.teacher_task = self._longest_prompt_task()
 
     # ---------------------------------------------------------------------------------------------- helpers
-    def _train_task_names(self) -> list[str]:
+    @cached_property  # read when a stage needs it (--stages baselines does not: it reads the whole set, ~1 min)
+    def train_tasks(self) -> list[str]:
         from tagi_ds.data.registry import load_run_tasks
 
         return [t.name for t in load_run_tasks("sni", sni_dir=str(SNI_DIR), max_instances=100)["train"]]
 
-    def _longest_prompt_task(self) -> str:
+    @cached_property
+    def teacher_task(self) -> str:
         """The training task whose median full prompt is longest: its batches are as wide as the caps allow, the
         batch the plan sizes (the plan plans the widest batch)."""
         from tagi_ds.data.prompts import build_source
@@ -134,6 +138,7 @@ class ArchSim:
         cfg = self.config("teacher", "main", common)
         rd = self.run_dir("main")
         t = self.teacher_task
+        print(f"[{self.arch}] teacher task {t}", flush=True)
         self.measure("stage", "teacher", "teacher", cfg, cli("teacher", "--config", str(cfg), f"task={t}"), rd,
                      rd / "tb" / "teacher")
         self.measure("stage", "cache-logits", "cache-logits", cfg, cli("cache-logits", "--config", str(cfg),
@@ -225,17 +230,22 @@ class ArchSim:
     def run_all(self) -> None:
         fr = sorted(self.args.fractions)
         top = fr[-1]
-        self.teacher_and_cache(top)
-        for f in fr:
+        want = set(self.args.stages)
+        if "teacher" in want:
+            self.teacher_and_cache(top)
+        for f in fr if "pretrain" in want else ():
             self.pretrain(f)
-        for f in fr:
+        for f in fr if "finetune" in want else ():
             self.finetune(f)
         if not self.args.no_ranks:
             rf = self.args.ranks_fraction or top
-            self.pretrain(rf, ranks=2)
-            self.finetune(rf, ranks=2)
-        self.baselines()
-        for f in sorted(self.args.eval_fractions):
+            if "pretrain" in want:
+                self.pretrain(rf, ranks=2)
+            if "finetune" in want:
+                self.finetune(rf, ranks=2)
+        if "baselines" in want:
+            self.baselines()
+        for f in sorted(self.args.eval_fractions) if "evaluate" in want else ():
             self.evaluate(f)
 
 
@@ -373,6 +383,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="fractions of the 687 train tasks (and of the 2,000 pretrain documents) for the growth runs")
     ap.add_argument("--eval-fractions", nargs="+", type=float, default=[0.1, 1.0],
                     help="fractions for evaluate (each needs the finetune of that fraction; 0.3 costs ~2 min more)")
+    ap.add_argument("--stages", nargs="+", default=list(STAGE_GROUPS), choices=list(STAGE_GROUPS),
+                    help="run only these (teacher = teacher + cache-logits; finetune and evaluate need the teachers, "
+                         "evaluate the finetune of its fraction, in the same --out)")
     ap.add_argument("--no-ranks", action="store_true", help="skip the 2-rank (torchrun, gloo) runs")
     ap.add_argument("--ranks-fraction", type=float, default=None,
                     help="fraction of the tasks for the 2-rank runs (default: the largest of --fractions)")
@@ -420,7 +433,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows: list[dict] = []
     for arch in args.arch:
         sim = ArchSim(arch, root, args)
-        print(f"[{arch}] backbone {sim.backbone}; teacher task {sim.teacher_task}", flush=True)
+        print(f"[{arch}] backbone {sim.backbone}", flush=True)
         sim.run_all()
         rows += sim.rows
         save_json(root / "results.json", rows)

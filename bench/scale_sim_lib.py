@@ -89,7 +89,9 @@ def write_config(path: Path, arch: str, backbone: Path, runs_dir: Path, name: st
     base = {
         "base": str(REPO / ARCHS[arch]["base"]), "name": name, "runs_dir": str(runs_dir), "device": "cpu",
         "threads": 1,
-        "data": {"sni_dir": str(SNI_DIR), "pretrain_text": "offline"},
+        # seen_held_back 0: the scale configs hold back each training task's last 100 instances for the seen split;
+        # the shared subset holds 100 a task, so that would leave each task 1 training instance (batches of 5 rows)
+        "data": {"sni_dir": str(SNI_DIR), "pretrain_text": "offline", "seen_held_back": 0},
         "backbone": {"name_or_path": str(backbone)},
         "teacher": {"steps": 1, "warmup_steps": 0, "checkpoint_every": 1000},
         "pretrain": {"steps": 2, "warmup_steps": 0, "log_every": 1, "checkpoint_every": 1000, "resume": "never"},

@@ -167,10 +167,15 @@ def _baseline_phases(ctx: Ctx, mode: str, stage: int, world: int) -> tuple[list[
     prompt_mean = tr.prompt_mean if mode == "tk_instruct" else tr.input_mean
     causal = mf.arch == "llama"
     lora = Lora(frozenset(cfg.backbone.target_modules), cfg.lora.r)  # PEFT LoRA on the frozen base
-    if causal:  # the prompt cut so prompt + answer <= max_source_length
-        seq = min(cap, prompt + tr.target_width)
+    gather_grad = []
+    if causal:  # data.collate.assemble: the prompt (capped on its own) + the answer, one sequence
+        seq = prompt + tr.target_width
         act = activation_bytes(sh, b, 0, seq, 0, False, ctx.attn, e, cuda=ctx.cuda, lora=lora)
-        logits = S.logits_bytes(b, seq, tr.target_width, sh.vocab, e, fp32_copies=2)
+        # baselines.causal_label_logits: the LM head over the answer positions alone (N, Lt, V), never (N, L, V)
+        logits = S.logits_bytes(b, tr.target_width, tr.target_width, sh.vocab, e, fp32_copies=2)
+        gather_grad = [Part("the answer states' gradient over every position (index_select backward)",
+                            b * seq * sh.hidden * e, "gpu", "baselines.instances_per_task",
+                            "baselines.causal_label_logits")]
     else:
         act = activation_bytes(sh, b, 0, prompt, tr.target_width, False, ctx.attn, e, cuda=ctx.cuda, lora=lora)
         # T5 given labels computes HF's loss too (its log_softmax in the model dtype) besides ours (fp32)
@@ -191,9 +196,10 @@ def _baseline_phases(ctx: Ctx, mode: str, stage: int, world: int) -> tuple[list[
                                "structures.logits_bytes"), knob,
                           both=[Part("LoRA x @ A^T per target module", mf.target_modules * b * (
                               seq if causal else prompt) * cfg.lora.r * e // (mf.target_modules if ckpt else 1),
-                              "gpu", "baselines.instances_per_task", "PEFT LoRA forward")])
+                              "gpu", "baselines.instances_per_task", "PEFT LoRA forward")],
+                          backward_only=gather_grad)
     fwd = forward_flops(mf, b, prompt_mean, tr.target_mean) if not causal else \
-        forward_flops(mf, b, 0, min(cap, prompt_mean + tr.target_mean))
+        forward_flops(mf, b, 0, prompt_mean + tr.target_mean)
     return phases, world * bc.steps * cfg.baselines.grad_accum * train_flops(fwd, ckpt)
 
 
