@@ -60,6 +60,21 @@ def prefix_fusion(prefix: PrefixKV, instr_mask: torch.Tensor, input_mask: torch.
     return {PREFIX_FUSION_KWARG: PrefixFusion(prefix, groups or TaskGroups.of(task_ids), bias)}
 
 
+def split_pays(config, n_query: int) -> bool:
+    """Whether a forward over inputs of n_query tokens takes the split path (else the expanded cache + SDPA).
+
+    The split path materialises the scores, (heads x n_query) floats per row per key, where SDPA's fused kernels
+    keep O(n_query) per head; the cache path materialises each row's copy of the prefix K and V, 2 x kv_heads x
+    head_dim values per row per key, and the SDPA backward's gradient for it. Split when its scores are no larger
+    than that copy: the finetune's short inputs (tens of tokens) under a long instruction, where the copy dominates
+    the attention's cost (bench/prefix_attention.py); long inputs (the pretrain's 512-token HINT segments) keep the
+    fused kernel, whose memory does not grow with n_query^2."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads * n_query <= 2 * kv_heads * head_dim
+
+
 def split_prefix_attention(q: torch.Tensor, k_x: torch.Tensor, v_x: torch.Tensor, k_i: torch.Tensor,
                            v_i: torch.Tensor, groups: TaskGroups, bias: torch.Tensor, scaling: float,
                            dropout: float = 0.0, training: bool = False) -> torch.Tensor:

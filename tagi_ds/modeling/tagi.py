@@ -33,7 +33,7 @@ from .fusion import (InstructionKV, PrefixKV, cross_fusion_kwargs, expand_prefix
 from .hf_compat import cache_kwargs, output_cache
 from .hypernet import HyperNetwork, masked_mean_pool
 from .lora import Adapters, BatchedLoraHooks
-from .prefix_attention import install_prefix_attention, prefix_fusion, supports_prefix_attention
+from .prefix_attention import install_prefix_attention, prefix_fusion, split_pays, supports_prefix_attention
 
 
 @dataclass
@@ -93,8 +93,9 @@ class TagiStudent(nn.Module):
         # pre-issue-18 path, same numbers, kept for benchmarks). No effect on LLaMA (its prefix is always reused).
         self.cache_cross_kv = bool(cache_cross_kv)
         # LLaMA teacher-forced forwards: attention over [task prefix ; own row] split in two (prefix_attention.py),
-        # the prefix never copied per row (True, when the backbone's attention has LLaMA's layout), or the per-layer
-        # expanded prefix cache + SDPA (False: the pre-issue-20 path, same numbers, kept for benchmarks).
+        # the prefix never copied per row (True, when the backbone's attention has LLaMA's layout, for inputs short
+        # enough: `split_pays`), or the per-layer expanded prefix cache + SDPA (False: the pre-issue-20 path, same
+        # numbers, kept for benchmarks and long inputs).
         self.split_prefix = bool(split_prefix and arch == "llama" and fusion and supports_prefix_attention(backbone))
         self.specs = list(specs)
         self.lora_scale = float(lora_scale)
@@ -269,7 +270,9 @@ class TagiStudent(nn.Module):
                                     decoder_input_ids=decoder_input_ids, use_cache=False, **cross)
                 loss = None if labels is None else masked_lm_loss(out.logits, labels)
                 return Seq2SeqLMOutput(loss=loss, logits=out.logits)
-            if self.fusion and self.split_prefix and encoding.prefix is not None:  # no HF mask: the keyword's bias
+            split = (self.fusion and self.split_prefix and encoding.prefix is not None
+                     and split_pays(self.backbone.config, input_ids.shape[1]))
+            if split:  # no HF mask: the keyword's bias is the mask
                 _, positions = prefix_mask_and_positions(encoding.mask, attention_mask, task_ids)
                 state = self.hooks.current_state()
                 fused = prefix_fusion(encoding.prefix, encoding.mask, attention_mask, task_ids, state.groups)

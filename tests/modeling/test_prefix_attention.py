@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from tagi_ds.kernels.grouped_lora import TaskGroups
-from tagi_ds.modeling.prefix_attention import install_prefix_attention, prefix_fusion, split_prefix_attention
+from tagi_ds.modeling.prefix_attention import (install_prefix_attention, prefix_fusion, split_pays,
+                                              split_prefix_attention)
+from tagi_ds.modeling.tiny import tiny_llama_config
 
 from tests.tiny import make_student, rand_ids, randomize_b_heads, tiny_backbone
 
@@ -68,7 +70,7 @@ def _student_pair(seed: int = 0):
     cached.split_prefix = False  # the expanded prefix cache + SDPA (the pre-issue-20 path)
     randomize_b_heads(split)
     cached.hypernet.load_state_dict(copy.deepcopy(split.hypernet.state_dict()))
-    assert split.split_prefix
+    assert split.split_prefix and split_pays(split.backbone.config, 7)  # the inputs below take the split path
     return split, cached
 
 
@@ -125,3 +127,29 @@ def test_without_the_keyword_the_attention_is_hf_own():
     with torch.no_grad():
         torch.testing.assert_close(patched(input_ids=x, attention_mask=mask).logits,
                                    plain(input_ids=x, attention_mask=mask).logits, rtol=0, atol=0)
+
+
+def test_long_inputs_keep_the_fused_kernel():
+    """The split path materialises (heads x T) scores per key: it is taken while they are no larger than the cache
+    path's per-row prefix K/V copy (2 x kv_heads x head_dim per key), e.g. the finetune's ~20-token inputs at
+    hidden 512 / 8 heads, not the pretrain's 512-token segments."""
+    wide = tiny_llama_config(hidden_size=512, num_heads=8)  # head_dim 64: split up to 128 input tokens
+    assert split_pays(wide, 20) and split_pays(wide, 128) and not split_pays(wide, 129)
+    gqa = tiny_llama_config(hidden_size=512, num_heads=8, num_kv_heads=2)
+    assert split_pays(gqa, 32) and not split_pays(gqa, 33)
+
+
+def test_a_long_input_takes_the_cache_path_with_the_same_logits():
+    split, cached = _student_pair()
+    x = rand_ids((2, 12), 5)  # 4 heads x 12 > 2 x 2 kv heads x 8: too long for the split path
+    assert not split_pays(split.backbone.config, 12)
+    calls = []
+    attn = split.backbone.model.layers[0].self_attn
+    orig = attn.forward
+    attn.forward = lambda *a, **kw: calls.append(kw.get("tagi_instruction_prefix")) or orig(*a, **kw)
+    instr, imask = rand_ids((1, 5), 3), torch.ones(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        got = split(split.encode_instructions(instr, imask), torch.tensor([0, 0]), x, torch.ones_like(x)).logits
+        want = cached(cached.encode_instructions(instr, imask), torch.tensor([0, 0]), x, torch.ones_like(x)).logits
+    assert calls and all(c is None for c in calls)  # HF's own attention over the expanded cache
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
