@@ -90,12 +90,12 @@ def split_prefix_attention(q: torch.Tensor, k_x: torch.Tensor, v_x: torch.Tensor
     qf = (q * scaling).reshape(N, hkv, rep * T, d)  # GQA: a kv head's query heads folded into the query axis
     s_i = _per_entry_matmul(qf, k_i.to(q.dtype).transpose(2, 3), groups)  # (N, Hkv, rep*T, Li)
     s_x = torch.matmul(qf, k_x.transpose(2, 3))  # (N, Hkv, rep*T, T)
-    scores = torch.cat([s_i, s_x], dim=-1).view(N, H, T, li + T)
+    scores = torch.cat([s_i, s_x], dim=-1).reshape(N, H, T, li + T)
     wide = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16/fp16 scores: softmax in float32
     probs = torch.softmax(wide + bias, dim=-1).to(q.dtype)
-    probs = F.dropout(probs, p=dropout, training=training).view(N, hkv, rep * T, li + T)
+    probs = F.dropout(probs, p=dropout, training=training).reshape(N, hkv, rep * T, li + T)
     out = _per_entry_matmul(probs[..., :li], v_i.to(q.dtype), groups) + torch.matmul(probs[..., li:], v_x)
-    return out.view(N, H, T, d)
+    return out.reshape(N, H, T, d)  # (the sum may come out in a permuted layout: reshape, not view)
 
 
 class _PrefixAttentionForward:

@@ -23,7 +23,8 @@ def _reference(q, k_x, v_x, k_i, v_i, task_ids, bias, scaling):
 
 @pytest.mark.parametrize("task_ids", [[0, 0, 0, 1, 1, 1, 2, 2, 2],  # contiguous, uniform: one batched matmul
                                       [2, 0, 1, 0, 2, 1, 1, 0, 2],  # interleaved: permuted into groups and back
-                                      [1, 1, 0, 0, 0, 0, 0, 2, 1]])  # uneven groups: one matmul per task
+                                      [1, 1, 0, 0, 0, 0, 0, 2, 1],  # uneven groups: one matmul per task
+                                      [2] * 9])  # one task: its group's result comes back as a strided view
 def test_split_attention_equals_concatenated_sdpa_values_and_grads(task_ids):
     g = torch.Generator().manual_seed(0)
     N, H, Hkv, T, Li, d = 9, 4, 2, 5, 6, 8
@@ -74,7 +75,7 @@ def _student_pair(seed: int = 0):
     return split, cached
 
 
-@pytest.mark.parametrize("task_ids", [[0, 0, 0, 1, 1, 1], [2, 0, 1, 0, 2, 0]])
+@pytest.mark.parametrize("task_ids", [[0, 0, 0, 1, 1, 1], [2, 0, 1, 0, 2, 0], [1] * 6])
 def test_student_forward_and_hypernet_grads_equal_the_cache_path(task_ids):
     split, cached = _student_pair()
     instr = rand_ids((3, 6), 10)
