@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=40, help="timed steps of each kind (after 3 warm-up steps)")
     ap.add_argument("--tasks", type=int, default=8, help="training tasks (teachers + cache written for these)")
     ap.add_argument("--work", type=Path, default=None)
-    ap.add_argument("--kinds", nargs="+", default=["ce", "kd", "lora"], choices=["ce", "kd", "kd_expand", "kd_held", "lora"],
+    ap.add_argument("--kinds", nargs="+", default=["ce", "kd", "lora"],
+                    choices=["ce", "kd", "kd_expand", "kd_held", "lora"],
                     help="step kinds to time (kd and lora are always included: their ratio is the point)")
     return ap.parse_args(argv)
 

@@ -67,8 +67,8 @@ def _triton_module(name: str) -> ModuleType:
 def segmented_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, task_ids: torch.Tensor, scale: float,
                    backend: str = "auto", groups: Optional[TaskGroups] = None,
                    base: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """s · (x @ A_tᵀ) @ B_tᵀ per batch row; shapes as in `reference.segmented_lora`. With `base` (N, T, d_out): base +
-    that term (the hooked linear's output; the grouped path adds it inside its second matmul).
+    """s · (x @ A_tᵀ) @ B_tᵀ per batch row; shapes as in `reference.segmented_lora`. With `base` (N, T, d_out):
+    base + that term (the hooked linear's output; the grouped path adds it inside its second matmul).
 
     A and B may be strided views (e.g. `A_all[:, layer]` from `hyper_head`); rows may be in any task order.
     `groups` (`TaskGroups.of(task_ids)`, made once per forward by the hooks) lets the torch path run one matmul pair

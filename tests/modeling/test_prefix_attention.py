@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tagi_ds.kernels.grouped_lora import TaskGroups
 from tagi_ds.modeling.prefix_attention import (install_prefix_attention, prefix_fusion, split_pays,
                                               split_prefix_attention)
 from tagi_ds.modeling.tiny import tiny_llama_config
