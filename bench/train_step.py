@@ -3,6 +3,10 @@
   ce      the finetune's CE-only step (the `hint` variant: lambda_kl = lambda_ins = 0)
   kd      the TAGI finetune step: CE + KL from the logit cache (top-k by default) + L_ins against the teachers' LoRA
   lora    the no-instruction LoRA baseline's step on the same instances (the instance input alone, same sampler)
+  kd_expand (optional, --kinds) the kd step with the LLaMA prefix attention of before issue 20 (the prefix expanded
+          to every row in every layer + SDPA: `TagiStudent(split_prefix=False)`): the split path's share, side by side
+  kd_held (optional, --kinds) the kd step with the instruction encodings held across steps (StudentStep's
+          EncodingCache, 256 MiB: every task's after its first batch), not encoded by every micro batch
 
 Each step is what `engine_stage.train_stage` runs: batch built by global position, engine forward, backward, optimizer
 step (fused AdamW), one thread. The teachers and their cache are written first by the real stages (a few teacher
@@ -11,6 +15,7 @@ and kd / lora (<= 1.3 at hidden 512, 8 layers).
 
     PYTHONPATH=. python bench/train_step.py                    # the demo's backbone (hidden 64) and hidden 512 x 8
     PYTHONPATH=. python bench/train_step.py --shapes tiny --steps 30
+    PYTHONPATH=. python bench/train_step.py --shapes wide --steps 15 --kinds ce kd kd_expand kd_held lora
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from tagi_ds.config import load_config  # noqa: E402
 from tagi_ds.data.registry import load_run_tasks_from_config  # noqa: E402
+from tagi_ds.modeling.encoding_cache import EncodingCache  # noqa: E402
 from tagi_ds.run.prompts import prompt_settings  # noqa: E402
 from tagi_ds.train import baselines, cache_logits, finetune, teacher  # noqa: E402
 from tagi_ds.train.distributed import global_token_mean  # noqa: E402
@@ -44,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=40, help="timed steps of each kind (after 3 warm-up steps)")
     ap.add_argument("--tasks", type=int, default=8, help="training tasks (teachers + cache written for these)")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--kinds", nargs="+", default=["ce", "kd", "lora"],
+                    choices=["ce", "kd", "kd_expand", "kd_held", "lora"],
+                    help="step kinds to time (kd and lora are always included: their ratio is the point)")
     return ap.parse_args(argv)
 
 
@@ -83,11 +92,14 @@ def engine_for(module: torch.nn.Module, cfg, out: Path) -> Engine:
 class Kind:
     """One kind of step: its engine and its batches."""
 
-    def __init__(self, name: str, engine: Engine, batches, device):
+    def __init__(self, name: str, engine: Engine, batches, device, split_prefix: bool | None = None):
         self.name, self.engine, self.batches, self.device, self.position = name, engine, batches, device, 0
+        self.split_prefix = split_prefix  # the shared student's LLaMA prefix path for this kind's steps
         self.times: list[float] = []
 
     def step(self, timed: bool) -> None:
+        if self.split_prefix is not None:
+            self.engine.module.student.split_prefix = self.split_prefix
         t0 = time.perf_counter()
         batch = self.batches.batch(self.position).to(self.device)
         self.position += 1
@@ -98,7 +110,7 @@ class Kind:
             self.times.append(time.perf_counter() - t0)
 
 
-def kinds_for(work: Path, shape: str, n_tasks: int) -> list[Kind]:
+def kinds_for(work: Path, shape: str, n_tasks: int, names=("ce", "kd", "lora")) -> list[Kind]:
     cfg = run_config(work, shape, n_tasks)
     teacher.run(cfg, progress=False, log=lambda _m: None)
     cache_logits.run(cfg, progress=False, log=lambda _m: None)
@@ -114,11 +126,23 @@ def kinds_for(work: Path, shape: str, n_tasks: int) -> list[Kind]:
                                              "no_instruction", tasks_per_batch=f.tasks_per_batch,
                                              instances_per_task=f.instances_per_task, seed=cfg.seed)
     lora = baselines.LoraStep(baselines.lora_model(bb_setup, cfg), bb_setup.arch)
+    split = setup.student.split_prefix  # what the student does by default (False where the backbone has no split)
+    specs = [("ce", ce.module, ce.batches, split), ("kd", kd.module, kd.batches, split)]
+    if "kd_expand" in names:  # the same student and loss, the pre-issue-20 prefix attention
+        kd_expand = finetune.build_stage(cfg, "tagi", setup, None)
+        specs.append(("kd_expand", kd_expand.module, kd_expand.batches, False))
+    if "kd_held" in names:  # the same student and loss, instruction encodings held across steps
+        kd_held = finetune.build_stage(cfg, "tagi", setup, None)
+        kd_held.module.encodings = EncodingCache(256 << 20)
+        specs.append(("kd_held", kd_held.module, kd_held.batches, split))
+    specs.append(("lora", lora, lora_batches, None))
     out = []
-    for name, module, batches in (("ce", ce.module, ce.batches), ("kd", kd.module, kd.batches),
-                                  ("lora", lora, lora_batches)):
+    for name, module, batches, split_prefix in specs:
+        if name not in names:
+            continue
         module.to(setup.device).train()
-        out.append(Kind(name, engine_for(module, cfg, work / f"engine_{shape}_{name}"), batches, setup.device))
+        out.append(Kind(name, engine_for(module, cfg, work / f"engine_{shape}_{name}"), batches, setup.device,
+                        split_prefix))
     return out
 
 
@@ -129,7 +153,7 @@ def iqr(xs: list[float]) -> tuple[float, float]:
 
 def measure(work: Path, shape: str, args) -> dict:
     torch.set_num_threads(1)
-    kinds = kinds_for(work, shape, args.tasks)
+    kinds = kinds_for(work, shape, args.tasks, set(args.kinds) | {"kd", "lora"})
     for _ in range(3):  # warm-up: first-touch allocations, the teachers' read-ahead thread
         for k in kinds:
             k.step(timed=False)
@@ -154,8 +178,9 @@ def main(argv=None) -> int:
         for name, ts in times.items():
             lo, hi = iqr(ts)
             rows.append(f"| {shape} | {name} | {statistics.median(ts) * 1e3:.1f} | {lo * 1e3:.1f}-{hi * 1e3:.1f} |")
-        ratios += [ratio_row(shape, times, "kd", "ce"), ratio_row(shape, times, "kd", "lora"),
-                   ratio_row(shape, times, "ce", "lora")]
+        pairs = [("kd", "ce"), ("kd", "lora"), ("ce", "lora"), ("kd", "kd_expand"), ("kd_expand", "lora"),
+                 ("kd_held", "kd"), ("kd_held", "lora")]
+        ratios += [ratio_row(shape, times, a, b) for a, b in pairs if a in times and b in times]
     print(f"\nsteps of each kind: {args.steps} (interleaved), 1 thread, {args.tasks} training tasks\n")
     print("| shape | step | median ms | IQR ms |\n|---|---|---|---|")
     print("\n".join(rows))

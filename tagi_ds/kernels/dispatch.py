@@ -65,8 +65,10 @@ def _triton_module(name: str) -> ModuleType:
 
 
 def segmented_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, task_ids: torch.Tensor, scale: float,
-                   backend: str = "auto", groups: Optional[TaskGroups] = None) -> torch.Tensor:
-    """s · (x @ A_tᵀ) @ B_tᵀ per batch row; shapes as in `reference.segmented_lora`.
+                   backend: str = "auto", groups: Optional[TaskGroups] = None,
+                   base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """s · (x @ A_tᵀ) @ B_tᵀ per batch row; shapes as in `reference.segmented_lora`. With `base` (N, T, d_out):
+    base + that term (the hooked linear's output; the grouped path adds it inside its second matmul).
 
     A and B may be strided views (e.g. `A_all[:, layer]` from `hyper_head`); rows may be in any task order.
     `groups` (`TaskGroups.of(task_ids)`, made once per forward by the hooks) lets the torch path run one matmul pair
@@ -84,9 +86,11 @@ def segmented_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, task_ids: 
         if groups is not None and use_groups(groups):
             if sum(groups.counts) != x.shape[0]:
                 raise ValueError(f"segmented_lora: groups cover {sum(groups.counts)} rows, x has {x.shape[0]}")
-            return grouped_lora(x, A, B, groups, scale)
-        return reference.segmented_lora(x, A, B, task_ids, scale)
-    return _triton_module("lora").segmented_lora(x, A, B, task_ids.to(torch.long), scale)
+            return grouped_lora(x, A, B, groups, scale, base=base)
+        delta = reference.segmented_lora(x, A, B, task_ids, scale)
+    else:
+        delta = _triton_module("lora").segmented_lora(x, A, B, task_ids.to(torch.long), scale)
+    return delta if base is None else base + delta.to(base.dtype)
 
 
 # Grouping pays when each task's rows already sit together (the finetune's batches: tasks x instances, collated task

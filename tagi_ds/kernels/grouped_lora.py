@@ -55,11 +55,14 @@ class TaskGroups:
 
 
 def grouped_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: TaskGroups,
-                 scale: float) -> torch.Tensor:
-    """s * (x @ A_t^T) @ B_t^T per row, rows grouped by `groups` (of the same task ids as `reference.segmented_lora`).
+                 scale: float, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """s * (x @ A_t^T) @ B_t^T per row, rows grouped by `groups` (of the same task ids as `reference.segmented_lora`);
+    with `base` (N, T, d_out), base + that term.
 
     x: (N, T, d_in); A: (n_tasks, r, d_in); B: (n_tasks, d_out, r) (strided views are fine). Returns (N, T, d_out)
-    in x's dtype.
+    in x's dtype. The scale multiplies the rank-r intermediate (N, T, r), not the (N, T, d_out) result, and on
+    uniform groups in batch order `base` is added by the second matmul itself (baddbmm): no extra pass over
+    (N, T, d_out) tensors in the forward or the backward, which for a hooked linear cost as much as the bmm pair.
     """
     N, T, d_in = x.shape
     xs = x if groups.order is None else x.index_select(0, groups.order)  # (N, T, d_in), grouped
@@ -68,13 +71,16 @@ def grouped_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: Task
         all_tasks = groups.tasks == tuple(range(A.shape[0]))
         a = (A if all_tasks else A.index_select(0, groups.task_index)).to(x.dtype)  # (G, r, d_in): per task, not row
         b = (B if all_tasks else B.index_select(0, groups.task_index)).to(x.dtype)  # (G, d_out, r)
-        h = torch.bmm(xs.reshape(G, c * T, d_in), a.transpose(1, 2))  # (G, c*T, r)
-        y = torch.bmm(h, b.transpose(1, 2)).reshape(N, T, -1) * scale  # (N, T, d_out)
+        h = torch.bmm(xs.reshape(G, c * T, d_in), a.transpose(1, 2)) * scale  # (G, c*T, r)
+        if base is not None and groups.order is None and base.dtype == x.dtype:
+            return torch.baddbmm(base.reshape(G, c * T, -1), h, b.transpose(1, 2)).view(N, T, -1)
+        y = torch.bmm(h, b.transpose(1, 2)).reshape(N, T, -1)  # (N, T, d_out)
     else:
         parts, start = [], 0
         for t, c in zip(groups.tasks, groups.counts):
             xt = xs[start:start + c].reshape(c * T, d_in)
-            parts.append(((xt @ A[t].to(x.dtype).T) @ B[t].to(x.dtype).T).reshape(c, T, -1))
+            parts.append(((xt @ A[t].to(x.dtype).T * scale) @ B[t].to(x.dtype).T).reshape(c, T, -1))
             start += c
-        y = torch.cat(parts) * scale  # (N, T, d_out)
-    return y if groups.inverse is None else y.index_select(0, groups.inverse)
+        y = torch.cat(parts)  # (N, T, d_out)
+    y = y if groups.inverse is None else y.index_select(0, groups.inverse)
+    return y if base is None else base + y.to(base.dtype)

@@ -40,15 +40,15 @@ class _LoraHook:
         x = inputs[0]
         squeeze = x.dim() == 2  # (N, d_in): one token per row
         if squeeze:
-            x = x.unsqueeze(1)
+            x, output = x.unsqueeze(1), output.unsqueeze(1)
         if x.shape[0] != task_ids.shape[0]:
             raise TagiError(
                 f"LoRA hook on {self.spec.name}: the batch has {x.shape[0]} rows but task_ids has "
                 f"{task_ids.shape[0]}; every row needs one task id (greedy decoding only: no beam expansion)")
-        delta = dispatch.segmented_lora(x, A, B, task_ids, self.owner.scale, backend=self.owner.backend, groups=groups)  # (N, T, d_out)
-        if squeeze:
-            delta = delta.squeeze(1)
-        return output + delta.to(output.dtype)
+        # output + the LoRA term (N, T, d_out), the addition fused into the term's last matmul where it can be
+        y = dispatch.segmented_lora(x, A, B, task_ids, self.owner.scale, backend=self.owner.backend, groups=groups,
+                                    base=output)
+        return y.squeeze(1) if squeeze else y
 
 
 class HookState(NamedTuple):

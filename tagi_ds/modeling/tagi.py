@@ -33,6 +33,7 @@ from .fusion import (InstructionKV, PrefixKV, cross_fusion_kwargs, expand_prefix
 from .hf_compat import cache_kwargs, output_cache
 from .hypernet import HyperNetwork, masked_mean_pool
 from .lora import Adapters, BatchedLoraHooks
+from .prefix_attention import install_prefix_attention, prefix_fusion, split_pays, supports_prefix_attention
 
 
 @dataclass
@@ -83,7 +84,7 @@ def _all_done(done: torch.Tensor, synced_gpus: bool) -> bool:
 class TagiStudent(nn.Module):
     def __init__(self, backbone: nn.Module, arch: str, specs: Sequence[TargetSpec], hypernet: HyperNetwork,
                  lora_scale: float, fusion: bool = True, train_encoder: bool = False, backend: str = "auto",
-                 cache_cross_kv: bool = True):
+                 cache_cross_kv: bool = True, split_prefix: bool = True):
         super().__init__()
         if arch not in ("t5", "llama"):
             raise ConfigError(f"backbone.arch: expected t5 or llama, got {arch!r}")
@@ -91,6 +92,11 @@ class TagiStudent(nn.Module):
         # T5: instruction K/V once per task (True) or [instruction ; input] states concatenated per row (False: the
         # pre-issue-18 path, same numbers, kept for benchmarks). No effect on LLaMA (its prefix is always reused).
         self.cache_cross_kv = bool(cache_cross_kv)
+        # LLaMA teacher-forced forwards: attention over [task prefix ; own row] split in two (prefix_attention.py),
+        # the prefix never copied per row (True, when the backbone's attention has LLaMA's layout, for inputs short
+        # enough: `split_pays`), or the per-layer expanded prefix cache + SDPA (False: the pre-issue-20 path, same
+        # numbers, kept for benchmarks and long inputs).
+        self.split_prefix = bool(split_prefix and arch == "llama" and fusion and supports_prefix_attention(backbone))
         self.specs = list(specs)
         self.lora_scale = float(lora_scale)
         # HINT-style trainable instruction encoder: a copy made BEFORE the hooks exist, so it carries none.
@@ -106,6 +112,8 @@ class TagiStudent(nn.Module):
         self._cross_lora = any(s.module_type in ("dec_cross.k", "dec_cross.v") for s in self.specs)
         if arch == "t5" and fusion and self.cache_cross_kv:
             install_cached_cross_attention(backbone)
+        if self.split_prefix:
+            install_prefix_attention(backbone)
         # hypernet.encoder=multitask: a fixed LoRA (the multitask model's) applied while the instruction is read;
         # plain attributes, not buffers: never in a state dict or an export (the config names it).
         self.instruction_adapter: Adapters | None = None  # module type → (A (1, L, r, d_in), B (1, L, d_out, r))
@@ -262,9 +270,17 @@ class TagiStudent(nn.Module):
                                     decoder_input_ids=decoder_input_ids, use_cache=False, **cross)
                 loss = None if labels is None else masked_lm_loss(out.logits, labels)
                 return Seq2SeqLMOutput(loss=loss, logits=out.logits)
-            mask, positions, cache = self._llama_prefix(encoding, task_ids, attention_mask, lazy=True)
-            out = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                use_cache=False, **cache_kwargs(self.backbone, cache))
+            split = (self.fusion and self.split_prefix and encoding.prefix is not None
+                     and split_pays(self.backbone.config, input_ids.shape[1]))
+            if split:  # no HF mask: the keyword's bias is the mask
+                _, positions = prefix_mask_and_positions(encoding.mask, attention_mask, task_ids)
+                state = self.hooks.current_state()
+                fused = prefix_fusion(encoding.prefix, encoding.mask, attention_mask, task_ids, state.groups)
+                out = self.backbone(input_ids=input_ids, position_ids=positions, use_cache=False, **fused)
+            else:
+                mask, positions, cache = self._llama_prefix(encoding, task_ids, attention_mask, lazy=True)
+                out = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                    use_cache=False, **cache_kwargs(self.backbone, cache))
             loss = None if labels is None else masked_lm_loss(out.logits[:, :-1], labels[:, 1:])
             return CausalLMOutput(loss=loss, logits=out.logits)
 
@@ -342,9 +358,11 @@ class TagiStudent(nn.Module):
 
 def build_student(backbone: nn.Module, arch: str, target_kinds: Sequence[str], r: int, alpha: float,
                   hidden: int = 256, trunk_layers: int = 2, embed_dim: int = 64, fusion: bool = True,
-                  train_encoder: bool = False, backend: str = "auto", cache_cross_kv: bool = True) -> TagiStudent:
+                  train_encoder: bool = False, backend: str = "auto", cache_cross_kv: bool = True,
+                  split_prefix: bool = True) -> TagiStudent:
     """Specs from the backbone's config, a fresh hypernetwork (ΔW = 0 at init), LoRA scale alpha / r.
-    cache_cross_kv=False: T5's old concatenation path (benchmarks only)."""
+    cache_cross_kv=False: T5's old concatenation path; split_prefix=False: LLaMA's expanded prefix cache (benchmarks
+    only)."""
     if r <= 0:
         raise ConfigError(f"hypernet.r: expected a positive rank, got {r}")
     specs = target_specs(backbone.config, list(target_kinds))
@@ -352,4 +370,4 @@ def build_student(backbone: nn.Module, arch: str, target_kinds: Sequence[str], r
     hypernet = HyperNetwork(specs, d_model, r, hidden=hidden, trunk_layers=trunk_layers, embed_dim=embed_dim,
                             backend=backend)
     return TagiStudent(backbone, arch, specs, hypernet, alpha / r, fusion=fusion, train_encoder=train_encoder,
-                       backend=backend, cache_cross_kv=cache_cross_kv)
+                       backend=backend, cache_cross_kv=cache_cross_kv, split_prefix=split_prefix)

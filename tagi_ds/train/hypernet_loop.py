@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import LoopConfig
+from ..modeling.encoding_cache import EncodingCache
 from ..modeling.tagi import TagiStudent, TaskEncoding, build_student
 from ..run.export_io import export_config
 from ..run.paths import EXPORT_SUBDIR
@@ -102,20 +103,25 @@ class StudentStep(nn.Module):
     stage's loss. The micro batch's own instructions are encoded here (no grad unless the instruction encoder
     trains)."""
 
-    def __init__(self, student: TagiStudent, loss: LossFn):
+    def __init__(self, student: TagiStudent, loss: LossFn, encoding_cache_bytes: int = 0):
         super().__init__()
         self.student = student
         self.loss = loss
+        # > 0: instruction encodings kept across steps in an LRU of this many bytes (modeling/encoding_cache.py):
+        # the finetune's tasks recur every few steps; the pretrain's instructions are text segments and never do
+        self.encodings = EncodingCache(encoding_cache_bytes)
 
     def forward(self, batch: TrainBatch):
-        encoding = self.student.encode_instructions(batch.instr_ids, batch.instr_mask)
+        encoding = self.encodings.encode(self.student, batch.instr_ids, batch.instr_mask)
         return self.loss(self.student, encoding, batch)
 
 
 def hypernet_stage(setup: StudentSetup, *, name: str, out_dir: Path, tb_dir: Path, loop: LoopConfig,
                    record: Optional[dict], batches: Any, loss: LossFn, variant: Optional[str] = None,
-                   summary: Optional[dict] = None, close: Optional[Callable[[dict], None]] = None) -> StageSpec:
-    """A hypernetwork stage's description: its step module, and the export of the hypernetwork alone."""
+                   summary: Optional[dict] = None, close: Optional[Callable[[dict], None]] = None,
+                   encoding_cache_bytes: int = 0) -> StageSpec:
+    """A hypernetwork stage's description: its step module, and the export of the hypernetwork alone.
+    encoding_cache_bytes > 0: the step keeps instruction encodings across steps (StudentStep)."""
     cfg = setup.cfg
 
     def export(module: nn.Module, step: int) -> Optional[Path]:
@@ -124,6 +130,9 @@ def hypernet_stage(setup: StudentSetup, *, name: str, out_dir: Path, tb_dir: Pat
                              stage=name, variant=variant, step=step)
         return export_trainable(out_dir / EXPORT_SUBDIR, module.student, conf)
 
-    return StageSpec(name, out_dir, tb_dir, loop, record, batches, StudentStep(setup.student, loss), export,
-                     variant=variant, summary={"instruction_encoding": "per micro batch", **(summary or {})},
+    encoding = (f"cached across steps (LRU of {encoding_cache_bytes} bytes)" if encoding_cache_bytes > 0
+                else "per micro batch")
+    return StageSpec(name, out_dir, tb_dir, loop, record, batches,
+                     StudentStep(setup.student, loss, encoding_cache_bytes), export, variant=variant,
+                     summary={"instruction_encoding": encoding, **(summary or {})},
                      close=close, lr_scale_of=head_lr_scale_of(cfg.hypernet))

@@ -48,6 +48,24 @@ def test_grouped_equals_the_reference_with_gradients(name):
             torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-5, msg=f"{name}: grad of {what}")
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_base_is_added_with_its_gradient_float64(name):
+    """grouped_lora(..., base=out) = out + the LoRA term (fused into the last matmul when the rows are grouped in
+    order and uniform; otherwise added), values and gradients of base, x, A and B, in float64."""
+    x, A, B, tid = (t.double() if t.is_floating_point() else t for t in tensors(CASES[name], seed=3, strided=True))
+    base = torch.randn(x.shape[0], T, D_OUT, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (base, x, A, B)]
+    ref_leaves = [t.clone().requires_grad_(True) for t in (base, x, A, B)]
+    y = dispatch.segmented_lora(*leaves[1:], tid, 0.7, backend="reference", groups=TaskGroups.of(tid),
+                                base=leaves[0])
+    y_ref = ref_leaves[0] + reference.segmented_lora(*ref_leaves[1:], tid, 0.7)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for g, gr, what in zip(torch.autograd.grad((y * w).sum(), leaves),
+                           torch.autograd.grad((y_ref * w).sum(), ref_leaves), ("base", "x", "A", "B")):
+        torch.testing.assert_close(g, gr, rtol=1e-12, atol=1e-12, msg=f"{name}: grad of {what}")
+
+
 def test_groups_record_order_counts_and_uniformity():
     g = TaskGroups.of(torch.tensor(CASES["interleaved uniform"]))
     assert g.tasks == (3, 1, 0, 2) and g.counts == (2, 2, 2, 2) and g.uniform
