@@ -165,6 +165,11 @@ def hypernet_stage_plan(ctx: Ctx, name: str, zero: Optional[int] = None) -> Stag
     ds = stage > 0
     host_common = host_base(ctx, tasks=name == "finetune", deepspeed=ds) + host_data  # pretrain loads no tasks
     model = _model_parts(ctx, stage, world)
+    if name == "finetune" and t.encoding_cache_mib > 0:  # held on the device by every phase (StudentStep)
+        per_task = S.instruction_states_bytes(sh, 1, w, elem, fusion, arch)
+        model = model + [Part(f"instruction encodings kept across steps (LRU of {t.encoding_cache_mib:g} MiB)",
+                              min(int(t.encoding_cache_mib * 2 ** 20), n_tasks * per_task), "gpu",
+                              "finetune.encoding_cache_mib", "modeling/encoding_cache.EncodingCache")]
     knob_k = f"{name}.tasks_per_batch" if name == "finetune" else "pretrain.micro_batch_size"
     knob_rows = f"{name}.instances_per_task" if name == "finetune" else "pretrain.micro_batch_size"
     states = Part(f"{k} task(s)' instruction states (W={w}, a 64-token bucket)", S.instruction_states_bytes(

@@ -221,7 +221,8 @@ def build_stage(cfg, variant: str, setup: StudentSetup, record: Optional[dict]) 
 
     return hypernet_stage(setup, name=STAGE, out_dir=paths.finetune(variant), tb_dir=paths.tb(f"{STAGE}/{variant}"),
                           loop=f, record=record, batches=batches, loss=loss, variant=variant,
-                          summary={"init_from": init_from, "tasks": len(tasks), "terms": terms}, close=close)
+                          summary={"init_from": init_from, "tasks": len(tasks), "terms": terms}, close=close,
+                          encoding_cache_bytes=int(f.encoding_cache_mib * 2 ** 20))
 
 
 def check_config(cfg, variant: str) -> None:

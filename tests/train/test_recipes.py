@@ -237,3 +237,20 @@ def test_pretrain_input_has_one_bos_after_the_prefix_and_keeps_it_without_fusion
         assert y[0] == bos and torch.equal(y[1:], x)
         # the labels move with the input: the same target tokens, one column earlier
         assert torch.equal(alone.labels[row][1:len(x) + 1], fused.labels[row][:len(x)])
+
+
+def test_the_encoding_cache_trains_the_same_losses_and_skips_repeated_instruction_passes(llama_run):
+    """finetune.encoding_cache_mib > 0: a micro batch whose instructions were all encoded before reuses them (the
+    backbone is frozen: the same encodings), so the run's losses equal an uncached run's."""
+    yaml, sets = llama_run
+    losses, hits = {}, {}
+    for mib in (0, 16):
+        cfg = load_config(yaml, sets + [f"finetune.encoding_cache_mib={mib}", "finetune.steps=6",
+                                        "finetune.tasks_per_batch=1"])
+        setup, spec = _built(cfg, f"enc{mib}")
+        train_stage(setup, spec, show_progress=False)
+        recs = [json.loads(x) for x in (spec.out_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[mib] = [r["loss"] for r in recs]
+        hits[mib] = spec.module.encodings.stats["hits"]
+    assert len(losses[0]) == 6 and hits[0] == 0 and hits[16] > 0
+    assert losses[16] == pytest.approx(losses[0], rel=1e-5)
