@@ -31,7 +31,7 @@ from tagi_ds.run.peft_io import read_peft_adapter
 from tagi_ds.run.prompts import prompt_settings, teacher_reads_instruction
 from tagi_ds.run.units import teacher_unit
 from tagi_ds.train.cache_writer import teacher_base
-from tagi_ds.train.losses import student_logits
+from tagi_ds.train.losses import student_label_logits
 
 KEYS = ("kl", "l_ins", "cos", "norm")
 
@@ -98,7 +98,7 @@ def diagnose(cfg, methods: Optional[list[str]] = None, log: Callable[[str], None
                     sb = collate_student(insts, tok, settings).to(bb.device)
                     enc = st.encode_instructions(sb.instr_ids, sb.instr_mask)
                     gen = st.generate_adapters(enc)
-                    s_lg, _, mask = label_positions(student_logits(st, enc, sb, gen), sb.labels, bb.arch)
+                    s_lg, _, mask = student_label_logits(st, enc, sb, gen)
                     ad, s_t, _ = read_peft_adapter(paths.teacher(teacher_unit(train[src], cfg.teacher.group_by)),
                                                    bb.specs, device=bb.device)
                     one = {k: (a[None], b[None] * (s_t / st.lora_scale)) for k, (a, b) in ad.items()}

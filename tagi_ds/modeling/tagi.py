@@ -249,16 +249,19 @@ class TagiStudent(nn.Module):
     def forward(self, encoding: TaskEncoding, task_ids: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, adapters: Adapters | None = None,
-                instruction_kv: InstructionKV | None = None):
+                instruction_kv: InstructionKV | None = None, logits_to_keep: torch.Tensor | None = None):
         """Logits of the batch (and mean CE over labels != -100). T5: labels = target ids. LLaMA: input_ids =
         prompt+target (right- or left-padded), labels aligned with input_ids, -100 on prompt/pad.
-        instruction_kv (T5): the batch's tasks' instruction K/V, if the caller computed them already."""
+        instruction_kv (T5): the batch's tasks' instruction K/V, if the caller computed them already.
+        logits_to_keep (LLaMA, no labels): 1-D positions whose logits are computed (transformers' argument): the
+        LM head runs over those alone."""
         self._check_no_checkpointing()
         task_ids = task_ids.to(input_ids.device).long()
         if adapters is None:
             adapters = self.generate_adapters(encoding)
         cross = (self._t5_cross_kwargs(encoding, task_ids, attention_mask, adapters, instruction_kv)
                  if self.arch == "t5" else {})
+        keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
         with self.hooks.apply(adapters, task_ids):
             if self.arch == "t5":
                 if decoder_input_ids is None:
@@ -276,11 +279,11 @@ class TagiStudent(nn.Module):
                 _, positions = prefix_mask_and_positions(encoding.mask, attention_mask, task_ids)
                 state = self.hooks.current_state()
                 fused = prefix_fusion(encoding.prefix, encoding.mask, attention_mask, task_ids, state.groups)
-                out = self.backbone(input_ids=input_ids, position_ids=positions, use_cache=False, **fused)
+                out = self.backbone(input_ids=input_ids, position_ids=positions, use_cache=False, **fused, **keep)
             else:
                 mask, positions, cache = self._llama_prefix(encoding, task_ids, attention_mask, lazy=True)
                 out = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                    use_cache=False, **cache_kwargs(self.backbone, cache))
+                                    use_cache=False, **cache_kwargs(self.backbone, cache), **keep)
             loss = None if labels is None else masked_lm_loss(out.logits[:, :-1], labels[:, 1:])
             return CausalLMOutput(loss=loss, logits=out.logits)
 

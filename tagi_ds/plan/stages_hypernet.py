@@ -195,6 +195,8 @@ def hypernet_stage_plan(ctx: Ctx, name: str, zero: Optional[int] = None) -> Stag
                            fusion, ctx.attn, elem, cuda=ctx.cuda, lora=Lora(frozenset(cfg.backbone.target_modules), r),
                            t5_split_cross=t5_split)
     kl = name == "finetune" and t.lambda_kl > 0
+    # LLaMA: the LM head runs over the window of positions that predict a label in some row
+    # (losses.student_label_logits): the whole sequence in the worst batch (a short prompt beside a long one)
     positions = seq if causal else s_tgt
     logits = S.logits_bytes(rows, positions, s_tgt, sh.vocab, elem, fp32_copies=2 + (2 if kl else 0))
     both = [states,

@@ -26,7 +26,7 @@ from ..distill.signal import DenseTeacher
 from ..modeling.label_logits import label_positions
 from ..modeling.tagi import TagiStudent, TaskEncoding
 from ..run.peft_io import read_peft_adapter
-from .losses import ce_sum, student_logits
+from .losses import ce_sum, student_label_logits
 
 class TeacherAdapters:
     """Each task's teacher adapter (A, B per module type) and scale, read AHEAD of the step that needs it by one
@@ -110,8 +110,7 @@ class DistillLoss:
 
     def __call__(self, student: TagiStudent, encoding: TaskEncoding, batch):
         adapters = student.generate_adapters(encoding)  # reused by L_ins
-        logits, targets, mask = label_positions(student_logits(student, encoding, batch, adapters), batch.labels,
-                                                student.arch)
+        logits, targets, mask = student_label_logits(student, encoding, batch, adapters)
         ce, n = ce_sum(logits, targets, mask)
         total, terms = distillation_loss(
             ce, lambda: self.kl_sum(student, batch, logits, mask),

@@ -11,12 +11,24 @@ from ..modeling.label_logits import IGNORE, label_positions
 from ..modeling.tagi import TagiStudent, TaskEncoding
 
 
-def student_logits(student: TagiStudent, encoding: TaskEncoding, batch, adapters=None) -> torch.Tensor:
-    """The student's logits for a TrainBatch (no loss inside: the stages sum token losses themselves)."""
-    dec = student.backbone._shift_right(batch.labels) if student.arch == "t5" else None
-    out = student(encoding, batch.task_ids, batch.input_ids, batch.attention_mask, labels=None,
-                  decoder_input_ids=dec, adapters=adapters)
-    return out.logits
+def student_label_logits(student: TagiStudent, encoding: TaskEncoding, batch, adapters=None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student's logits at the label positions of a TrainBatch, left-aligned per row (`label_positions`):
+    (logits (N, Lt, V), targets (N, Lt), mask (N, Lt)). No loss inside: the stages sum token losses themselves.
+
+    LLaMA: the LM head runs over the window of positions that predict a label in some row (`logits_to_keep`), not
+    the whole prompt + target: the full (N, L, V) logits and the gradients of their gather were a step's largest
+    tensors (the baselines' measured 2.87 GiB, train/baselines.causal_label_logits)."""
+    if student.arch == "t5":
+        out = student(encoding, batch.task_ids, batch.input_ids, batch.attention_mask, labels=None,
+                      decoder_input_ids=student.backbone._shift_right(batch.labels), adapters=adapters)
+        return label_positions(out.logits, batch.labels, "t5")
+    predicts = (batch.labels[:, 1:] != IGNORE).any(dim=0).nonzero()[:, 0]  # logits positions with a label after
+    first, last = (int(predicts[0]), int(predicts[-1]) + 1) if predicts.numel() else (0, 1)
+    keep = torch.arange(first, last + 1, device=batch.input_ids.device)  # [first, last]: the last predicts nothing
+    out = student(encoding, batch.task_ids, batch.input_ids, batch.attention_mask, labels=None, adapters=adapters,
+                  logits_to_keep=keep)
+    return label_positions(out.logits, batch.labels[:, first:last + 1], "llama")
 
 
 def ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +40,6 @@ def ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> t
 
 def ce_loss(student: TagiStudent, encoding: TaskEncoding, batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(Σ token CE, token count, {"ce"}) of the batch's targets."""
-    logits, targets, mask = label_positions(student_logits(student, encoding, batch), batch.labels, student.arch)
+    logits, targets, mask = student_label_logits(student, encoding, batch)
     ce, n = ce_sum(logits, targets, mask)
     return ce, n, {"ce": ce.detach()}

@@ -21,7 +21,7 @@ from tagi_ds.run.paths import RunPaths
 from tagi_ds.run.peft_io import read_peft_adapter
 from tagi_ds.run.prompts import prompt_settings
 from tagi_ds.train import finetune
-from tagi_ds.train.losses import student_logits
+from tagi_ds.train.losses import student_label_logits
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,7 @@ def test_diagnosis_pairs_paraphrases_and_matches_hand_computations(tmp_path):
         with torch.no_grad():
             enc = st.encode_instructions(sb.instr_ids, sb.instr_mask)
             gen = st.generate_adapters(enc)
-            s_lg, _, mask = label_positions(student_logits(st, enc, sb, gen), sb.labels, "llama")
+            s_lg, _, mask = student_label_logits(st, enc, sb, gen)
             ad, s_t, _ = read_peft_adapter(paths.teacher(src), st.specs)
             merged = merge_into_copy(st.backbone, st.specs, {k: (a[None], b[None]) for k, (a, b) in ad.items()}, 0,
                                      s_t)

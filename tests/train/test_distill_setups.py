@@ -22,7 +22,7 @@ from tagi_ds.run.peft_io import read_peft_adapter, write_peft_adapter
 from tagi_ds.train import finetune
 from tagi_ds.train.engine_stage import train_stage
 from tagi_ds.train.hypernet_loop import setup_student
-from tagi_ds.train.losses import student_logits
+from tagi_ds.train.losses import student_label_logits
 
 T = 2.0
 
@@ -80,7 +80,7 @@ def test_multitask_kl_teacher_is_the_baseline_on_the_full_prompt(run):
     with torch.no_grad():
         t_lg, _, t_mask = label_positions(merged(input_ids=full.input_ids, attention_mask=full.attention_mask).logits,
                                           full.labels, "llama")
-        s_lg, _, s_mask = label_positions(student_logits(student, enc, batch), batch.labels, "llama")
+        s_lg, _, s_mask = student_label_logits(student, enc, batch)
     assert torch.equal(t_mask, s_mask)
     want = _dense_kl_sum(t_lg, s_lg, s_mask)
     assert float(want) > 0

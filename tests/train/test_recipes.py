@@ -83,7 +83,7 @@ def test_online_teacher_gives_the_dense_kl_of_the_live_teacher(llama_run):
     assert set(terms) == {"ce", "kl"} and float(terms["kl"]) > 0
     # reference: merge task 0's teacher into a copy of the backbone, run its full prompt, dense KL by hand
     from tagi_ds.modeling.lora import merge_into_copy
-    from tagi_ds.train.losses import student_logits
+    from tagi_ds.train.losses import student_label_logits
 
     name = batch.task_names[0]
     ad, s_t = spec.module.loss.teachers.get(name)
@@ -94,7 +94,7 @@ def test_online_teacher_gives_the_dense_kl_of_the_live_teacher(llama_run):
     with torch.no_grad():
         t_logits = merged(input_ids=full.input_ids[rows], attention_mask=full.attention_mask[rows]).logits
         t_lg, _, t_mask = label_positions(t_logits, full.labels[rows], "llama")
-        s_lg, _, s_mask = label_positions(student_logits(student, encoding, batch), batch.labels, "llama")
+        s_lg, _, s_mask = student_label_logits(student, encoding, batch)
         online = spec.module.loss.online_teacher_logits(student, batch)
     srow = (batch.task_ids == 0).nonzero().squeeze(-1)
     w = t_mask.shape[1]  # the task's own rows may be narrower than the whole batch
