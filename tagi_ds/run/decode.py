@@ -5,9 +5,9 @@ evaluation, the teachers' held-back scores, the backbone's copy check and `tagi-
 Rows are decoded in batches of similar length (less padding; causal prompts left-padded so every row continues from
 its last column) and returned in input order, cut at the first EOS. Batch widths are rounded up to a multiple of
 `width_multiple` (collate.WIDTH_BUCKET by default): the CPU kernels keep a compiled kernel per shape, so exact widths
-made host memory grow with the number of distinct lengths decoded (issue #17); the extra columns are masked padding. Padding uses `collate.pad_id`: the tokenizer's
-pad token, else its EOS (LLaMA-family tokenizers ship without a pad token); padded columns are masked, and a row that
-has finished is filled with that id, which the cut at the first EOS removes.
+made host memory grow with the number of distinct lengths decoded (issue #17). Padding uses `collate.pad_id`: the
+tokenizer's pad token, else its EOS (LLaMA-family tokenizers ship without a pad token); padded columns are masked,
+and a row that has finished is filled with that id, which the cut at the first EOS removes.
 
 Callers that report throughput pass a `DecodeStats` (rows, generated tokens up to and including each row's first
 EOS); `on_batch(rows)` is called after every batch (progress bars).
