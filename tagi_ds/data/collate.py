@@ -27,6 +27,17 @@ from .tasks import Instance, Task
 Arch = Literal["t5", "llama"]
 Pair = tuple[Task, Instance]
 IGNORE = -100  # label value the loss skips
+# Inference batches (generation, rank classification, the instructions of an evaluation unit) are padded to a
+# multiple of this many tokens, as training pads its instructions (train/hypernet_loop.INSTRUCTION_BUCKET): the CPU
+# kernels keep one compiled kernel per distinct shape (oneDNN's primitive cache and ideep's LRU cache for bf16
+# matmuls, torch's brgemm cache behind CPU flash attention, which is unbounded), so exact widths made host memory
+# grow with every new length an evaluation met, i.e. with the number of tasks (issue #17). Padded columns are masked.
+WIDTH_BUCKET = 64
+
+
+def bucket_width(width: int, multiple: int = WIDTH_BUCKET) -> int:
+    """`width` rounded up to a multiple of `multiple` (0 stays 0; multiple <= 1 leaves it unchanged)."""
+    return width if multiple <= 1 else -(-width // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -124,9 +135,10 @@ def encode_target(tokenizer, text: str, max_length: int) -> list[int]:
     return list(ids) + [int(tokenizer.eos_token_id)]
 
 
-def pad_rows(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
-    """(N, max_len) tensor of rows padded with `value` on the right (or left)."""
-    width = max((len(r) for r in rows), default=0)
+def pad_rows(rows: Sequence[Sequence[int]], value: int, left: bool = False, multiple: int = 1) -> torch.Tensor:
+    """(N, W) tensor of rows padded with `value` on the right (or left); W = the longest row, rounded up to a
+    multiple of `multiple` (`bucket_width`)."""
+    width = bucket_width(max((len(r) for r in rows), default=0), multiple)
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, r in enumerate(rows):
         if r:

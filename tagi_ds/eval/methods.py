@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 
-from ..data.collate import encode_student_input, instruction_ids, pad_id
+from ..data.collate import WIDTH_BUCKET, encode_student_input, instruction_ids, pad_id
 from ..data.prompts import build_task_input
 from ..data.tasks import Task
 from ..errors import ArtifactMismatchError, ConfigError
@@ -292,7 +292,9 @@ class Hypernet:
         settings = prompt_settings(self.cfg, bb.arch)
         with torch.no_grad():
             rows = [instruction_ids(t, bb.tokenizer, settings) for t in tasks]
-            encoding = st.encode_instruction_rows(rows, pad_id(bb.tokenizer), bb.device).to(bb.device)
+            # widths in buckets, as training's: one shape per bucket, not per unit (collate.WIDTH_BUCKET)
+            encoding = st.encode_instruction_rows(rows, pad_id(bb.tokenizer), bb.device,
+                                                  width_multiple=WIDTH_BUCKET).to(bb.device)
             adapters = st.generate_adapters(encoding)
 
         def sources(ti: int) -> list[list[int]]:

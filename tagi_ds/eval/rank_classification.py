@@ -11,7 +11,9 @@ Tokens:
   (T0 and TAGI tokenise targets with the tokenizer's default special tokens, which appends eos).
 - causal ("llama"): the model reads source + choice; only the choice positions are scored (no eos unless asked).
   Source and choice are tokenised apart and concatenated, so a choice's tokens never depend on the source.
-Batching: all choices of `batch_size` instances go through one forward (rows = their choices, right-padded).
+Batching: all choices of `batch_size` instances go through one forward (rows = their choices, right-padded to a
+width bucket, collate.WIDTH_BUCKET for sources and causal rows, TARGET_BUCKET for T5's short choice targets: few
+distinct shapes, so the CPU kernel caches stay bounded whatever the number of tasks; issue #17).
 
 Reporting, as TAGI's `compute_p3_metrics` aggregates: accuracy per prompt; per dataset the mean and the median over
 its prompts; overall the mean of the dataset means and the *median of the dataset medians* (`t0_report`).
@@ -31,6 +33,7 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from tagi_ds.data.collate import WIDTH_BUCKET, bucket_width
 from tagi_ds.data.collate import pad_id as tokenizer_pad_id
 from tagi_ds.data.p3 import T0_HELDOUT
 from tagi_ds.data.tasks import Instance, Task
@@ -41,6 +44,7 @@ Reduction = Literal["mean", "sum"]
 IGNORE = -100
 HELDOUT_DATASETS = tuple(d.name for d in T0_HELDOUT)  # T0's held-out evaluation (MTest11), report order
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+TARGET_BUCKET = 8  # T5 choice targets are a few tokens: a 64-token bucket would multiply the decoder's work
 
 
 @dataclass
@@ -148,13 +152,15 @@ def encode_choices(arch: Arch, tokenizer: Any, source_ids: Sequence[Sequence[int
 
 
 def collate_pairs(arch: Arch, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int,
-                  device: Any = "cpu") -> ScoreBatch:
-    """Right-padded batch; padding is masked out (attention) and ignored (labels)."""
+                  device: Any = "cpu", buckets: bool = True) -> ScoreBatch:
+    """Right-padded batch; padding is masked out (attention) and ignored (labels). `buckets`: widths rounded up
+    (module docstring), else the longest row's."""
     _check_arch(arch)
     b = len(pairs)
+    src_m, tgt_m = (WIDTH_BUCKET, TARGET_BUCKET) if buckets else (1, 1)
     if arch == "t5":
-        s_len = max(len(s) for s, _ in pairs)
-        t_len = max(len(c) for _, c in pairs)
+        s_len = bucket_width(max(len(s) for s, _ in pairs), src_m)
+        t_len = bucket_width(max(len(c) for _, c in pairs), tgt_m)
         ids = torch.full((b, s_len), pad_id, dtype=torch.long)
         att = torch.zeros((b, s_len), dtype=torch.long)
         lab = torch.full((b, t_len), IGNORE, dtype=torch.long)
@@ -163,7 +169,7 @@ def collate_pairs(arch: Arch, pairs: Sequence[tuple[list[int], list[int]]], pad_
             att[j, : len(s)] = 1
             lab[j, : len(c)] = torch.tensor(c)
     else:
-        l_len = max(len(s) + len(c) for s, c in pairs)
+        l_len = bucket_width(max(len(s) + len(c) for s, c in pairs), src_m)
         ids = torch.full((b, l_len), pad_id, dtype=torch.long)
         att = torch.zeros((b, l_len), dtype=torch.long)
         lab = torch.full((b, l_len), IGNORE, dtype=torch.long)

@@ -190,12 +190,15 @@ class TagiStudent(nn.Module):
         return TaskEncoding(pooled, hidden, attention_mask, prefix)
 
     def encode_instruction_rows(self, rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str,
-                                chunk: int = 16) -> TaskEncoding:
+                                chunk: int = 16, width_multiple: int = 1) -> TaskEncoding:
         """Encode token rows of instructions once, in fixed chunks of one common width (every rank runs the same
-        forwards: ZeRO-3 gathers stay in step). Returns a CPU TaskEncoding of len(rows) tasks."""
+        forwards: ZeRO-3 gathers stay in step): the longest row rounded up to a multiple of `width_multiple`
+        (masked padding; few distinct shapes, see collate.WIDTH_BUCKET). Returns a CPU TaskEncoding of len(rows)
+        tasks."""
         if not rows:
             raise TagiError("no instructions to encode: the stage has no tasks")
         width = max(len(r) for r in rows)
+        width = -(-width // width_multiple) * width_multiple if width_multiple > 1 else width
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):

@@ -3,9 +3,11 @@ tokenized prompts, and the TAGI student answering instance inputs with its gener
 evaluation, the teachers' held-back scores, the backbone's copy check and `tagi-ds predict` decode through here.
 
 Rows are decoded in batches of similar length (less padding; causal prompts left-padded so every row continues from
-its last column) and returned in input order, cut at the first EOS. Padding uses `collate.pad_id`: the tokenizer's
-pad token, else its EOS (LLaMA-family tokenizers ship without a pad token); padded columns are masked, and a row that
-has finished is filled with that id, which the cut at the first EOS removes.
+its last column) and returned in input order, cut at the first EOS. Batch widths are rounded up to a multiple of
+`width_multiple` (collate.WIDTH_BUCKET by default): the CPU kernels keep a compiled kernel per shape, so exact widths
+made host memory grow with the number of distinct lengths decoded (issue #17). Padding uses `collate.pad_id`: the
+tokenizer's pad token, else its EOS (LLaMA-family tokenizers ship without a pad token); padded columns are masked,
+and a row that has finished is filled with that id, which the cut at the first EOS removes.
 
 Callers that report throughput pass a `DecodeStats` (rows, generated tokens up to and including each row's first
 EOS); `on_batch(rows)` is called after every batch (progress bars).
@@ -18,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..data.collate import decode_generated, pad_id, pad_rows
+from ..data.collate import WIDTH_BUCKET, decode_generated, pad_id, pad_rows
 
 OnBatch = Optional[Callable[[int], None]]
 
@@ -52,20 +54,24 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def _padded(rows: Sequence[Sequence[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return pad_rows(rows, pad, left).to(device), pad_rows([[1] * len(r) for r in rows], 0, left).to(device)
+def _padded(rows: Sequence[Sequence[int]], pad: int, left: bool, device, multiple: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, mask (N, W): W = the longest row rounded up to `multiple`; padding (left for causal prompts) masked."""
+    mask = pad_rows([[1] * len(r) for r in rows], 0, left, multiple)
+    return pad_rows(rows, pad, left, multiple).to(device), mask.to(device)
 
 
 @torch.no_grad()
 def decode_prompts(model, tokenizer, arch: str, prompts: Sequence[Sequence[int]], *, device, max_new_tokens: int,
                    batch_size: int, hooks=None, adapters=None, row_unit: Optional[Sequence[int]] = None,
-                   stats: Optional[DecodeStats] = None, on_batch: OnBatch = None) -> list[str]:
+                   stats: Optional[DecodeStats] = None, on_batch: OnBatch = None,
+                   width_multiple: int = WIDTH_BUCKET) -> list[str]:
     """Greedy answers of a plain backbone to tokenized prompts; with `hooks`, row i gets unit row_unit[i]'s LoRA
     from `adapters` (stacked per unit)."""
     pad, eos = pad_id(tokenizer), eos_ids(tokenizer, model.config)
     out: list[str] = [""] * len(prompts)
     for idx in length_batches([len(p) for p in prompts], batch_size):
-        ids, mask = _padded([list(prompts[i]) for i in idx], pad, arch == "llama", device)
+        ids, mask = _padded([list(prompts[i]) for i in idx], pad, arch == "llama", device, width_multiple)
         ctx = contextlib.nullcontext()
         if hooks is not None:
             ctx = hooks.apply(adapters, torch.tensor([row_unit[i] for i in idx], dtype=torch.long, device=device))
@@ -87,7 +93,8 @@ def decode_prompts(model, tokenizer, arch: str, prompts: Sequence[Sequence[int]]
 @torch.no_grad()
 def decode_student(student, tokenizer, encoding, adapters, inputs: Sequence[Sequence[int]],
                    task_of_row: Sequence[int], *, device, max_new_tokens: int, batch_size: int,
-                   stats: Optional[DecodeStats] = None, on_batch: OnBatch = None) -> list[str]:
+                   stats: Optional[DecodeStats] = None, on_batch: OnBatch = None,
+                   width_multiple: int = WIDTH_BUCKET) -> list[str]:
     """Greedy answers of the TAGI student: row i is input ids `inputs[i]` of task `task_of_row[i]` (an index into
     `encoding` / `adapters`, which hold each task once); rows of different tasks share a batch.
 
@@ -100,7 +107,7 @@ def decode_student(student, tokenizer, encoding, adapters, inputs: Sequence[Sequ
     if student.arch == "t5" and student.fusion and student.cache_cross_kv and inputs:
         kv = student.instruction_kv(encoding, adapters, sorted(set(task_of_row)))
     for idx in length_batches([len(r) for r in inputs], batch_size):
-        ids, mask = _padded([list(inputs[i]) for i in idx], pad, student.arch == "llama", device)
+        ids, mask = _padded([list(inputs[i]) for i in idx], pad, student.arch == "llama", device, width_multiple)
         task_ids = torch.tensor([task_of_row[i] for i in idx], dtype=torch.long, device=device)
         tokens = student.generate(encoding, task_ids, ids, mask, max_new_tokens, adapters=adapters,
                                   instruction_kv=kv)

@@ -83,3 +83,27 @@ def test_hypernet_encodes_instructions_per_unit_on_the_run_backbone(eval_setup, 
         assert max(sizes) <= k and sum(sizes) == sum(len(ts) for ts in splits.values())
     assert per[1].by_split == per[3].by_split
     assert not bb.model._forward_hooks and all(not mod._forward_hooks for mod in bb.model.modules())  # hooks gone
+
+
+@pytest.mark.parametrize("method", ["teacher", "tagi"])
+def test_methods_run_bucketed_widths(eval_setup, method):
+    """Issue #17: every backbone call of an evaluation (instructions, prompts, inputs) runs at a multiple of
+    collate.WIDTH_BUCKET tokens, the one-token decode steps aside, so the CPU kernel caches stop growing with the
+    number of distinct lengths the tasks bring; exact widths (the code before) fail here."""
+    from tagi_ds.data.collate import WIDTH_BUCKET
+
+    cfg, bb, splits, micro = eval_setup
+    widths: list[int] = []
+
+    def record(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[-1] > 1:
+            widths.append(int(ids.shape[-1]))
+
+    handle = bb.model.model.register_forward_pre_hook(record, with_kwargs=True)  # the LlamaModel under every call
+    try:
+        got = M.predict_method(cfg, method, splits, bb)
+    finally:
+        handle.remove()
+    assert got.by_split["seen"] is not None
+    assert widths and all(w % WIDTH_BUCKET == 0 for w in widths), sorted(set(widths))

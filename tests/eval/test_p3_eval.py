@@ -209,7 +209,7 @@ def test_t5_student_rank_classification_is_its_teacher_forced_likelihood(unseen)
 
     from tests.tiny import make_student, randomize_b_heads
 
-    from tagi_ds.data.collate import encode_prompt, instruction_ids
+    from tagi_ds.data.collate import WIDTH_BUCKET, encode_prompt, instruction_ids
     from tagi_ds.data.prompts import build_task_input
 
     tok = bpe_tokenizer("t5")
@@ -225,7 +225,9 @@ def test_t5_student_rank_classification_is_its_teacher_forced_likelihood(unseen)
     with M.Hypernet(cfg, bb, "tagi", Path("unused"), student=student).unit(tasks) as ans:
         rows = M.answer_unit(ans, tasks, bb, reduction="sum", rank_batch_size=4, stats=M.UnitStats())
     settings = prompt_settings(cfg, "t5")
-    enc = student.encode_instruction_rows([instruction_ids(t, tok, settings) for t in tasks], pad_id(tok), "cpu")
+    # the instruction states the method computes (width buckets: another width moves the scores by ~1e-4 here)
+    enc = student.encode_instruction_rows([instruction_ids(t, tok, settings) for t in tasks], pad_id(tok), "cpu",
+                                          width_multiple=WIDTH_BUCKET)
     k = 0
     for ti, t in enumerate(tasks):
         for inst in t.instances:
