@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from ..data.collate import WIDTH_BUCKET as INSTRUCTION_BUCKET  # training and evaluation pad widths to it
 from .shapes import Shape
 
 # Measured here (CPU torch 2.13, transformers 5.24, glibc): RSS of a stage process once torch, transformers, peft,
@@ -21,7 +22,6 @@ CUDA_CONTEXT_GPU_BYTES = 768 * 1024 ** 2  # context + cuBLAS workspace on the GP
 PY_INT_BYTES = 28 + 8  # one token id in a Python list: an int object (ids > 256 are not cached) + the pointer
 PY_LIST_BYTES = 56
 INSTANCE_OBJECT_BYTES = 700  # Task / Instance dataclasses, dicts and string headers, per instance (measured: SNI)
-INSTRUCTION_BUCKET = 64  # train/hypernet_loop.INSTRUCTION_BUCKET
 DS_CKPT_BYTES_PER_PARAM = 14  # DeepSpeed ZeRO checkpoint of the trainable part: fp32 master + Adam m, v + 16-bit
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import LoopConfig
+from ..data.collate import WIDTH_BUCKET as INSTRUCTION_BUCKET  # instructions padded to its multiples: few shapes
 from ..modeling.encoding_cache import EncodingCache
 from ..modeling.tagi import TagiStudent, TaskEncoding, build_student
 from ..run.export_io import export_config
@@ -24,7 +25,6 @@ from .engine import seed_everything
 from .engine_stage import EngineSetup, StageSpec, setup_backbone
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-INSTRUCTION_BUCKET = 64  # instructions are padded to a multiple of this many tokens: few shapes, little padding
 
 
 @dataclass
