@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -24,23 +23,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tagi_ds.kernels.grouped_lora import TaskGroups, grouped_lora  # noqa: E402
 from tagi_ds.modeling.prefix_attention import prefix_fusion, split_prefix_attention  # noqa: E402
 
+from step_cost import interleaved  # noqa: E402
 
-def paired(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds of each function per repeat, run interleaved so machine load hits all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return times
+
 
 
 def row(what: str, times: dict[str, list[float]]) -> str:
@@ -121,9 +111,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = [row(f"attention, {a.rows} rows of {a.tasks} tasks, H {a.heads}/{a.kv_heads}, T {a.input_len}, "
-                f"Li {a.instr_len}", paired(attention_fns(a), a.repeats))]
+                f"Li {a.instr_len}", interleaved(attention_fns(a), a.repeats, warmup=3))]
     for d_in, d_out in ((a.hidden, a.hidden), (a.hidden, a.ffn), (a.ffn, a.hidden)):
-        rows.append(row(f"LoRA linear {d_in}->{d_out}, r {a.rank}", paired(lora_fns(a, d_in, d_out), a.repeats)))
+        rows.append(row(f"LoRA linear {d_in}->{d_out}, r {a.rank}", interleaved(lora_fns(a, d_in, d_out), a.repeats, warmup=3)))
     print(f"\nforward+backward, 1 thread, {a.repeats} interleaved repeats\n")
     print("| piece | old ms | new ms | new/old (median of pairs) | IQR |\n|---|---|---|---|---|")
     print("\n".join(rows))

@@ -32,8 +32,8 @@ from tagi_ds.kernels import reference  # noqa: E402
 from tagi_ds.kernels.grouped_lora import TaskGroups, grouped_lora  # noqa: E402
 
 
-def timed(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each function, runs interleaved (A B A B ...) so machine load hits all alike."""
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each function per repeat, runs interleaved (A B A B ...) so machine load hits all alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -43,7 +43,12 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def timed(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each function (`interleaved`)."""
+    return {k: statistics.median(v) for k, v in interleaved(fns, repeats, warmup).items()}
 
 
 def row(label: str, t: dict[str, float], old: str, new: str) -> str:

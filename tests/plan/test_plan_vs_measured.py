@@ -32,43 +32,36 @@ def _tensor_bytes(*ts: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    """A suite tokenizer + a random 4-layer LLaMA, hidden 128, 4 heads (2 KV heads: GQA exercises kv_width)."""
+def _suite_llama(out: Path, **shape) -> Path:
+    """A suite tokenizer + a random LLaMA of `shape` (tiny_llama_config's keywords), saved as a backbone folder."""
     from tagi_ds.data.synthetic import all_wording, build_suite
     from tagi_ds.data.tokenizer import train_sentencepiece_tokenizer
     from tagi_ds.modeling.tiny import build_from_config, tiny_llama_config
 
-    out = tmp_path_factory.mktemp("plan_llama") / "backbone"
     tok = train_sentencepiece_tokenizer(all_wording(build_suite(instances_per_task=10, held_back_per_task=2)), out,
                                         vocab_size=600, kind="llama")
-    cfg = tiny_llama_config(vocab_size=len(tok), hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                            intermediate_size=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id)
+    shape.setdefault("vocab_size", len(tok))
+    cfg = tiny_llama_config(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, **shape)
     model = build_from_config(cfg, seed=0)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A suite tokenizer + a random 4-layer LLaMA, hidden 128, 4 heads (2 KV heads: GQA exercises kv_width)."""
+    return _suite_llama(tmp_path_factory.mktemp("plan_llama") / "backbone", hidden_size=128, num_layers=4,
+                        num_heads=4, num_kv_heads=2, intermediate_size=256)
 
 
 @pytest.fixture(scope="module")
 def wide_vocab_llama_dir(tmp_path_factory) -> Path:
     """The suite tokenizer on a random 2-layer LLaMA with a 32,000-row vocabulary (LLaMA-2's; ids past the
     tokenizer's are never read): logits, not the narrow layers, size a step, as at real width."""
-    from tagi_ds.data.synthetic import all_wording, build_suite
-    from tagi_ds.data.tokenizer import train_sentencepiece_tokenizer
-    from tagi_ds.modeling.tiny import build_from_config, tiny_llama_config
-
-    out = tmp_path_factory.mktemp("plan_llama_wide") / "backbone"
-    tok = train_sentencepiece_tokenizer(all_wording(build_suite(instances_per_task=10, held_back_per_task=2)), out,
-                                        vocab_size=600, kind="llama")
-    cfg = tiny_llama_config(vocab_size=32000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                            intermediate_size=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id)
-    model = build_from_config(cfg, seed=0)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    return out
+    return _suite_llama(tmp_path_factory.mktemp("plan_llama_wide") / "backbone", vocab_size=32000, hidden_size=64,
+                        num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 
 
 @pytest.mark.parametrize("arch", ["llama", "t5"])
