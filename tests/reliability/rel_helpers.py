@@ -43,11 +43,12 @@ def cli_run(capsys, argv: list[str]) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-def refused(capsys, argv: list[str], *watch: Path, match: str | list[str]) -> str:
+def refused(capsys, argv: list[str], *watch: Path, match: str | list[str], fingerprint=tree_sha) -> str:
     """Run the CLI in-process; assert exit 2, one `tagi-ds <cmd>: error:` line containing every `match`, no
-    traceback, and every watched folder unchanged by sha256 (files and folders). Returns the message line, and
-    prints it for the README's table (pytest -s)."""
-    before = [tree_sha(w) for w in watch]
+    traceback, and every watched folder unchanged by `fingerprint` (default sha256 of files and folders; `snapshot`:
+    sizes and mtimes, so a rewrite with the same bytes shows too). Returns the message line, and prints it for the
+    README's table (pytest -s)."""
+    before = [fingerprint(w) for w in watch]
     rc, _, err = cli_run(capsys, argv)
     lines = [ln for ln in err.splitlines() if ln.startswith("tagi-ds ")]
     assert rc == 2, err
@@ -55,7 +56,7 @@ def refused(capsys, argv: list[str], *watch: Path, match: str | list[str]) -> st
     for m in [match] if isinstance(match, str) else match:
         assert m in lines[0], lines[0]
     for w, b in zip(watch, before):
-        assert tree_sha(w) == b, f"{w} changed"
+        assert fingerprint(w) == b, f"{w} changed"
     with capsys.disabled():
         print(f"\n[{argv[0]}] rc={rc} intact=yes :: {lines[0]}")
     return lines[0]

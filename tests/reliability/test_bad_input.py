@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.reliability import rel_helpers
 from tests.reliability.rel_helpers import snapshot
 from tagi_ds import cli
 
@@ -25,22 +26,9 @@ PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python
 
 
 def refused(capsys, argv: list[str], *watch: Path, match: str | list[str]) -> str:
-    """Run the CLI in-process; assert exit 2, one error paragraph containing `match`, no traceback, and every
-    watched folder unchanged (file set, sizes, mtimes). Returns the message (printed for the issue's table)."""
-    before = [snapshot(w) for w in watch]
-    capsys.readouterr()
-    rc = cli.main(argv)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("tagi-ds ")]
-    assert rc == 2, err
-    assert "Traceback" not in err and len(lines) == 1 and ": error: " in lines[0], err
-    for m in [match] if isinstance(match, str) else match:
-        assert m in lines[0], lines[0]
-    for w, b in zip(watch, before):
-        assert snapshot(w) == b, f"{w} changed"
-    with capsys.disabled():  # the messages, for the issue's closing table (pytest -s)
-        print(f"\n[{argv[0]}] rc={rc} untouched=yes :: {lines[0]}")
-    return lines[0]
+    """rel_helpers.refused with "nothing written" by file set, sizes and mtimes (a rewrite with the same bytes
+    shows)."""
+    return rel_helpers.refused(capsys, argv, *watch, match=match, fingerprint=snapshot)
 
 
 def sni_dir(root: Path, files: dict[str, bytes | str | dict]) -> Path:

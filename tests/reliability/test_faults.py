@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.proc_helpers import worker_env
@@ -80,7 +79,6 @@ def test_stage_identity_ignores_runtime_keys_and_other_stages(rel_run):
 def test_teacher_of_another_configuration_is_not_overwritten(rel_run, capsys, tmp_path):
     """A published teacher (real manifest of config A) is skipped by A and refused by B, untouched both times."""
     from tagi_ds.run.peft_io import write_peft_adapter
-    from tagi_ds.train import teacher
 
     sets = (f"runs_dir={tmp_path / 'runs'}", "name=t")
     cfg_a = rel_run.cfg(*sets)
@@ -165,8 +163,6 @@ ALLOWED = {
     ("tagi_ds/train/teacher_batch.py", "save_checkpoint"): "its own method, which writes through atomic_path",
     ("tagi_ds/train/engine.py", "save_checkpoint"): "DeepSpeed's own files; a checkpoint counts once its manifest "
                                                      "(atomic) and then `latest` (atomic) are written",
-    ("tagi_ds/data/p3_release.py", "open"): "convert_split writes into the atomic_dir temp folder of its caller",
-    ("tagi_ds/data/tfrecord.py", "open"): "TFRecordWriter opens the temp path of its own atomic_path",
 }
 
 
