@@ -42,12 +42,12 @@ from tagi_ds.data.tasks import Example, Instance, Task  # noqa: E402
 from tagi_ds.data.tokenizer import train_sentencepiece_tokenizer  # noqa: E402
 from tagi_ds.eval.methods import UnitStats, answer_tasks, build_method, method_units  # noqa: E402
 from tagi_ds.io_utils import atomic_write_json  # noqa: E402
-from tagi_ds.modeling.tagi import build_student  # noqa: E402
 from tagi_ds.modeling.tiny import tiny_llama_config  # noqa: E402
 from tagi_ds.plan.report import make_plan  # noqa: E402
 from tagi_ds.run.backbone import load_run_backbone  # noqa: E402
 from tagi_ds.run.export_io import export_config, trainable_named_parameters, write_export  # noqa: E402
 from tagi_ds.run.paths import RunPaths  # noqa: E402
+from tagi_ds.train.hypernet_loop import config_student  # noqa: E402
 
 GiB = 1024 ** 3
 # TinyLlama-1.1B's shape (random weights): ~1.1e9 parameters, untied embeddings.
@@ -138,13 +138,9 @@ def write_backbone(folder: Path, corpus: list[str], shape: dict, device: torch.d
 def write_random_export(cfg, bb) -> Path:
     """A hypernetwork export as finetune publishes it, of a freshly initialised student (the cost does not depend on
     what it learned)."""
-    b, h, lora = cfg.backbone, cfg.hypernet, cfg.lora
-    r = h.r or lora.r
-    alpha = h.alpha if h.alpha is not None else lora.alpha
+    b = cfg.backbone
     torch.manual_seed(cfg.seed)
-    student = build_student(bb.model, bb.arch, b.target_modules, r, alpha, hidden=h.hidden,
-                            trunk_layers=h.trunk_layers, embed_dim=h.embed_dim, fusion=h.fusion,
-                            train_encoder=h.train_encoder, backend=h.kernel)
+    student, r, alpha = config_student(cfg, bb.model, bb.arch)
     try:
         tensors = {n: p.detach().to("cpu", torch.float32).contiguous()
                    for n, p in trainable_named_parameters(student)}

@@ -105,12 +105,12 @@ def pick_rows(tasks, n_tasks: int, n_inst: int, per_block: int = 8):
 @torch.no_grad()
 def teacher_logits(cfg, bb, pairs, settings, chunk: int = 32) -> list[torch.Tensor]:
     """Per row, the teacher's logits (L_i, V) at its label positions (full prompt, its task's teacher LoRA)."""
-    from tagi_ds.adapters.peft_io import read_peft_adapter
+    from tagi_ds.run.peft_io import read_peft_adapter
     from tagi_ds.data.collate import collate_full
     from tagi_ds.modeling.lora import BatchedLoraHooks
-    from tagi_ds.train.finetune import teacher_unit
-    from tagi_ds.train.hypernet_trainer import label_positions
-    from tagi_ds.train.run_paths import RunPaths
+    from tagi_ds.modeling.label_logits import label_positions
+    from tagi_ds.run.paths import RunPaths
+    from tagi_ds.run.units import teacher_unit
 
     paths = RunPaths.of(cfg)
     cache: dict[str, tuple[dict, float]] = {}
@@ -144,24 +144,22 @@ def teacher_logits(cfg, bb, pairs, settings, chunk: int = 32) -> list[torch.Tens
 @torch.no_grad()
 def student_logits(cfg, bb, student, pairs, settings, chunk: int = 32) -> list[torch.Tensor]:
     from tagi_ds.data.collate import collate_student
-    from tagi_ds.train.hypernet_trainer import label_positions
+    from tagi_ds.train.losses import student_label_logits
 
     out = []
     for s in range(0, len(pairs), chunk):
         sb = collate_student(pairs[s:s + chunk], bb.tokenizer, settings)
         enc = student.encode_instructions(sb.instr_ids, sb.instr_mask)
-        dec = student.backbone._shift_right(sb.labels) if student.arch == "t5" else None
-        logits = student(enc, sb.task_ids, sb.input_ids, sb.attention_mask, decoder_input_ids=dec).logits
-        lg, _, mask = label_positions(logits, sb.labels, student.arch)
+        lg, _, mask = student_label_logits(student, enc, sb)
         out += [lg[i, :int(mask[i].sum())].float() for i in range(lg.shape[0])]
     return out
 
 
 def load_students(cfg, bb, run: Path, variant: str):
     from tagi_ds.modeling.backbone import load_backbone
-    from tagi_ds.modeling.tagi import build_student
+    from tagi_ds.train.hypernet_loop import config_student
     from tagi_ds.train.engine import seed_everything
-    from tagi_ds.train.export import load_student_from_export
+    from tagi_ds.run.export_io import load_student_from_export
 
     def backbone():
         return load_backbone(bb.path, bb.arch, cfg.backbone.dtype, cfg.backbone.attn_implementation)[0]
@@ -171,11 +169,7 @@ def load_students(cfg, bb, run: Path, variant: str):
         fresh, fresh_name = load_student_from_export(pre, backbone=backbone(), backend="reference"), "pretrain export"
     else:
         seed_everything(cfg.seed)
-        h = cfg.hypernet
-        fresh = build_student(backbone(), bb.arch, cfg.backbone.target_modules, h.r or cfg.lora.r,
-                              h.alpha if h.alpha is not None else cfg.lora.alpha, hidden=h.hidden,
-                              trunk_layers=h.trunk_layers, embed_dim=h.embed_dim, fusion=h.fusion,
-                              backend="reference").eval()
+        fresh = config_student(cfg, backbone(), bb.arch, backend="reference")[0].eval()
         fresh_name = "hypernetwork at init"
     trained = load_student_from_export(run / "finetune" / variant / "export", backbone=backbone(), backend="reference")
     return [(f"fresh ({fresh_name})", fresh), (f"trained (finetune/{variant})", trained)]

@@ -371,6 +371,16 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
+    @property
+    def generated_rank(self) -> int:
+        """The generated adapters' LoRA rank: hypernet.r, else the teachers' lora.r."""
+        return self.hypernet.r or self.lora.r
+
+    @property
+    def generated_alpha(self) -> float:
+        """The generated adapters' LoRA alpha: hypernet.alpha, else lora.alpha."""
+        return self.hypernet.alpha if self.hypernet.alpha is not None else self.lora.alpha
+
 
 # --------------------------------------------------------------------------------------------- typed loading
 def _type_name(tp: Any) -> str:

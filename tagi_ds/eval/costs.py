@@ -39,14 +39,13 @@ def hypernet_flops(cfg: Any, bb) -> float:
 
     h = cfg.hypernet
     d = bb.config.d_model if bb.arch == "t5" else bb.config.hidden_size
-    return float(analytic(bb.specs, d, h.r or cfg.lora.r, h.hidden, h.trunk_layers, h.embed_dim))
+    return float(analytic(bb.specs, d, cfg.generated_rank, h.hidden, h.trunk_layers, h.embed_dim))
 
 
 def relative_costs(cfg: Any, methods: Sequence[str], lengths: dict[str, float], bb) -> dict[str, float]:
     """Per-instance inference FLOPs of each method over tk_instruct's (batched multi-task LoRA: unmerged)."""
     from .flops import per_instance_flops
 
-    h = cfg.hypernet
     kw = dict(arch=bb.arch, cfg_dict=bb.config.to_dict(), instr_len=round(lengths["instr_len"]),
               input_len=round(lengths["input_len"]), out_len=max(1, round(lengths["out_len"])),
               n_instances=max(1, round(lengths["n_instances"])))
@@ -57,7 +56,7 @@ def relative_costs(cfg: Any, methods: Sequence[str], lengths: dict[str, float], 
     for m in methods:
         extra = {}
         if m in HYPERNET_METHODS:
-            extra = dict(hypernet_flops=hyper, lora_rank=h.r or cfg.lora.r, lora_targets=targets,
+            extra = dict(hypernet_flops=hyper, lora_rank=cfg.generated_rank, lora_targets=targets,
                          lora_mode="unmerged")
         out[m] = per_instance_flops(m, **kw, **extra) / base
     return out

@@ -103,6 +103,7 @@ def _time_hours(sp: StagePlan, throughput_tflops: float, bandwidth_gbs: float) -
 
 
 def stage_record(sp: StagePlan, gpu_limit: float, host_limit: float, throughput: float, bandwidth: float) -> dict:
+    hours = _time_hours(sp, throughput, bandwidth)
     gpu, gpu_phase = sp.peak("gpu")
     host, host_phase = sp.peak("host")
     fits_gpu, fits_host = gpu <= gpu_limit, host <= host_limit
@@ -117,8 +118,8 @@ def stage_record(sp: StagePlan, gpu_limit: float, host_limit: float, throughput:
         "fits": fits_gpu and fits_host, "fits_gpu": fits_gpu, "fits_host": fits_host,
         "knobs": ([] if fits_gpu else [f"GPU: {k}" for k in _knobs(sp, "gpu", gpu_limit)])
         + ([] if fits_host else [f"host: {k}" for k in _knobs(sp, "host", host_limit)]),
-        "tflop": round(sp.flops / 1e12, 1), "time_h": round(_time_hours(sp, throughput, bandwidth), 3),
-        "time_s": round(3600 * _time_hours(sp, throughput, bandwidth), 2),  # short stages (benches) need seconds
+        "tflop": round(sp.flops / 1e12, 1), "time_h": round(hours, 3),
+        "time_s": round(3600 * hours, 2),  # short stages (benches) need seconds
         "steps": sp.steps, "notes": sp.notes,
         "phases": {ph.name: [p.to_dict() for p in ph.parts] for ph in sp.phases},
         "disk": [p.to_dict() for p in sp.disk],

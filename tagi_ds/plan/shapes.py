@@ -188,7 +188,7 @@ def model_facts(cfg: Any) -> ModelFacts:
     del model
 
     specs = target_specs(mcfg, list(cfg.backbone.target_modules))
-    r_gen, r_teacher = cfg.hypernet.r or cfg.lora.r, cfg.lora.r
+    r_gen, r_teacher = cfg.generated_rank, cfg.lora.r
     rows: dict[str, dict[str, Any]] = {}
     for s in specs:
         row = rows.setdefault(s.module_type, {"module_type": s.module_type, "kind": s.kind, "count": 0,

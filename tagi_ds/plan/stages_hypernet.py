@@ -147,7 +147,7 @@ def hypernet_stage_plan(ctx: Ctx, name: str, zero: Optional[int] = None) -> Stag
     t = cfg.pretrain if name == "pretrain" else cfg.finetune
     fusion = cfg.hypernet.fusion
     ckpt = cfg.backbone.gradient_checkpointing
-    r = cfg.hypernet.r or cfg.lora.r
+    r = cfg.generated_rank
     cap = cfg.data.max_source_length
     if name == "pretrain":
         pre = df.pretrain

@@ -257,7 +257,7 @@ def _hypernet_phase(ctx: Ctx, method: str) -> Phase:
     split = max((s for k, s in df.splits.items() if k != "train"), key=lambda s: s.instr_width)
     u = max(1, min(e.tasks_per_batch, split.tasks))
     w = S.bucket_width(split.instr_width, split.instr_width)  # encoded in 64-token buckets (Hypernet.unit)
-    r = cfg.hypernet.r or cfg.lora.r
+    r = cfg.generated_rank
     parts = [Part("hypernetwork", mf.hypernet_params * elem, "gpu"),
              Part(f"instruction states of a unit of {u} tasks", S.instruction_states_bytes(
                  sh, u, w, elem, fusion or mf.arch == "llama", mf.arch), "gpu", "eval.tasks_per_batch",

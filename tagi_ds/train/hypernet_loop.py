@@ -80,17 +80,24 @@ def head_lr_scale_of(hcfg) -> Callable[[str], float]:
     return lambda name: scale if "head_weight" in name.split(".") else 1.0
 
 
+def config_student(cfg, backbone: nn.Module, arch: str, backend: Optional[str] = None
+                   ) -> tuple[TagiStudent, int, float]:
+    """(the student the config describes around `backbone`, its generated rank r, its alpha); `backend` overrides
+    hypernet.kernel."""
+    h, r, alpha = cfg.hypernet, cfg.generated_rank, cfg.generated_alpha
+    student = build_student(backbone, arch, cfg.backbone.target_modules, r, alpha, hidden=h.hidden,
+                            trunk_layers=h.trunk_layers, embed_dim=h.embed_dim, fusion=h.fusion,
+                            train_encoder=h.train_encoder, backend=backend or h.kernel)
+    return student, r, alpha
+
+
 def setup_student(cfg, *, micro_batch: int, loop: LoopConfig) -> StudentSetup:
     """The engine setup, then a freshly seeded student on its backbone (ours activation checkpointing: the recompute
     keeps the LoRA terms and the LLaMA prefix)."""
     base = setup_backbone(cfg, micro_batch=micro_batch, loop=loop)
     seed_everything(cfg.seed)  # the hypernetwork's init must not depend on what loading the backbone drew
-    b, h, lora = cfg.backbone, cfg.hypernet, cfg.lora
-    r = h.r or lora.r
-    alpha = h.alpha if h.alpha is not None else lora.alpha
-    student = build_student(base.backbone, base.arch, b.target_modules, r, alpha, hidden=h.hidden,
-                            trunk_layers=h.trunk_layers, embed_dim=h.embed_dim, fusion=h.fusion,
-                            train_encoder=h.train_encoder, backend=h.kernel)
+    b = cfg.backbone
+    student, r, alpha = config_student(cfg, base.backbone, base.arch)
     student.hypernet.to(DTYPES[b.dtype])  # the engine must not mix dtypes (DEEPSPEED_CPU.md pitfall 4)
     if b.gradient_checkpointing:
         student.enable_activation_checkpointing()
