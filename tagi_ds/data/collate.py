@@ -28,7 +28,7 @@ Arch = Literal["t5", "llama"]
 Pair = tuple[Task, Instance]
 IGNORE = -100  # label value the loss skips
 # Inference batches (generation, rank classification, the instructions of an evaluation unit) are padded to a
-# multiple of this many tokens, as training pads its instructions (train/hypernet_loop.INSTRUCTION_BUCKET): the CPU
+# multiple of this many tokens, as training pads its instructions (train/hypernet_loop.bucket_instructions): the CPU
 # kernels keep one compiled kernel per distinct shape (oneDNN's primitive cache and ideep's LRU cache for bf16
 # matmuls, torch's brgemm cache behind CPU flash attention, which is unbounded), so exact widths made host memory
 # grow with every new length an evaluation met, i.e. with the number of tasks (issue #17). Padded columns are masked.

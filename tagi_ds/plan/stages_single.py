@@ -239,7 +239,7 @@ def eval_rows(ctx: Ctx) -> int:
 def _gen_parts(ctx: Ctx, src: int, elem: int, prefix: int = 0) -> list[Part]:
     cfg, mf, sh = ctx.cfg, ctx.mf, ctx.mf.shape
     b, new = eval_rows(ctx), cfg.eval.max_new_tokens
-    src = S.bucket_width(src, src)  # decoding pads a batch to a 64-token bucket of its widest row (run/decode.py)
+    src = S.bucketed(src)  # decoding pads a batch to a 64-token bucket of its widest row (run/decode.py)
     fwd = forward_transient_bytes(sh, b, src, src + prefix, ctx.attn, elem, ctx.cuda)
     return [Part("prompt forward (one layer)", fwd, "gpu", "eval.batch_size", "activations.forward_transient_bytes"),
             Part("generation KV cache", S.generation_cache_bytes(sh, mf.arch, b, src, new, elem, prefix), "gpu",
@@ -256,7 +256,7 @@ def _hypernet_phase(ctx: Ctx, method: str) -> Phase:
     fusion = cfg.hypernet.fusion and method != "tagi_no_fusion"
     split = max((s for k, s in df.splits.items() if k != "train"), key=lambda s: s.instr_width)
     u = max(1, min(e.tasks_per_batch, split.tasks))
-    w = S.bucket_width(split.instr_width, split.instr_width)  # encoded in 64-token buckets (Hypernet.unit)
+    w = S.bucketed(split.instr_width)  # encoded in 64-token buckets (Hypernet.unit)
     r = cfg.generated_rank
     parts = [Part("hypernetwork", mf.hypernet_params * elem, "gpu"),
              Part(f"instruction states of a unit of {u} tasks", S.instruction_states_bytes(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import LoopConfig
-from ..data.collate import WIDTH_BUCKET as INSTRUCTION_BUCKET  # instructions padded to its multiples: few shapes
+from ..data.collate import bucket_width
 from ..modeling.encoding_cache import EncodingCache
 from ..modeling.tagi import TagiStudent, TaskEncoding, build_student
 from ..run.export_io import export_config
@@ -55,9 +55,9 @@ LossFn = Callable[[TagiStudent, TaskEncoding, TrainBatch], "tuple[torch.Tensor, 
 
 
 def bucket_instructions(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n_tasks, Li) rows right-padded to the next multiple of INSTRUCTION_BUCKET (the micro batch's own longest,
+    """(n_tasks, Li) rows right-padded to the next multiple of collate.WIDTH_BUCKET (the micro batch's own longest,
     never the run's): a handful of shapes over a run instead of one per batch, and no batch pays the longest task."""
-    width = -(-ids.shape[1] // INSTRUCTION_BUCKET) * INSTRUCTION_BUCKET
+    width = bucket_width(ids.shape[1])
     extra = width - ids.shape[1]
     if extra == 0:
         return ids, mask
