@@ -79,7 +79,7 @@ def run_config(work: Path, shape: str, n_tasks: int, *extra: str):
     return load_config(REPO / "configs" / "tiny.yaml", [
         f"runs_dir={work}", f"name=step_{shape}", f"backbone.name_or_path={backbone_dir(work, shape)}",
         f"data.max_tasks={n_tasks}", "teacher.steps=3", "teacher.warmup_steps=1", "teacher.checkpoint_every=0",
-        "threads=1", *extra])
+        "threads=1", "finetune.encoding_cache_mib=0", *extra])  # kd encodes every step; kd_held keeps them
 
 
 def engine_for(module: torch.nn.Module, cfg, out: Path) -> Engine:

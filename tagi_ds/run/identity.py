@@ -25,7 +25,7 @@ RUNTIME_KEYS: dict[str, set[str]] = {
     "pretrain": {"enabled", "time_budget_s", "checkpoint_every", "keep_checkpoints", "resume", "log_every",
                  "grad_accum"},
     "finetune": {"enabled", "time_budget_s", "checkpoint_every", "keep_checkpoints", "resume", "log_every",
-                 "grad_accum", "teacher_cache_gib"},
+                 "grad_accum", "teacher_cache_gib", "encoding_cache_mib"},  # memory knobs: same numbers
     "baselines": {"enabled", "time_budget_s", "checkpoint_every", "keep_checkpoints", "resume", "log_every",
                   "grad_accum"},
     "teacher": {"time_budget_s", "checkpoint_every", "resume", "array_concurrency", "units_per_job", "write_cache"},
