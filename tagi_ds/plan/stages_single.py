@@ -53,6 +53,8 @@ def teacher_plan(ctx: Ctx) -> StagePlan:
     act = activation_bytes(sh, rows, 0, s_src, s_tgt, False, ctx.attn, elem, dropout=ckpt, cuda=ctx.cuda,
                            lora=lora_kinds)
     causal = mf.arch == "llama"
+    # LLaMA: the LM head runs over the label window (label_logits.model_label_logits): the whole sequence in the
+    # worst batch (a short prompt beside a long one)
     positions = s_src + s_tgt if causal else s_tgt
     logits = S.logits_bytes(rows, positions, s_tgt, sh.vocab, elem, fp32_copies=2)
     lora_rows = S.per_row_lora_bytes(rows, mf.teacher_lora_params, positions if causal else s_src, cfg.lora.r,

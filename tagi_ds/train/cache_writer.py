@@ -28,7 +28,7 @@ from ..data.tasks import Task
 from ..distill.logit_cache import CacheShardWriter, shard_is_complete
 from ..errors import ArtifactMismatchError
 from ..io_utils import sha256_json
-from ..modeling.label_logits import align_label_logits
+from ..modeling.label_logits import model_label_logits
 from ..modeling.lora import BatchedLoraHooks, merged_in_place
 from ..run.artifacts import (check_shard_to_rebuild, record_teacher_stat, shard_fields, teacher_manifest,
                              teachers_identity)
@@ -124,13 +124,7 @@ def write_task_shard(bb: LoadedBackbone, hooks: BatchedLoraHooks, adapters: dict
             inp, mask = batch["input_ids"].to(bb.device), batch["attention_mask"].to(bb.device)
             labels = batch["labels"].to(bb.device)
             with hooks.apply(adapters, torch.zeros(len(chunk), dtype=torch.long, device=bb.device)):
-                if bb.arch == "t5":
-                    dec = bb.model.prepare_decoder_input_ids_from_labels(labels=labels)
-                    logits = bb.model(input_ids=inp, attention_mask=mask, decoder_input_ids=dec,
-                                      use_cache=False).logits
-                else:
-                    logits = bb.model(input_ids=inp, attention_mask=mask, use_cache=False).logits
-            lg, tg, rows = align_label_logits(logits, labels, bb.arch == "llama")  # (M, V) in row order
+                lg, tg, rows = model_label_logits(bb.model, bb.arch == "llama", inp, mask, labels)  # (M, V), rows
             counts = torch.bincount(rows, minlength=len(chunk)).tolist()
             start = 0
             for j, n in enumerate(counts):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..modeling.label_logits import IGNORE, label_positions
+from ..modeling.label_logits import IGNORE, causal_label_window, label_positions
 from ..modeling.tagi import TagiStudent, TaskEncoding
 
 
@@ -23,8 +23,7 @@ def student_label_logits(student: TagiStudent, encoding: TaskEncoding, batch, ad
         out = student(encoding, batch.task_ids, batch.input_ids, batch.attention_mask, labels=None,
                       decoder_input_ids=student.backbone._shift_right(batch.labels), adapters=adapters)
         return label_positions(out.logits, batch.labels, "t5")
-    predicts = (batch.labels[:, 1:] != IGNORE).any(dim=0).nonzero()[:, 0]  # logits positions with a label after
-    first, last = (int(predicts[0]), int(predicts[-1]) + 1) if predicts.numel() else (0, 1)
+    first, last = causal_label_window(batch.labels)
     keep = torch.arange(first, last + 1, device=batch.input_ids.device)  # [first, last]: the last predicts nothing
     out = student(encoding, batch.task_ids, batch.input_ids, batch.attention_mask, labels=None, adapters=adapters,
                   logits_to_keep=keep)

@@ -25,7 +25,7 @@ import torch
 from ..data.collate import EncodedPair, PromptSettings, assemble, pad_id
 from ..data.tasks import Task
 from ..metrics import compute_metrics
-from ..modeling.label_logits import align_label_logits
+from ..modeling.label_logits import model_label_logits
 from ..modeling.lora import BatchedLoraHooks
 from ..run.artifacts import check_temperatures, published_state, with_weights_hash
 from ..run.array import n_jobs, resolve_array_index, sbatch_line
@@ -64,14 +64,8 @@ def label_losses(bb: LoadedBackbone, examples: Sequence[EncodedPair], row_unit: 
         batch = {k: v.to(bb.device) for k, v in assemble(chunk, bb.arch, pad).items()}
         ctx = hooks.apply(adapters, row_unit[s:s + batch_size].to(bb.device)) if hooks else contextlib.nullcontext()
         with ctx:
-            if bb.arch == "t5":
-                dec = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               decoder_input_ids=dec, use_cache=False).logits
-            else:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               use_cache=False).logits
-        lg, tg, rows = align_label_logits(logits, batch["labels"], bb.arch == "llama")
+            lg, tg, rows = model_label_logits(model, bb.arch == "llama", batch["input_ids"], batch["attention_mask"],
+                                              batch["labels"])
         ce = torch.nn.functional.cross_entropy(lg.float(), tg, reduction="none")
         ce_sums += torch.zeros(len(chunk), device=ce.device).index_add(0, rows, ce).tolist()
         counts += torch.bincount(rows, minlength=len(chunk)).tolist()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.collate import EncodedPair, assemble
-from ..modeling.label_logits import align_label_logits
+from ..modeling.label_logits import model_label_logits
 from ..errors import ConfigError, DataError
 from ..io_utils import atomic_path, torch_save
 from ..kernels import dispatch
@@ -82,10 +82,11 @@ def kaiming_uniform_bound(d_in: int) -> float:
     return 1.0 / math.sqrt(d_in)
 
 
-def per_unit_loss(logits: torch.Tensor, labels: torch.Tensor, row_unit: torch.Tensor, n_units: int,
-                  causal: bool) -> torch.Tensor:
-    """(n_units,) mean token cross-entropy of each unit's rows. logits (N, L, V), labels (N, L), row_unit (N,)."""
-    lg, tg, rows = align_label_logits(logits, labels, causal)
+def per_unit_loss(label_logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor], row_unit: torch.Tensor,
+                  n_units: int) -> torch.Tensor:
+    """(n_units,) mean token cross-entropy of each unit's rows. label_logits: (M, V) logits at the label positions,
+    (M,) targets, (M,) row index (`align_label_logits` / `model_label_logits`); row_unit (N,)."""
+    lg, tg, rows = label_logits
     ce = F.cross_entropy(lg.float(), tg, reduction="none")  # (M,)
     unit = row_unit[rows]
     tot = torch.zeros(n_units, dtype=ce.dtype, device=ce.device).index_add(0, unit, ce)
@@ -220,31 +221,27 @@ class BatchedTeacherTrainer:
         return (assemble(pairs, self.arch, self.pad_id, self.pad_to_multiple_of),
                 torch.tensor(row_unit, dtype=torch.long))
 
-    def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        if self.arch == "t5":
-            dec = self.backbone.prepare_decoder_input_ids_from_labels(labels=batch["labels"].to(self.device))
-            return self.backbone(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
-        return self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    def label_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's label logits (flat, `model_label_logits`: a causal LM head over the label window only)."""
+        return model_label_logits(self.backbone, self.arch == "llama", batch["input_ids"].to(self.device),
+                                  batch["attention_mask"].to(self.device), batch["labels"].to(self.device))
 
     def train_step(self) -> list[float]:
         batch, row_unit = self.next_batch()
         row_unit = row_unit.to(self.device)
         adapters = self.lora.adapters()
-        labels = batch["labels"].to(self.device)
-        causal = self.arch == "llama"
         # Backward runs INSIDE the active hooks: with activation checkpointing the backbone's blocks are recomputed
         # during backward, and a recompute outside `apply` would silently drop the LoRA term.
         if self.dropout > 0:
             self._dropout_state = (adapters, row_unit)
             try:
-                losses = per_unit_loss(self.forward_logits(batch), labels, row_unit, self.k, causal)
+                losses = per_unit_loss(self.label_logits(batch), row_unit, self.k)
                 losses.sum().backward()  # Σ of per-unit means: unit i's params get exactly d(loss_i)
             finally:
                 self._dropout_state = None
         else:
             with self.hooks.apply(adapters, row_unit):
-                losses = per_unit_loss(self.forward_logits(batch), labels, row_unit, self.k, causal)
+                losses = per_unit_loss(self.label_logits(batch), row_unit, self.k)
                 losses.sum().backward()  # Σ of per-unit means: unit i's params get exactly d(loss_i)
         if self.grad_clip and self.grad_clip > 0:
             clip_per_unit_(self.params, self.grad_clip)

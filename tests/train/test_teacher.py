@@ -14,6 +14,7 @@ from tagi_ds.train import teacher
 from tagi_ds.data.collate import assemble
 from tagi_ds.train.teacher_batch import (BatchedTeacherTrainer, StackedLora, UnitSpec, clip_per_unit_,
                                          kaiming_uniform_bound, per_unit_loss)
+from tagi_ds.modeling.label_logits import align_label_logits
 from tagi_ds.run.backbone import load_run_backbone
 from tagi_ds.run.prompts import encode_examples, prompt_settings
 from tagi_ds.run.units import load_run_units, unit_seed
@@ -30,7 +31,7 @@ def test_per_unit_loss_is_each_units_own_token_mean(causal):
     labels[:, 0] = 5  # every row keeps at least one label (after the causal shift too)
     labels[:, 1] = 6
     row_unit = torch.tensor([0, 0, 1, 2, 2, 2, 1])
-    got = per_unit_loss(logits, labels, row_unit, k, causal)
+    got = per_unit_loss(align_label_logits(logits, labels, causal), row_unit, k)
     lg, lb = (logits[:, :-1], labels[:, 1:]) if causal else (logits, labels)
     for u in range(k):
         rows = row_unit == u
