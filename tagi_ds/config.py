@@ -235,6 +235,12 @@ class TeacherConfig:
         "backbone", "what a teacher's LoRA sits on, one of backbone | multitask: the frozen backbone, or the backbone "
         "with the tk_instruct baseline's LoRA merged in (the official TAGI code: teachers on top of Tk-Instruct; needs "
         "the baselines stage before the teacher stage). L_ins then matches the task-specific part only")
+    init: Literal["per_unit", "shared"] = f(
+        "per_unit", "where each teacher's LoRA A starts, one of per_unit | shared: per_unit = its own seeded draw; "
+        "shared = one draw for every teacher (as per-task scripts that each call set_seed(seed) before building the "
+        "LoRA get, e.g. the official TAGI code's teachers). A moves little in training, so a teacher's ΔW = B A keeps "
+        "its A's random directions: only with a shared A do the teachers' ΔW share a basis that L_ins can ask an "
+        "instruction to predict (bench/seeds_diag.py: the generated ΔW's cosine to its teacher's)")
 
 
 @dataclass

@@ -61,11 +61,14 @@ def teacher_examples(cfg, task: Task, tokenizer, settings: PromptSettings) -> li
 
 
 def teacher_options(cfg) -> dict:
-    """The teacher settings beyond run.artifacts.teacher_config that change what a teacher is (its prompt, its base):
+    """The teacher settings beyond run.artifacts.teacher_config that change what a teacher is (its prompt, its base,
+    its init):
     only the non-default ones, so teachers and shards published before these options existed keep their hashes."""
     out = {}
     if cfg.teacher.prompt != "full":
         out["prompt"] = cfg.teacher.prompt
     if cfg.teacher.base != "backbone":
         out["base"] = cfg.teacher.base
+    if cfg.teacher.init != "per_unit":
+        out["init"] = cfg.teacher.init
     return out

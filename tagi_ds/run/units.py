@@ -29,6 +29,14 @@ def unit_seed(seed: int, unit: str) -> int:
     return int(hashlib.sha256(f"{seed}:teacher:{unit}".encode()).hexdigest()[:8], 16)
 
 
+SHARED_INIT = "<shared init>"  # not a unit name (a task name has no angle brackets): every teacher's A under init=shared
+
+
+def init_seed(cfg, unit: str) -> int:
+    """The seed of a teacher's LoRA A (teacher.init): its own (per_unit), or one for all teachers (shared)."""
+    return unit_seed(cfg.seed, SHARED_INIT if cfg.teacher.init == "shared" else unit)
+
+
 @dataclass
 class RunUnits:
     """The training tasks of a run, grouped into teacher units, and the held-back (seen) split by task name."""

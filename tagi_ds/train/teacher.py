@@ -36,7 +36,7 @@ from ..run.paths import RunPaths
 from ..run.peft_io import write_peft_adapter
 from ..run.prompts import encode_examples, prompt_settings, teacher_examples
 from ..run.signals import StopSignals, Stopped
-from ..run.units import RunUnits, load_run_units
+from ..run.units import RunUnits, init_seed, load_run_units
 from ..run.stage_lock import stage_locked
 from .logging import TrainLogger
 from .cache_writer import teacher_base, teacher_manifest_of, teachers_identity_of, write_unit_shards
@@ -148,8 +148,8 @@ def _train_units(cfg, ru: RunUnits, units: Sequence[str], bb: LoadedBackbone, pa
     settings = prompt_settings(cfg, bb.arch)
     manifests = [teacher_manifest_of(cfg, u, ru.tasks[u], bb.arch, bb.tokenizer_hash) for u in units]
     encode = lambda task, tok, st: teacher_examples(cfg, task, tok, st)  # noqa: E731 (teacher.prompt)
-    specs_units = [UnitSpec(u, [e for t in ru.tasks[u] for e in encode(t, bb.tokenizer, settings)], m["seed"])
-                   for u, m in zip(units, manifests)]
+    specs_units = [UnitSpec(u, [e for t in ru.tasks[u] for e in encode(t, bb.tokenizer, settings)], m["seed"],
+                            init_seed(cfg, u)) for u, m in zip(units, manifests)]
     tc = cfg.teacher
     trainer = BatchedTeacherTrainer(bb.model, bb.arch, bb.specs, specs_units, r=cfg.lora.r, alpha=cfg.lora.alpha,
                                     dropout=cfg.lora.dropout, lr=tc.lr, steps=tc.steps, batch_size=tc.batch_size,

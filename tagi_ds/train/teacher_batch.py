@@ -159,11 +159,13 @@ class _DropoutLoraHook:
 # ------------------------------------------------------------------------------------------------ trainer
 @dataclass
 class UnitSpec:
-    """One teacher to train: its name, its training examples (tokenized) and the seed of its init and data."""
+    """One teacher to train: its name, its training examples (tokenized), the seed of its data order and the seed
+    of its LoRA A (None: the same; teacher.init=shared gives every unit one)."""
 
     name: str
     examples: list[EncodedPair]
     seed: int
+    init_seed: Optional[int] = None
 
 
 @dataclass
@@ -193,7 +195,7 @@ class BatchedTeacherTrainer:
         self.steps, self.batch_size, self.grad_clip = steps, batch_size, grad_clip
         self.pad_id, self.device = pad_id, torch.device(device)
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.lora = StackedLora(self.specs, r, [u.seed for u in units]).to(self.device)
+        self.lora = StackedLora(self.specs, r, [u.seed if u.init_seed is None else u.init_seed for u in units]).to(self.device)
         self.params = list(self.lora.parameters())
         self.optimizer = adamw(self.params, lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

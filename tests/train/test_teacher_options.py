@@ -147,3 +147,32 @@ def test_teacher_on_the_multitask_model(tiny_backbone_dir, tmp_path):
         want_lp, want_ids = torch.log_softmax(lg[row][mask[row]].float() / 2.0, -1).topk(4, -1)
         got_lp, got_ids = shard.get(inst.id)
         assert torch.allclose(got_lp, want_lp, atol=1e-2) and torch.equal(got_ids[:, 0], want_ids[:, 0])
+
+
+def test_shared_init_starts_every_teacher_from_one_a(tiny_backbone_dir, tmp_path):
+    """teacher.init=shared: every teacher's LoRA A starts from one draw, so (A moving little in a short training)
+    the published teachers' A are nearly equal, where per_unit's are unrelated draws; the data order stays each
+    unit's own; the option is in the manifest, and a per_unit folder is refused for a shared run."""
+    bdir = tiny_backbone_dir("llama")
+    base = ["data.max_tasks=2", "teacher.steps=3"]
+
+    def a_cosines(cfg) -> float:
+        from tagi_ds.run.backbone import load_run_backbone
+
+        bb = load_run_backbone(cfg)
+        a = [read_peft_adapter(cfg.run_dir / "teachers" / u, bb.specs)[0] for u in load_run_units(cfg).units]
+        assert len(a) == 2
+        return min(float(torch.nn.functional.cosine_similarity(a[0][mt][0].flatten(), a[1][mt][0].flatten(), 0))
+                   for mt in a[0])
+
+    shared = run_cfg(tmp_path / "s", bdir, "llama", *base, "teacher.init=shared")
+    own = run_cfg(tmp_path / "o", bdir, "llama", *base)
+    teacher.run(shared, progress=False)
+    teacher.run(own, progress=False)
+    assert a_cosines(shared) > 0.95 and abs(a_cosines(own)) < 0.2
+    unit = load_run_units(shared).units[0]
+    man = json.loads((shared.run_dir / "teachers" / unit / "manifest.json").read_text())
+    assert man["options"] == {"init": "shared"}
+    assert "options" not in json.loads((own.run_dir / "teachers" / unit / "manifest.json").read_text())
+    with pytest.raises(ArtifactMismatchError, match="another configuration"):
+        teacher.run(run_cfg(tmp_path / "o", bdir, "llama", *base, "teacher.init=shared"), progress=False)
