@@ -18,8 +18,8 @@ Seed s runs as `<name>[_<tag>]_s<s>` (config `seed=s`; the task suite, data.synt
 across seeds). The frozen backbone is shared too: with backbone.name_or_path=auto every seed reads the committed
 tiny backbone (seed 0's recipe), as a paper's seeds share one pretrained model; `--backbone-per-seed` builds one per
 seed instead (the backbone stage: ~300 s each). A finished run is reused: the pipeline skips every stage whose marker matches. `--reuse PREFIX` first
-copies the stages that the given overrides cannot change (teachers, pretrain, baselines and their markers) from
-`<PREFIX>_s<s>`, so a second cache mode retrains only the cache and the finetune. When an option reads the multitask
+copies the stages (teachers, pretrain, baselines and their markers) that `<PREFIX>_s<s>` finished for this run's own
+identity (an override that reaches one, e.g. hypernet.encoder the pretrain's, leaves it to run again), so a second cache mode retrains only the cache and the finetune. When an option reads the multitask
 model before finetune (finetune.kl_teacher / hypernet.encoder / teacher.base = multitask), the tk_instruct baseline
 is trained first (the pipeline's own order puts baselines after finetune).
 
@@ -43,7 +43,8 @@ from tagi_ds.config import load_config  # noqa: E402
 from tagi_ds.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 ABLATION_METHODS = ["no_ft", "no_instruction", "tk_instruct", "teacher", "hint", "tagi", *L.ABLATIONS]
-# What --reuse copies: stages whose identity holds none of the cache / finetune / hypernet-encoder settings.
+# What --reuse may copy: stages that the cache and finetune settings never reach (each copied only when the source
+# finished it for this run's identity: `reuse`).
 REUSED = {"teacher": ("teachers",), "pretrain": ("pretrain",), "baselines": ("baselines",)}
 
 
@@ -76,11 +77,21 @@ def seed_config(args, seed: int):
 
 
 def reuse(cfg, src: Path, log) -> None:
-    """Copy the reusable stages of `src` into this run (never over an existing folder)."""
+    """Copy the reusable stages of `src` into this run (never over an existing folder): those that `src` finished
+    for this run's own identity (an override such as hypernet.encoder reaches the pretrain's: not copied)."""
+    from tagi_ds import pipeline
+    from tagi_ds.io_utils import sha256_json
+    from tagi_ds.run.paths import RunPaths
+
     if not src.is_dir():
         raise SystemExit(f"--reuse: {src} does not exist")
     dst = cfg.run_dir
     for stage, folders in REUSED.items():
+        st = pipeline.stage(stage)
+        if not all(pipeline.finished(st, sub, sha256_json(pipeline.identity(cfg, st, sub)), RunPaths(src))
+                   for sub in st.subs(cfg)):
+            log(f"seeds: {dst.name}: {stage} not reused ({src} ran it for another configuration)")
+            continue
         marker = src / ".pipeline" / f"{stage}.json"
         markers = [marker] if marker.is_file() else sorted((src / ".pipeline").glob(f"{stage}__*.json"))
         for folder in folders:

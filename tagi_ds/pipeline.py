@@ -194,6 +194,15 @@ def _record_stage_name(step: Step) -> str:
     return f"baselines ({step.sub})" if step.stage.name == "baselines" else step.stage.name
 
 
+def finished(st: Stage, sub: Optional[str], key_hash: str, paths: RunPaths, markers: Optional[Markers] = None
+             ) -> bool:
+    """Whether the run folder `paths` holds unit (st, sub) finished for the identity hashed as `key_hash`: its
+    record's hash (stages with a stage.json) or its done-marker's."""
+    if st.record is not None:
+        return stage_record_hash(st.record(paths)) == key_hash
+    return (markers or Markers(paths)).done(st.name, sub, key_hash)
+
+
 def validate(cfg: Any, ecfg: Any, paths: RunPaths, markers: Markers, from_stage: Optional[str]) -> list[Step]:
     """Everything the run needs, checked before anything is written or deleted; returns the steps."""
     from .run.preflight import check_cache_state, check_run_config, check_teachers_state
@@ -203,9 +212,7 @@ def validate(cfg: Any, ecfg: Any, paths: RunPaths, markers: Markers, from_stage:
     steps = []
     for st, sub in plan(ecfg):
         key_hash = sha256_json(identity(ecfg, st, sub))
-        done = st.name not in redo and (
-            stage_record_hash(st.record(paths)) == key_hash if st.record is not None
-            else markers.done(st.name, sub, key_hash))
+        done = st.name not in redo and finished(st, sub, key_hash, paths, markers)
         steps.append(Step(st, sub, key_hash, done))
     todo = [s for s in steps if not s.done]
     for step in todo:  # the recipes' own config checks (finetune: variant name, weights, temperatures)

@@ -130,3 +130,35 @@ def test_seed_runs_and_table_folder_are_named_by_the_config(monkeypatch):
     cfg = seeds.seed_config(args, 1)
     assert (cfg.name, cfg.seed, cfg.cache.mode) == ("tiny_sampled_s1", 1, "sampled")
     assert seeds.out_dir(args, cfg) == Path(cfg.runs_dir) / "tiny_sampled_seeds"
+
+
+def test_reuse_copies_only_the_stages_the_source_ran_for_this_identity(monkeypatch, tmp_path):
+    """--reuse: teachers and baselines of a run that differs only in hypernet.encoder are copied; its pretrain is
+    not (the encoder reaches the pretrain's identity), so this run trains its own instead of refusing the copy."""
+    from tagi_ds import pipeline
+    from tagi_ds.config import load_config
+    from tagi_ds.io_utils import sha256_json
+    from tagi_ds.run.paths import RunPaths
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("seeds_bench", REPO / "bench" / "seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    yaml = REPO / "configs" / "tiny.yaml"
+    src_cfg = load_config(yaml, [f"runs_dir={tmp_path}", "name=src_s0"])
+    dst_cfg = load_config(yaml, [f"runs_dir={tmp_path}", "name=dst_s0", "hypernet.encoder=multitask"])
+    markers = pipeline.Markers(RunPaths.of(src_cfg))
+    for stage, folders in seeds.REUSED.items():
+        st = pipeline.stage(stage)
+        for sub in st.subs(src_cfg):
+            markers.mark(stage, sub, sha256_json(pipeline.identity(src_cfg, st, sub)), 1.0)
+        for folder in folders:
+            (src_cfg.run_dir / folder).mkdir(parents=True)
+            (src_cfg.run_dir / folder / "weights").write_text(stage)
+    said = []
+    seeds.reuse(dst_cfg, src_cfg.run_dir, said.append)
+    assert (dst_cfg.run_dir / "teachers" / "weights").read_text() == "teacher"
+    assert (dst_cfg.run_dir / "baselines" / "weights").read_text() == "baselines"
+    assert not (dst_cfg.run_dir / "pretrain").exists()
+    assert not (dst_cfg.run_dir / ".pipeline" / "pretrain.json").exists()
+    assert any("pretrain not reused" in m for m in said)
