@@ -28,11 +28,15 @@ Arch = Literal["t5", "llama"]
 Pair = tuple[Task, Instance]
 IGNORE = -100  # label value the loss skips
 # Inference batches (generation, rank classification, the instructions of an evaluation unit) are padded to a
-# multiple of this many tokens, as training pads its instructions (train/hypernet_loop.bucket_instructions): the CPU
+# multiple of this many tokens (training pads its instructions to INSTRUCTION_BUCKET, below): the CPU
 # kernels keep one compiled kernel per distinct shape (oneDNN's primitive cache and ideep's LRU cache for bf16
 # matmuls, torch's brgemm cache behind CPU flash attention, which is unbounded), so exact widths made host memory
 # grow with every new length an evaluation met, i.e. with the number of tasks (issue #17). Padded columns are masked.
 WIDTH_BUCKET = 64
+# Training pads a micro batch's instructions (train/hypernet_loop.bucket_instructions) to a multiple of this: a
+# run meets at most max_source_length / 8 widths (bounded, unlike an evaluation's units), and the instruction pass
+# pays ~4 padded tokens a row, not ~32 (bench/train_step.py: the TAGI step ~3% cheaper at hidden 512 x 8 layers).
+INSTRUCTION_BUCKET = 8
 
 
 def bucket_width(width: int, multiple: int = WIDTH_BUCKET) -> int:

@@ -2,8 +2,8 @@
 
 What the byte formulas need from the data:
 - counts: training tasks (the O(tasks) structures), teacher units (tasks or first categories), instances per split;
-- the widest instruction (capped at data.max_source_length; a micro batch pads its own instructions to a
-  64-token bucket of its longest, so the widest batch is this rounded up) and the widest full prompt / student
+- the widest instruction (capped at data.max_source_length; a micro batch pads its own instructions to an
+  8-token bucket of its longest, so the widest batch is this rounded up) and the widest full prompt / student
   input / target a batch can hold (the worst batch is what fits or not);
 - mean lengths (time and disk estimates): label tokens per instance (logit cache rows), prompt tokens (FLOPs).
 
@@ -153,7 +153,7 @@ class PretrainFacts:
     docs: int
     chars_mean: float
     tokens_mean: float  # tokens of a whole document (tokenized when its block is read)
-    instr_width: int  # segment a + the tokenizer's framing token (bucketed to 64 per micro batch)
+    instr_width: int  # segment a + the tokenizer's framing token (bucketed to 8 per training micro batch)
     input_width: int  # T5: segment b + eos; LLaMA: bos + b + c + eos (the causal sequence)
     target_width: int  # segment c + eos
 

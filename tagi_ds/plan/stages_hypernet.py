@@ -2,7 +2,7 @@
 today, per rank.
 
 Phases: load (from_pretrained on every rank), the micro batch's instruction pass (each micro batch encodes its OWN
-tasks' instructions, padded to a 64-token bucket: nothing O(tasks) on the device or the host), and a training step.
+tasks' instructions, padded to an 8-token bucket: nothing O(tasks) on the device or the host), and a training step.
 Stage 1's text streams (`data/document_blocks.py`): one block of documents in memory. Finetune's teachers are read
 ahead of their step into an LRU bounded in bytes (finetune.teacher_cache_gib). The ZeRO stage is the ds config's
 (`distributed.ds_config` / `distributed.zero_stage`): below 3 the frozen backbone is whole on every GPU.
@@ -172,7 +172,7 @@ def hypernet_stage_plan(ctx: Ctx, name: str, zero: Optional[int] = None) -> Stag
                               "finetune.encoding_cache_mib", "modeling/encoding_cache.EncodingCache")]
     knob_k = f"{name}.tasks_per_batch" if name == "finetune" else "pretrain.micro_batch_size"
     knob_rows = f"{name}.instances_per_task" if name == "finetune" else "pretrain.micro_batch_size"
-    states = Part(f"{k} task(s)' instruction states (W={w}, a 64-token bucket)", S.instruction_states_bytes(
+    states = Part(f"{k} task(s)' instruction states (W={w}, an 8-token bucket)", S.instruction_states_bytes(
         sh, k, w, elem, fusion, arch), "gpu", knob_k, "structures.instruction_states_bytes")
 
     host_step = list(host_common)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from ..data.collate import bucket_width as bucketed  # training and evaluation pad widths to its multiples
+from ..data.collate import INSTRUCTION_BUCKET, bucket_width as bucketed  # the pad widths of training and evaluation
 from .shapes import Shape
 
 # Measured here (CPU torch 2.13, transformers 5.24, glibc): RSS of a stage process once torch, transformers, peft,
@@ -103,9 +103,9 @@ def hypernet_plain_states_bytes(params: int, elem: int) -> int:
 # ------------------------------------------------------------------------------------------------ instructions
 def bucket_width(tokens: int, cap: int) -> int:
     """`train/hypernet_loop.bucket_instructions`: a micro batch's instructions are padded to its own longest,
-    rounded up to a multiple of collate.WIDTH_BUCKET (64); never to the run's longest. The plan sizes the widest
+    rounded up to a multiple of collate.INSTRUCTION_BUCKET (8); never to the run's longest. The plan sizes the widest
     batch: the cap (data.max_source_length) rounded up."""
-    return bucketed(min(tokens, cap))
+    return bucketed(min(tokens, cap), INSTRUCTION_BUCKET)
 
 
 def instruction_states_bytes(sh: Shape, n_tasks: int, width: int, elem: int, fusion: bool, arch: str) -> int:

@@ -2,7 +2,7 @@
 on the set-up backbone, its micro batch, its step module and its export.
 
 Every structure is O(micro batch): each micro batch encodes its own tasks' instructions (one frozen forward per micro
-batch on every rank, so ZeRO-3's parameter gathers stay in lock-step), padded to a 64-token bucket, never to the
+batch on every rank, so ZeRO-3's parameter gathers stay in lock-step), padded to an 8-token bucket, never to the
 longest instruction of the run.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import LoopConfig
-from ..data.collate import bucket_width
+from ..data.collate import INSTRUCTION_BUCKET, bucket_width
 from ..modeling.encoding_cache import EncodingCache
 from ..modeling.tagi import TagiStudent, TaskEncoding, build_student
 from ..run.export_io import export_config
@@ -55,9 +55,9 @@ LossFn = Callable[[TagiStudent, TaskEncoding, TrainBatch], "tuple[torch.Tensor, 
 
 
 def bucket_instructions(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n_tasks, Li) rows right-padded to the next multiple of collate.WIDTH_BUCKET (the micro batch's own longest,
-    never the run's): a handful of shapes over a run instead of one per batch, and no batch pays the longest task."""
-    width = bucket_width(ids.shape[1])
+    """(n_tasks, Li) rows right-padded to the next multiple of collate.INSTRUCTION_BUCKET (the micro batch's own
+    longest, never the run's): a bounded set of shapes over a run, and no batch pays the longest task."""
+    width = bucket_width(ids.shape[1], INSTRUCTION_BUCKET)
     extra = width - ids.shape[1]
     if extra == 0:
         return ids, mask

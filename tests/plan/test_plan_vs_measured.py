@@ -77,7 +77,7 @@ def test_instruction_states_bytes_equal_what_a_micro_batch_encodes(arch):
     student = build_student(backbone, arch, ["q", "v"], r=4, alpha=8, hidden=16, embed_dim=8, fusion=True,
                             backend="reference")
     g = torch.Generator().manual_seed(0)
-    lengths = [70, 5, 33, 12]  # the longest, 70, goes to the 128 bucket
+    lengths = [70, 5, 33, 12]  # the longest, 70, goes to the 72 bucket (collate.INSTRUCTION_BUCKET 8)
     ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
@@ -85,7 +85,7 @@ def test_instruction_states_bytes_equal_what_a_micro_batch_encodes(arch):
         mask[i, :n] = 1
     ids, mask = bucket_instructions(ids, mask, pad=0)
     width = S.bucket_width(max(lengths), 1024)
-    assert ids.shape[1] == width == 128
+    assert ids.shape[1] == width == 72
     with torch.no_grad():
         enc = student.encode_instructions(ids, mask)
     held = _tensor_bytes(enc.pooled, enc.hidden, enc.mask, *(t for kv in (enc.prefix or ()) for t in kv))
