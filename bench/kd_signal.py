@@ -1,7 +1,7 @@
 """Benchmark: how close each logit-cache mode's KL comes to the full-vocabulary KL, on a finished run's real
 teachers and students, side by side in one run.
 
-    PYTHONPATH=. python bench/kd_signal.py --run /work/demo_before/runs/tiny        # a finished tiny run
+    PYTHONPATH=. python bench/kd_signal.py --run runs/tiny        # the demo's finished run (make demo)
     PYTHONPATH=. python bench/kd_signal.py --run runs/kdbench --tasks 4 --draws 4  # quicker
 
 For a fixed set of training rows (tasks x instances, micro batches of 4 tasks x 8 instances as the finetune draws
@@ -248,7 +248,7 @@ def measure(est: Estimator, z, t_logits, mask, t_rows, keys, T, draws, micro_row
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, default=Path("/work/demo_before/runs/tiny"), help="a finished run folder")
+    p.add_argument("--run", type=Path, default=Path("runs/tiny"), help="a finished run folder (default: the demo's)")
     p.add_argument("--variant", default="tagi", help="finetune variant of the trained student")
     p.add_argument("--tasks", type=int, default=8, help="training tasks measured")
     p.add_argument("--instances", type=int, default=16, help="instances per task")

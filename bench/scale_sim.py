@@ -5,8 +5,8 @@
     .venv/bin/python bench/scale_sim.py --arch llama --fractions 0.3 1 --no-ranks
     .venv/bin/python bench/scale_sim.py --arch llama --stages baselines  # one stage (~3 min)
 
-Data: the SNI subset at /work/shared/data/sni (687 train tasks, 83 test tasks), capped as configs/t5-xl-sni.yaml /
-llama-sni.yaml cap it (100 instances per task; instruction / prompt 1024, input 512, target 128 tokens). Each
+Data: the SNI subset at ../shared/data/sni beside the checkout (687 train tasks, 83 test tasks), capped as
+configs/t5-xl-sni.yaml / llama-sni.yaml cap it (100 instances per task; instruction / prompt 1024, input 512, target 128 tokens). Each
 generated config is the real scale config (`base:`) with the narrow backbone (scale_sim_lib.ARCHS), device cpu and a
 few steps. Every stage runs as a subprocess through the real CLI (`python -m tagi_ds.cli <stage> --config ...`,
 torchrun for 2 gloo ranks), so this bench survives a restructuring of the stage modules. What is measured and how:

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-SNI_DIR = Path("/work/shared/data/sni")
+SNI_DIR = REPO.parent / "shared" / "data" / "sni"  # ../shared beside the checkout, as configs/sni-small.yaml
 
 # Narrow backbones of the real depth (T5-XL: 24 + 24 blocks; LLaMA-7B: 32), hidden 64, 2 heads of 32 (half the
 # heads of a 64-wide model halves the s x s attention work that dominates CPU time at 1,024 tokens). Vocabulary 8,000
