@@ -5,8 +5,9 @@
   lora    the no-instruction LoRA baseline's step on the same instances (the instance input alone, same sampler)
   kd_expand (optional, --kinds) the kd step with the LLaMA prefix attention of before issue 20 (the prefix expanded
           to every row in every layer + SDPA: `TagiStudent(split_prefix=False)`): the split path's share, side by side
-  kd_held (optional, --kinds) the kd step with the instruction encodings held across steps (StudentStep's
-          EncodingCache, 256 MiB: every task's after its first batch), not encoded by every micro batch
+  kd_held (optional, --kinds) the kd step with the instruction encodings held across steps
+          (finetune.encoding_cache_mib=256: every task's after its first batch), not encoded by every micro batch;
+          the kd kind sets it to 0
 
 Each step is what `engine_stage.train_stage` runs: batch built by global position, engine forward, backward, optimizer
 step (fused AdamW), one thread. The teachers and their cache are written first by the real stages (a few teacher
@@ -33,7 +34,6 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from tagi_ds.config import load_config  # noqa: E402
 from tagi_ds.data.registry import load_run_tasks_from_config  # noqa: E402
-from tagi_ds.modeling.encoding_cache import EncodingCache  # noqa: E402
 from tagi_ds.run.prompts import prompt_settings  # noqa: E402
 from tagi_ds.train import baselines, cache_logits, finetune, teacher  # noqa: E402
 from tagi_ds.train.distributed import global_token_mean  # noqa: E402
@@ -132,8 +132,8 @@ def kinds_for(work: Path, shape: str, n_tasks: int, names=("ce", "kd", "lora")) 
         kd_expand = finetune.build_stage(cfg, "tagi", setup, None)
         specs.append(("kd_expand", kd_expand.module, kd_expand.batches, False))
     if "kd_held" in names:  # the same student and loss, instruction encodings held across steps
-        kd_held = finetune.build_stage(cfg, "tagi", setup, None)
-        kd_held.module.encodings = EncodingCache(256 << 20)
+        held_cfg = run_config(work, shape, n_tasks, "finetune.encoding_cache_mib=256")  # the config's own knob
+        kd_held = finetune.build_stage(held_cfg, "tagi", setup, None)
         specs.append(("kd_held", kd_held.module, kd_held.batches, split))
     specs.append(("lora", lora, lora_batches, None))
     out = []
