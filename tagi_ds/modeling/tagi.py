@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput
 
+from ..data.collate import bucket_width
 from ..errors import ConfigError, TagiError
 from .backbone import TargetSpec, target_specs
 from .checkpointing import enable_block_checkpointing, hf_checkpointing_on
@@ -197,8 +198,7 @@ class TagiStudent(nn.Module):
         tasks."""
         if not rows:
             raise TagiError("no instructions to encode: the stage has no tasks")
-        width = max(len(r) for r in rows)
-        width = -(-width // width_multiple) * width_multiple if width_multiple > 1 else width
+        width = bucket_width(max(len(r) for r in rows), width_multiple)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
